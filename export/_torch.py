@@ -1,0 +1,65 @@
+"""PyTorch frontend: export a module to ONNX with the target layer's output exposed."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+
+from igcam_engine.errors import UserError
+
+
+class _Exposed(torch.nn.Module):
+    """Returns (logits, the layer's output) so that the ONNX export names the layer's output tensor."""
+
+    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module):
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x):
+        captured = []
+        handle = self.layer.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
+            raise UserError("the target layer must run exactly once per forward pass and return one tensor")
+        return logits, captured[0]
+
+
+def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
+    """Returns (onnx model with only the logits output, name of the layer's tensor, (images, torch logits))."""
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        sample = ", ".join(list(n for n in modules if n)[-8:])
+        raise UserError(f"the model has no module '{layer}'; module paths look like: {sample}")
+    if len(input_shape) != 3:
+        raise UserError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    model = model.eval()
+    images = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    wrapper = _Exposed(model, modules[layer]).eval()
+    with torch.no_grad():
+        reference = model(images).numpy()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (images,), input_names=["input"], output_names=["logits", "target"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "target": {0: "batch"}},
+            opset_version=18, dynamo=True, verbose=False,
+        )
+    program.save(buffer)
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    tensor = _source_of(onnx_model, "target")
+    del onnx_model.graph.output[1:]
+    return onnx_model, tensor, (images.numpy(), reference)
+
+
+def _source_of(model: onnx.ModelProto, name: str) -> str:
+    """Follows Identity nodes back to the tensor the rest of the graph consumes."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    return name

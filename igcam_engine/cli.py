@@ -1,0 +1,265 @@
+"""The `igcam` command: export, layers, explain, demo.
+
+User errors (bad arguments, unreadable files, unsupported models) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from igcam_engine.errors import UserError
+from igcam_engine.quadrature import RULES
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"igcam: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igcam", description="Integrated Grad-CAM with ONNX Runtime.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser("export", help="turn a PyTorch module or an ONNX classifier into a bundle")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--torch", metavar="MODULE:FACTORY", help="a Python callable returning a torch.nn.Module")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX classifier (one NCHW float input, logits output)")
+    export.add_argument("--layer", help="target module path for --torch, as in named_modules() (e.g. layer4)")
+    export.add_argument("--tensor", help="target activation tensor for --onnx (default: see `igcam layers`)")
+    export.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="model input shape (required for --torch)")
+    export.add_argument("--preprocess", default="none", help="'imagenet', 'none', or a JSON dict/file "
+                        "with resize (stretch|crop), scale, mean, std (default: none)")
+    export.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
+    export.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle directory to write")
+    export.set_defaults(run=_export)
+
+    layers = commands.add_parser("layers", help="list the candidate target layers of a model")
+    layers.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its 4-D activation tensors")
+    layers.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
+    layers.add_argument("--input-shape", type=_shape, metavar="C,H,W")
+    layers.set_defaults(run=_layers)
+
+    explain = commands.add_parser("explain", help="write maps and overlays for images")
+    explain.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
+    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    target = explain.add_mutually_exclusive_group()
+    target.add_argument("--target", type=int, metavar="C", help="class to explain (default: the predicted class)")
+    target.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes")
+    _add_method_options(explain)
+    explain.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output directory")
+    explain.set_defaults(run=_explain)
+
+    demo = commands.add_parser("demo", help="explain the sample photos with pretrained EfficientNet-Lite0")
+    demo.add_argument("-o", "--output", type=Path, default=Path("igcam-demo"), metavar="DIR",
+                      help="output directory (default: ./igcam-demo)")
+    demo.add_argument("--steps", type=int, default=50, help="interpolation steps (default: 50)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _add_method_options(parser):
+    parser.add_argument("--method", choices=["igcam", "gradcam"], default="igcam")
+    parser.add_argument("--variant", choices=["official", "paper"], default="official",
+                        help="official: left rule, no baseline subtraction; paper: right rule with subtraction")
+    parser.add_argument("--rule", choices=RULES, help="quadrature rule (overrides the variant's)")
+    parser.add_argument("--steps", type=int, default=50, help="number of interpolation points (default: 50)")
+    parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
+    parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
+    parser.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma separated (default: cpu)")
+
+
+def _shape(text: str):
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W like 3,224,224, got '{text}'") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints C,H,W, got '{text}'")
+    return shape
+
+
+def _torch_factory(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"--torch expects MODULE:FACTORY (e.g. mymodels:resnet50), got '{spec}'")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as e:
+        raise UserError(f"cannot import module '{module_name}': {e}") from None
+    except AttributeError:
+        raise UserError(f"module '{module_name}' has no attribute '{attribute}'") from None
+    import torch
+
+    try:
+        model = factory if isinstance(factory, torch.nn.Module) else factory()
+    except Exception as e:  # the user's factory: report its failure in one line
+        raise UserError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec} must be (or return) a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _preprocess_arg(text: str):
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--preprocess is not valid JSON: {e}") from None
+    if text.endswith(".json"):
+        try:
+            return json.loads(Path(text).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read --preprocess file '{text}': {e}") from None
+    return text
+
+
+def _export(args):
+    from igcam_engine import export
+
+    labels = None
+    if args.labels:
+        try:
+            labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read labels file: {e}") from None
+    preprocess = _preprocess_arg(args.preprocess)
+    started = time.perf_counter()
+    if args.torch:
+        if not args.layer or not args.input_shape:
+            raise UserError("--torch needs --layer NAME and --input-shape C,H,W")
+        path = export.from_torch(_torch_factory(args.torch), args.layer, args.input_shape, args.output,
+                                 preprocess=preprocess, labels=labels)
+    else:
+        if args.layer:
+            raise UserError("--layer is for --torch; with --onnx name the activation with --tensor")
+        path = export.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
+                                input_shape=args.input_shape, labels=labels)
+    manifest = json.loads((path / "manifest.json").read_text())
+    layer = manifest["target_layer"]
+    print(f"wrote bundle {path} (target '{layer['name']}' {layer['shape']}, {manifest['num_classes']} classes) "
+          f"in {time.perf_counter() - started:.1f} s")
+
+
+def _layers(args):
+    if args.torch:
+        if not args.input_shape:
+            raise UserError("--torch needs --input-shape C,H,W to report output shapes")
+        rows = _torch_layers(_torch_factory(args.torch), args.input_shape)
+        print(f"{'module':40s} {'type':24s} output")
+        for name, kind, shape in rows:
+            print(f"{name:40s} {kind:24s} {shape}")
+        return
+    if not args.onnx:
+        raise UserError("give an ONNX file or --torch MODULE:FACTORY")
+    from igcam_engine.export import layers
+
+    print(f"{'tensor':48s} {'op':20s} {'shape':18s} target?")
+    for row in layers(args.onnx, args.input_shape):
+        usable = "yes" if row["cut"] else "no (bypassed by a skip path)"
+        print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {usable}")
+
+
+def _torch_layers(model, input_shape):
+    """(module path, type, output shape) for every module producing a 4-D tensor."""
+    import torch
+
+    rows, handles = [], []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: rows.append((name, type(m).__name__, list(o.shape[1:])))
+                if isinstance(o, torch.Tensor) and o.dim() == 4 else None))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))
+    for handle in handles:
+        handle.remove()
+    return rows
+
+
+def _progress(items, label):
+    """Yields items, drawing a progress bar on stderr when it is a terminal."""
+    items = list(items)
+    show = sys.stderr.isatty()
+    for done, item in enumerate(items):
+        if show:
+            filled = int(30 * done / max(len(items), 1))
+            print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{len(items)}", end="", file=sys.stderr)
+        yield item
+    if show:
+        print(f"\r{label} [{'#' * 30}] {len(items)}/{len(items)}", file=sys.stderr)
+
+
+def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
+                  rule=None, steps=50, baseline="black", batch_size=None, providers="cpu") -> list[dict]:
+    """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
+    from igcam_engine import Explainer
+    from igcam_engine.images import load_image, overlay, save_png, to_model_input
+
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    provider_list = providers.split(",") if isinstance(providers, str) and providers != "cpu" else providers
+    explainer = Explainer(bundle, providers=provider_list)
+    output.mkdir(parents=True, exist_ok=True)
+    results, stems = [], set()
+    for path in _progress(image_paths, "explaining"):
+        picture = load_image(path)
+        image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
+        started = time.perf_counter()
+        scores = explainer.predict(image)[0]
+        order = np.argsort(-scores)
+        targets = [target] if target is not None else list(order[: top_k or 1])
+        maps = explainer.explain(image[None], np.array([targets]), method=method, variant=variant, rule=rule,
+                                 steps=steps, baseline=baseline, batch_size=batch_size)[0]
+        elapsed = time.perf_counter() - started
+        stem = Path(path).stem
+        stem = stem if stem not in stems else f"{stem}-{len(stems)}"
+        stems.add(stem)
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        entry = {
+            "image": str(path), "predicted": int(order[0]), "label": explainer.label(int(order[0])),
+            "probability": float(probabilities[order[0]]), "seconds": elapsed, "maps": [],
+        }
+        for class_index, heatmap in zip(targets, maps):
+            class_index = int(class_index)
+            png = save_png(overlay(shown, heatmap), output / f"{stem}.class{class_index}.png")
+            np.save(output / f"{stem}.class{class_index}.npy", heatmap)
+            entry["maps"].append({"target": class_index, "label": explainer.label(class_index), "overlay": str(png),
+                                  "map": str(output / f"{stem}.class{class_index}.npy")})
+        results.append(entry)
+        print(f"{path}: predicted {entry['predicted']} '{entry['label']}' (p={entry['probability']:.2f}); "
+              + ", ".join(f"map of {m['target']} -> {m['overlay']}" for m in entry["maps"])
+              + f" [{elapsed:.2f} s]")
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _explain(args):
+    explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
+                  variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
+                  batch_size=args.batch_size, providers=args.providers)
+
+
+def _demo(args):
+    from igcam_engine.demo import run_demo
+
+    run_demo(args.output, steps=args.steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

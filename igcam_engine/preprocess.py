@@ -1,0 +1,53 @@
+"""Preprocessing specs: how an image (file, bytes) becomes model input. Stored in a bundle's manifest.
+
+A spec is None (no preprocessing recorded: the image is resized and fed as raw 0..255 pixel values, so a black
+picture is all zeros) or a dict with `resize` ("stretch": to the input size; "crop": shorter side to the input
+size, then a centre crop), `scale` (multiplies pixel values 0..255) and per-channel `mean`/`std`
+(input = (pixel * scale - mean) / std).
+"""
+from __future__ import annotations
+
+from igcam_engine.errors import UserError
+
+RESIZE_POLICIES = ("stretch", "crop")
+
+PRESETS = {
+    "imagenet": {"resize": "stretch", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "none": None,
+}
+
+
+def resolve_preprocess(spec, channels: int = 3):
+    """Validates a preset name or dict and returns the dict stored in the manifest (or None)."""
+    if spec is None or isinstance(spec, str):
+        key = "none" if spec is None else spec
+        if key not in PRESETS:
+            raise UserError(f"unknown preprocess preset '{spec}'; accepted: {', '.join(PRESETS)} or a dict")
+        spec = PRESETS[key]
+        if spec is None:
+            return None
+    if not isinstance(spec, dict):
+        raise UserError(f"preprocess must be a preset name or a dict, got {type(spec).__name__}")
+    unknown = set(spec) - {"resize", "scale", "mean", "std"}
+    if unknown:
+        raise UserError(f"unknown preprocess keys {sorted(unknown)}; accepted: resize, scale, mean, std")
+    resolved = {
+        "resize": spec.get("resize", "stretch"),
+        "scale": float(spec.get("scale", 1 / 255)),
+        "mean": [float(v) for v in spec.get("mean", [0.0] * channels)],
+        "std": [float(v) for v in spec.get("std", [1.0] * channels)],
+    }
+    if resolved["resize"] not in RESIZE_POLICIES:
+        raise UserError(f"preprocess resize '{resolved['resize']}' is not one of {', '.join(RESIZE_POLICIES)}")
+    if len(resolved["mean"]) != channels or len(resolved["std"]) != channels:
+        raise UserError(f"preprocess mean and std need {channels} values each (one per input channel)")
+    if any(s <= 0 for s in resolved["std"]):
+        raise UserError("preprocess std values must be positive")
+    return resolved
+
+
+def black_input(spec, channels: int = 3):
+    """Per-channel model-input value of a black pixel under `spec` (zeros when no preprocessing is recorded)."""
+    if spec is None:
+        return [0.0] * channels
+    return [-m / s for m, s in zip(spec["mean"], spec["std"])]

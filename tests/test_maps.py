@@ -1,0 +1,247 @@
+"""Engine maps (ONNX Runtime, CPU) against the torch-autograd float64 reference of the contract."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from igcam_engine import Explainer, UserError
+from igcam_engine.export import from_onnx, from_torch, models
+from igcam_engine.quadrature import quadrature
+from reference import igcam_reference, max_normalized_difference
+
+IMAGENET_BLACK = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
+TOLERANCE = 1e-3
+
+# name -> (factory, layer, input shape, preprocess)
+MODELS = {
+    "resnet50-layer3": (lambda: models.resnet50(num_classes=10, width=8), "layer3", (3, 64, 80), "imagenet"),
+    "resnet50-layer4": (lambda: models.resnet50(num_classes=10, width=8), "layer4", (3, 64, 80), None),
+    "vgg16-features.29": (lambda: models.vgg16(num_classes=10, width=8, hidden=32), "features.29", (3, 224, 224), None),
+    "mobilenet_v2": (lambda: models.mobilenet_v2(num_classes=10, width_mult=0.25), "features.18", (3, 64, 80), None),
+    "efficientnet": (lambda: models.efficientnet_b0_style(num_classes=10, width_mult=0.25), "features.7", (3, 64, 80), None),
+    "densenet": (
+        lambda: models.densenet121_style(num_classes=10, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16),
+        "features.norm5", (3, 64, 80), None,
+    ),
+}
+
+
+def randomized(model):
+    """Non-trivial batch-norm statistics and affine parameters, so that every BN rule really matters."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model.eval()
+
+
+_BUNDLES = {}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    def get(name):
+        if name not in _BUNDLES:
+            factory, layer, shape, preprocess = MODELS[name]
+            torch.manual_seed(0)
+            model = randomized(factory())
+            path = from_torch(model, layer, shape, tmp_path_factory.mktemp(name), preprocess=preprocess)
+            _BUNDLES[name] = (model, layer, shape, preprocess, Explainer(path), path)
+        return _BUNDLES[name]
+
+    return get
+
+
+def inputs(shape, batch=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def black(shape, preprocess):
+    value = IMAGENET_BLACK if preprocess == "imagenet" else np.zeros(3)
+    return np.broadcast_to(value[:, None, None], shape)[None]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_presets_match_reference(bundle, name, variant):
+    model, layer, shape, preprocess, explainer, _ = bundle(name)
+    images, targets = inputs(shape), np.array([3, 7])
+    maps = explainer.explain(images, targets, variant=variant, steps=8)
+    rule, subtract = {"official": ("left", False), "paper": ("right", True)}[variant]
+    alphas, weights = quadrature(rule, 8)
+    expected = igcam_reference(model, layer, images, targets, alphas, weights, black(shape, preprocess), subtract)
+    assert maps.shape == (2, *shape[1:]) and maps.dtype == np.float32
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradcam_matches_reference(bundle, name):
+    model, layer, shape, preprocess, explainer, _ = bundle(name)
+    images, targets = inputs(shape, seed=1), np.array([0, 9])
+    maps = explainer.explain(images, targets, method="gradcam")
+    expected = igcam_reference(model, layer, images, targets, [1.0], [1.0], black(shape, preprocess), False)
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("rule", ["left", "right", "midpoint", "trapezoid", "gauss-legendre"])
+def test_every_rule_matches_reference(bundle, rule):
+    model, layer, shape, preprocess, explainer, _ = bundle("resnet50-layer3")
+    images, targets = inputs(shape, seed=2), np.array([5, 1])
+    maps = explainer.explain(images, targets, rule=rule, steps=5, subtract_baseline=True, baseline="zeros")
+    alphas, weights = quadrature(rule, 5)
+    expected = igcam_reference(model, layer, images, targets, alphas, weights, np.zeros((1, *shape)), True)
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+def test_array_baseline_per_image(bundle):
+    model, layer, shape, _, explainer, _ = bundle("mobilenet_v2")
+    images, targets = inputs(shape, seed=3), np.array([2, 2])
+    baseline = inputs(shape, seed=4) * 0.1
+    maps = explainer.explain(images, targets, variant="paper", steps=4, baseline=baseline)
+    alphas, weights = quadrature("right", 4)
+    expected = igcam_reference(model, layer, images, targets, alphas, weights, baseline, True)
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+def test_several_targets_per_image(bundle):
+    _, _, shape, _, explainer, _ = bundle("efficientnet")
+    images = inputs(shape, batch=3, seed=5)
+    targets = np.array([[1, 2], [3, 4], [5, 1]])
+    maps = explainer.explain(images, targets, variant="paper", steps=4)
+    assert maps.shape == (3, 2, *shape[1:])
+    for t in range(2):
+        single = explainer.explain(images, targets[:, t], variant="paper", steps=4)
+        np.testing.assert_allclose(maps[:, t], single, rtol=1e-5, atol=1e-6 * np.abs(single).max())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 1000])
+def test_maps_do_not_depend_on_batch_size(bundle, batch_size):
+    _, _, shape, _, explainer, _ = bundle("densenet")
+    images = inputs(shape, batch=3, seed=6)
+    reference = explainer.explain(images, [1, 2, 3], steps=6, variant="paper", batch_size=6)
+    maps = explainer.explain(images, [1, 2, 3], steps=6, variant="paper", batch_size=batch_size)
+    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+def test_single_image_and_int_target(bundle):
+    _, _, shape, _, explainer, _ = bundle("resnet50-layer4")
+    image = inputs(shape)[0]
+    maps = explainer.explain(image, 4, steps=3)
+    np.testing.assert_allclose(maps, explainer.explain(image[None], [4], steps=3))
+    assert maps.shape == (1, *shape[1:])
+
+
+def test_explain_graph_matches_reference(bundle):
+    """explain.onnx (for hosts without Python) against the reference, both presets."""
+    model, layer, shape, preprocess, _, path = bundle("resnet50-layer3")
+    session = ort.InferenceSession(str(path / "explain.onnx"), providers=["CPUExecutionProvider"])
+    images, targets = inputs(shape, seed=7), np.array([6, 2])
+    base = black(shape, preprocess).astype(np.float32)
+    for rule, subtract in (("left", False), ("right", True)):
+        alphas, weights = quadrature(rule, 6)
+        (maps,) = session.run(None, {
+            "images": images, "baseline": base, "alphas": alphas.astype(np.float32),
+            "weights": weights.astype(np.float32), "targets": targets,
+            "subtract_baseline": np.array([float(subtract)], np.float32),
+        })
+        expected = igcam_reference(model, layer, images, targets, alphas, weights, base, subtract)
+        assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+def test_gradient_at_engine_activations(bundle):
+    """igcam.onnx's dA against torch autograd evaluated at the very activations the engine computed, so that a
+    near-tie in a max-pool window cannot flip between float32 and float64."""
+    model, layer, shape, _, _, path = bundle("vgg16-features.29")
+    session = ort.InferenceSession(str(path / "igcam.onnx"), providers=["CPUExecutionProvider"])
+    images, targets = inputs(shape, seed=8), np.array([1, 8])
+    alphas = np.array([0.25, 1.0], np.float32)
+    activations, grads, logits = session.run(None, {
+        "images": images, "baseline": np.zeros((1, *shape), np.float32), "alphas": alphas, "targets": targets,
+    })
+    module = dict(model.named_modules())[layer]
+    given = torch.tensor(activations, dtype=torch.float64, requires_grad=True)
+    handle = module.register_forward_hook(lambda m, i, o: given)
+    try:
+        double = model.double()
+        scores = double(torch.zeros((len(given), *shape), dtype=torch.float64))
+    finally:
+        handle.remove()
+        model.float()
+    row_targets = np.repeat(targets, len(alphas))
+    scores[np.arange(len(row_targets)), row_targets].sum().backward()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads, given.grad.numpy(), rtol=1e-4, atol=1e-6 * given.grad.abs().max().item())
+
+
+def test_softmax_output_is_differentiated_at_its_input(tmp_path):
+    torch.manual_seed(0)
+    model = randomized(models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
+    with_softmax = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    shape = (3, 64, 64)
+    explainer = Explainer(from_torch(with_softmax, "0.layer4", shape, tmp_path))
+    images, targets = inputs(shape), np.array([1, 2])
+    maps = explainer.explain(images, targets, steps=4)
+    alphas, weights = quadrature("left", 4)
+    expected = igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), False)
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+def test_from_onnx_on_a_plain_torch_export(tmp_path):
+    """A model exported by torch's own TorchScript exporter (not ours), target picked by the default rule."""
+    torch.manual_seed(0)
+    model = randomized(models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
+    shape = (3, 64, 96)
+    onnx_path = tmp_path / "plain.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (torch.zeros(1, *shape),), str(onnx_path), input_names=["x"], output_names=["scores"],
+            dynamic_axes={"x": {0: "n"}, "scores": {0: "n"}}, dynamo=False,
+        )
+    explainer = Explainer(from_onnx(onnx_path, tmp_path / "bundle"))
+    images, targets = inputs(shape), np.array([4, 0])
+    maps = explainer.explain(images, targets, variant="paper", steps=4)
+    alphas, weights = quadrature("right", 4)
+    expected = igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), True)
+    assert max_normalized_difference(maps, expected) <= TOLERANCE
+
+
+def test_predict_matches_torch(bundle):
+    model, _, shape, _, explainer, _ = bundle("mobilenet_v2")
+    images = inputs(shape, seed=9)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(explainer.predict(images), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(targets=10), r"class indices in \[0, 9\]"),
+        (dict(targets=[1]), "targets for 1 images"),
+        (dict(targets=1.5), "targets must be"),
+        (dict(targets=1, steps=0), "steps must be a positive integer"),
+        (dict(targets=1, rule="simpson"), "unknown quadrature rule"),
+        (dict(targets=1, variant="fast"), "unknown variant"),
+        (dict(targets=1, method="lime"), "unknown method"),
+        (dict(targets=1, baseline="white"), "unknown baseline"),
+        (dict(targets=1, baseline=np.zeros((3, 5, 5))), "baseline array must be"),
+        (dict(targets=1, batch_size=0), "batch_size must be a positive integer"),
+        (dict(targets=1, rule="trapezoid", steps=1), "trapezoid rule needs steps >= 2"),
+    ],
+)
+def test_bad_arguments_say_what_is_accepted(bundle, kwargs, message):
+    _, _, shape, _, explainer, _ = bundle("resnet50-layer4")
+    with pytest.raises(UserError, match=message):
+        explainer.explain(inputs(shape), **kwargs)
+
+
+def test_bad_images_say_what_is_accepted(bundle):
+    _, _, shape, _, explainer, _ = bundle("resnet50-layer4")
+    with pytest.raises(UserError, match=r"images must be \[B, 3, 64, 80\]"):
+        explainer.explain(np.zeros((2, 3, 64, 64), np.float32), 1)
+    with pytest.raises(UserError, match="NaN"):
+        explainer.explain(np.full((1, *shape), np.nan, np.float32), 1)
