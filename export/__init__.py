@@ -46,6 +46,7 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
     """Bundle from a torch.nn.Module; `layer` is a module path as in named_modules() ("layer4", "features.29")."""
     from ._torch import export_with_layer
 
+    resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
     return _export(onnx_model, out, tensor, preprocess, input_shape, labels, layer=layer, reference=reference)
 

@@ -1,7 +1,9 @@
 """PyTorch frontend: export a module to ONNX with the target layer's output exposed."""
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
 
 import onnx
@@ -43,7 +45,7 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     with torch.no_grad():
         reference = model(images).numpy()
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, (images,), input_names=["input"], output_names=["logits", "target"],
@@ -55,6 +57,19 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     tensor = _source_of(onnx_model, "target")
     del onnx_model.graph.output[1:]
     return onnx_model, tensor, (images.numpy(), reference)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter logs a warning per missing torchvision op and prints its progress; neither concerns us."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _source_of(model: onnx.ModelProto, name: str) -> str:

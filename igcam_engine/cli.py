@@ -208,7 +208,7 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
                   rule=None, steps=50, baseline="black", batch_size=None, providers="cpu") -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     from igcam_engine import Explainer
-    from igcam_engine.images import load_image, overlay, save_png, to_model_input
+    from igcam_engine.images import load_image, overlay_on_photo, save_png, to_model_input
 
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -237,7 +237,8 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
         }
         for class_index, heatmap in zip(targets, maps):
             class_index = int(class_index)
-            png = save_png(overlay(shown, heatmap), output / f"{stem}.class{class_index}.png")
+            png = save_png(overlay_on_photo(picture, shown, heatmap, explainer.preprocess),
+                           output / f"{stem}.class{class_index}.png")
             np.save(output / f"{stem}.class{class_index}.npy", heatmap)
             entry["maps"].append({"target": class_index, "label": explainer.label(class_index), "overlay": str(png),
                                   "map": str(output / f"{stem}.class{class_index}.npy")})

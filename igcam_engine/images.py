@@ -62,6 +62,15 @@ def overlay(picture: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5) -> I
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
+def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess) -> Image.Image:
+    """The overlay at the photo's own size when the model saw the whole photo (resize "stretch"); on the centre
+    crop the model saw otherwise."""
+    if preprocess and preprocess["resize"] == "crop":
+        return overlay(shown, heatmap)
+    resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(photo.size, Image.BILINEAR)
+    return overlay(np.asarray(photo), np.asarray(resized))
+
+
 def save_png(image: Image.Image, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

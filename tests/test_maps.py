@@ -245,3 +245,39 @@ def test_bad_images_say_what_is_accepted(bundle):
         explainer.explain(np.zeros((2, 3, 64, 64), np.float32), 1)
     with pytest.raises(UserError, match="NaN"):
         explainer.explain(np.full((1, *shape), np.nan, np.float32), 1)
+
+
+def test_bundle_manifest_and_graphs(bundle):
+    import json
+
+    import onnx
+
+    from igcam_engine.bundle import sha256
+
+    _, _, shape, _, _, path = bundle("resnet50-layer3")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 1
+    assert manifest["input"] == {"name": "images", "shape": list(shape), "layout": "NCHW", "dtype": "float32"}
+    assert manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert manifest["target_layer"]["name"] == "layer3" and manifest["target_layer"]["shape"] == [128, 4, 5]
+    assert manifest["num_classes"] == 10
+    for entry in list(manifest["graphs"].values()) + [manifest["weights"]]:
+        assert sha256(path / entry["file"]) == entry["sha256"]
+    for name in ("forward", "gradient", "igcam", "explain"):
+        onnx.checker.check_model(str(path / f"{name}.onnx"), full_check=True)
+    # the backbone's weights are stored once, shared by the graphs
+    sizes = {p.name: p.stat().st_size for p in path.iterdir()}
+    assert sizes["weights.bin"] > 10 * max(sizes[f"{n}.onnx"] for n in ("forward", "gradient", "igcam", "explain"))
+
+
+def test_explain_from_several_threads(bundle):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, shape, _, explainer, _ = bundle("mobilenet_v2")
+    jobs = [(inputs(shape, seed=s), [s % 10, (s + 3) % 10]) for s in range(6)]
+    sequential = [explainer.explain(x, t, steps=4, variant="paper") for x, t in jobs]
+    fresh = Explainer(bundle("mobilenet_v2")[5])  # its baseline cache starts empty: threads race to fill it
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda job: fresh.explain(job[0], job[1], steps=4, variant="paper"), jobs))
+    for a, b in zip(sequential, threaded):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())

