@@ -13,7 +13,7 @@ from igcam_engine.bundle import graph_path, load_manifest
 from igcam_engine.errors import UserError
 from igcam_engine.maps import accumulate, normalize as normalize_maps, upsample
 from igcam_engine.preprocess import black_input
-from igcam_engine.quadrature import RULES, quadrature
+from igcam_engine.quadrature import quadrature
 
 # variant -> (quadrature rule, subtract the baseline's activations)
 VARIANTS = {"official": ("left", False), "paper": ("right", True)}
