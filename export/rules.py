@@ -248,12 +248,30 @@ def batch_norm(b, n, dy):
 
 @rule("MaxPool")
 def max_pool(b, n, dy):
-    # Scatter each window's cotangent to the window's first maximum (torch's tie rule and ORT's argmax).
-    x = n.inputs[0]
-    _, argmax = b.op("MaxPool", [x], outputs=2, **n.attrs)
-    zeros = b.ConstantOfShape(b.Shape(b.Reshape(x, [-1])))
-    flat = b.ScatterElements(zeros, b.Reshape(argmax, [-1]), b.Reshape(dy[0], [-1]), axis=0, reduction="add")
-    return [b.Reshape(flat, b.Shape(x))]
+    # Each window's cotangent goes to its first maximum (torch's tie rule), built without MaxPool's Indices output
+    # or ScatterElements, which TensorRT refuses: for every kernel offset, a strided slice of the -inf padded
+    # input is compared with the pooled output; the first offset that hits takes the cotangent, and one grouped
+    # ConvTranspose with one-hot kernels puts each offset's share back at its input position.
+    x, y = n.inputs[0], n.outputs[0]
+    window = _Window(b, n, n.attrs["kernel_shape"])
+    channels = b.static_shape(x, slice(1, 2))[0]
+    spans = [(o - 1) * s + e for o, s, e in zip(window.outputs, window.strides, window.extent)]
+    ends = [max(span - size - begin, 0) for span, size, begin in zip(spans, window.inputs, window.begin)]
+    padded = b.Pad(x, [0, 0] + window.begin + [0, 0] + ends, np.float32(-np.inf))
+    offsets = list(np.ndindex(*window.kernel))
+    taken, routed = None, []
+    for offset in offsets:
+        starts = [i * d for i, d in zip(offset, window.dilations)]
+        stops = [start + (o - 1) * s + 1 for start, o, s in zip(starts, window.outputs, window.strides)]
+        hit = b.Equal(b.Slice(padded, starts, stops, list(range(2, 2 + len(starts))), window.strides), y)
+        first = hit if taken is None else b.And(hit, b.Not(taken))
+        taken = hit if taken is None else b.Or(taken, hit)
+        routed.append(b.Unsqueeze(b.Where(first, dy[0], np.float32(0)), [2]))
+    stacked = b.Reshape(b.Concat(*routed, axis=2), [0, channels * len(offsets)] + window.outputs)
+    one_hot = np.zeros([channels, len(offsets), 1] + window.kernel, np.float32)
+    for k, offset in enumerate(offsets):
+        one_hot[(slice(None), k, 0) + offset] = 1
+    return [window.transpose(b, stacked, one_hot.reshape([channels * len(offsets), 1] + window.kernel), channels)]
 
 
 @rule("AveragePool")

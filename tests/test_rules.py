@@ -262,3 +262,16 @@ def test_unsupported_op_is_named():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     with pytest.raises(UserError, match=r"Erf \(node 'my_erf'\).*Supported ops: .*Conv"):
         vjp_model(model, "x", "Y")
+
+
+def test_max_pool_dilated_and_no_trt_refused_ops():
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2])
+    run_case("MaxPool", {"x": np.round(X)}, dict(attrs),
+             torch_fn=lambda x: F.max_pool2d(x, 3, 2, 1, dilation=2))
+    node = helper.make_node("MaxPool", ["x"], ["Y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    grad = vjp_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8), "x", "Y")
+    ops = [n.op_type for n in grad.graph.node]
+    # TensorRT refuses MaxPool's Indices output and scatter-with-reduction: the rule must use neither
+    assert "ScatterElements" not in ops and "ScatterND" not in ops and ops.count("MaxPool") == 1
