@@ -79,7 +79,13 @@ def _add_method_options(parser):
     parser.add_argument("--steps", type=int, default=50, help="number of interpolation points (default: 50)")
     parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
     parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
-    parser.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma separated (default: cpu)")
+    parser.add_argument("--providers", default="auto",
+                        help="auto (best available), cpu, cuda, tensorrt, or ONNX Runtime provider names, comma "
+                             "separated (default: auto)")
+    parser.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
+    parser.add_argument("--engine-cache", type=Path, metavar="DIR", help="TensorRT engine cache directory "
+                        "(default: ~/.cache/igcam/tensorrt)")
+    parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
 
 
 def _shape(text: str):
@@ -205,15 +211,23 @@ def _progress(items, label):
 
 
 def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
-                  rule=None, steps=50, baseline="black", batch_size=None, providers="cpu") -> list[dict]:
+                  rule=None, steps=50, baseline="black", batch_size=None, providers="auto", fp16=False,
+                  engine_cache=None, placement=False) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     from igcam_engine import Explainer
     from igcam_engine.images import load_image, overlay_on_photo, save_png, to_model_input
 
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    provider_list = providers.split(",") if isinstance(providers, str) and providers != "cpu" else providers
-    explainer = Explainer(bundle, providers=provider_list)
+    if providers == "auto":
+        providers = None
+    elif "," in providers or providers.endswith("ExecutionProvider"):
+        providers = providers.split(",")
+    explainer = Explainer(bundle, providers=providers, fp16=fp16, engine_cache=engine_cache)
+    if placement:
+        for graph, by_provider in explainer.placement().items():
+            for provider, ops in by_provider.items():
+                print(f"{graph}.onnx on {provider}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
     output.mkdir(parents=True, exist_ok=True)
     results, stems = [], set()
     for path in _progress(image_paths, "explaining"):
@@ -253,7 +267,8 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
 def _explain(args):
     explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
-                  batch_size=args.batch_size, providers=args.providers)
+                  batch_size=args.batch_size, providers=args.providers, fp16=args.fp16,
+                  engine_cache=args.engine_cache, placement=args.placement)
 
 
 def _demo(args):

@@ -1,7 +1,8 @@
 """The runtime: IG-CAM and Grad-CAM maps from a bundle with ONNX Runtime, no torch.
 
 One path for a batch of images: interpolate (inside forward.onnx) -> backbone (forward.onnx) -> gradient of the
-tail (gradient.onnx) -> reduce (maps.accumulate) -> upsample (maps.upsample).
+tail (gradient.onnx) -> reduce -> upsample. The stages run on the host (stages.HostStages: numpy) or, with the
+CUDA or TensorRT provider, on the device (gpu.DeviceStages: IOBinding and the fused kernel, no host copies).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 
 from igcam_engine.bundle import graph_path, load_manifest
 from igcam_engine.errors import UserError
-from igcam_engine.maps import accumulate, normalize as normalize_maps, upsample
+from igcam_engine.maps import normalize as normalize_maps
 from igcam_engine.preprocess import black_input
+from igcam_engine.providers import on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
 
 # variant -> (quadrature rule, subtract the baseline's activations)
@@ -21,38 +23,31 @@ METHODS = ("igcam", "gradcam")
 DEFAULT_ROWS = 64  # interpolated images per ONNX Runtime call when batch_size is not given
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError("onnxruntime is not installed: pip install 'igcam-engine[cpu]' (or [gpu])") from None
-    return onnxruntime
-
-
-def resolve_providers(providers):
-    """'cpu' or None -> the CPU provider; otherwise a list of ONNX Runtime provider names or (name, options)."""
-    ort = _onnxruntime()
-    if providers is None or providers == "cpu":
-        return ["CPUExecutionProvider"]
-    if isinstance(providers, str):
-        providers = [providers]
-    available = ort.get_available_providers()
-    for provider in providers:
-        name = provider[0] if isinstance(provider, tuple) else provider
-        if name not in available:
-            raise UserError(f"execution provider '{name}' is not available; this onnxruntime has: {', '.join(available)}")
-    return list(providers)
-
-
 class Explainer:
     """Explains a bundle's model. Sessions are created once; `explain` may be called from several threads."""
 
-    def __init__(self, bundle, providers=None, verify: bool = True):
+    def __init__(self, bundle, providers=None, *, fp16: bool = False, engine_cache=None, workspace_bytes=None,
+                 device_id: int = 0, verify: bool = True):
+        """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", or ONNX Runtime's own
+        list of names / (name, options) tuples. fp16, engine_cache (directory) and workspace_bytes configure
+        TensorRT."""
+        import onnxruntime as ort
+
         self.manifest = load_manifest(bundle, verify=verify)
-        ort = _onnxruntime()
-        chosen = resolve_providers(providers)
-        self._forward = ort.InferenceSession(graph_path(self.manifest, "forward"), providers=chosen)
-        self._gradient = ort.InferenceSession(graph_path(self.manifest, "gradient"), providers=chosen)
+        self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
+                                           workspace_bytes=workspace_bytes, device_id=device_id)
+        self._sessions = {
+            graph: ort.InferenceSession(graph_path(self.manifest, graph), providers=self.providers)
+            for graph in ("forward", "gradient")
+        }
+        if on_gpu(self.providers):
+            from igcam_engine.gpu import DeviceStages
+
+            self._stages = DeviceStages(self._sessions["forward"], self._sessions["gradient"], device_id)
+        else:
+            from igcam_engine.stages import HostStages
+
+            self._stages = HostStages(self._sessions["forward"], self._sessions["gradient"])
         self._baseline_activations = {}
         self._lock = threading.Lock()
 
@@ -74,9 +69,33 @@ class Explainer:
 
     def predict(self, images) -> np.ndarray:
         """Class scores [B, classes] of images in model input space."""
-        images = self._check_images(images)
-        activations = self._activations(images, images, np.zeros(1, np.float32))
-        return self._gradient.run(["logits"], {"activations": activations, "targets": np.zeros(len(images), np.int64)})[0]
+        images = self._stages.put(self._check_images(images))
+        activations = self._stages.forward(images, 0, len(images), images, np.zeros(1))
+        return self._stages.logits(activations, np.zeros(len(images), np.int64))
+
+    def placement(self) -> dict:
+        """Which nodes ran on which provider, per graph: {graph: {provider: {op type: count}}}, from one profiled
+        run of a black image (a debugging aid: TensorRT refuses some ops, which then run on CUDA or the CPU)."""
+        import tempfile
+
+        import onnxruntime as ort
+
+        from igcam_engine.providers import node_placement
+
+        image = np.zeros((1, *self.input_shape), np.float32)
+        report = {}
+        with tempfile.TemporaryDirectory() as directory:
+            options = ort.SessionOptions()
+            options.enable_profiling = True
+            options.profile_file_prefix = f"{directory}/igcam"
+            sessions = {g: ort.InferenceSession(graph_path(self.manifest, g), options, providers=self.providers)
+                        for g in ("forward", "gradient")}
+            feeds = {"images": image, "baseline": image, "alphas": np.array([0.5, 1.0], np.float32)}
+            activations = sessions["forward"].run(["activations"], feeds)[0]
+            sessions["gradient"].run(None, {"activations": activations, "targets": np.zeros(2, np.int64)})
+            for graph, session in sessions.items():
+                report[graph] = node_placement(session.end_profiling())
+        return report
 
     def explain(self, images, targets, *, method="igcam", variant="official", steps=50, rule=None, baseline="black",
                 subtract_baseline=None, batch_size=None, normalize=False) -> np.ndarray:
@@ -91,37 +110,34 @@ class Explainer:
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-        k, h, w = self.manifest["target_layer"]["shape"]
-        coarse = np.zeros((len(images), targets.shape[1], h, w), np.float32)
+        _, h, w = self.manifest["target_layer"]["shape"]
+        stages = self._stages
+        images, base = stages.put(images), stages.put(base)
+        coarse = stages.maps(len(images), targets.shape[1], (h, w))
         for first, last, start, stop in _chunks(len(images), len(alphas), rows):
-            chunk_base = base if len(base) == 1 else base[first:last]
-            activations = self._activations(images[first:last], chunk_base, alphas[start:stop])
-            chunk_base_activations = None
-            if base_activations is not None:
-                chunk_base_activations = base_activations if len(base_activations) == 1 else base_activations[first:last]
+            activations = stages.forward(images, first, last, base, alphas[start:stop])
             for t in range(targets.shape[1]):
-                row_targets = np.repeat(targets[first:last, t], stop - start)
-                grads = self._gradient.run(["activation_grad"], {"activations": activations, "targets": row_targets})[0]
-                accumulate(coarse[first:last, t], activations, grads, chunk_base_activations, weights[start:stop])
-        maps = upsample(coarse, self.input_shape[1:])
+                grads = stages.gradient(activations, np.repeat(targets[first:last, t], stop - start))
+                stages.accumulate(coarse, first, last, t, activations, grads, base_activations, weights[start:stop])
+        maps = stages.finish(coarse, self.input_shape[1:])
         if normalize:
             maps = normalize_maps(maps)
         return maps if multi else maps[:, 0]
 
     # ------------------------------------------------------------ stages and checks
 
-    def _activations(self, images, base, alphas) -> np.ndarray:
-        feeds = {"images": images, "baseline": base, "alphas": alphas.astype(np.float32)}
-        return self._forward.run(["activations"], feeds)[0]
+    def _base_activations(self, baseline, base):
+        """A(baseline), computed once per Explainer for the named baselines (kept where the stages keep data)."""
+        def compute():
+            on_device = self._stages.put(base)
+            return self._stages.forward(on_device, 0, len(base), on_device, np.zeros(1), keep=True)
 
-    def _base_activations(self, baseline, base) -> np.ndarray:
-        """A(baseline), computed once per Explainer for the named baselines."""
-        if isinstance(baseline, str):
-            with self._lock:
-                if baseline not in self._baseline_activations:
-                    self._baseline_activations[baseline] = self._activations(base, base, np.zeros(1))
-                return self._baseline_activations[baseline]
-        return self._activations(base, base, np.zeros(1))
+        if not isinstance(baseline, str):
+            return compute()
+        with self._lock:
+            if baseline not in self._baseline_activations:
+                self._baseline_activations[baseline] = compute()
+            return self._baseline_activations[baseline]
 
     def _schedule(self, method, variant, steps, rule, subtract_baseline):
         if method not in METHODS:

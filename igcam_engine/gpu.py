@@ -1,0 +1,170 @@
+"""The runtime's stages on an NVIDIA GPU: no host copy of activations or gradients.
+
+Images are uploaded once per call; forward.onnx and gradient.onnx read and write device buffers through
+IOBinding (chunks are views into the uploaded batch; the activation and gradient buffers are reused across chunks,
+one set per thread); the fused kernel (kernels/igcam.cu) reduces them into device maps, which are upsampled on the
+device. Only the final maps (and, for `predict`, the logits) come back to the host.
+
+Ordering: ONNX Runtime synchronizes its compute stream at the end of each run, so its outputs are complete when
+the kernel is launched; the kernel's stream is synchronized before the next run may overwrite a buffer.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from igcam_engine.errors import UserError
+
+THREADS = 256
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class DeviceArray:
+    """A device buffer owned by an OrtValue (or a pycuda allocation) with the shape it holds now."""
+
+    def __init__(self, owner, pointer: int, shape, dtype):
+        self.owner, self.pointer, self.shape, self.dtype = owner, int(pointer), tuple(shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def row(self, index: int) -> int:
+        """Device address of row `index` (rows along the first axis)."""
+        return self.pointer + index * int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+
+class DeviceStages:
+    def __init__(self, forward, gradient, device_id: int = 0):
+        try:
+            import onnxruntime as ort
+            import pycuda.driver as cuda
+        except ImportError:
+            raise UserError("the GPU path needs pycuda: pip install 'igcam-engine[gpu]'") from None
+        cuda.init()
+        self._ort, self._cuda = ort, cuda
+        self._device_id = device_id
+        # The device's primary context: the one ONNX Runtime's CUDA provider works in.
+        self._primary = cuda.Device(device_id).retain_primary_context()
+        self._forward, self._gradient = forward, gradient
+        self._activation_type = DTYPES[forward.get_outputs()[0].type]
+        with self._context():
+            module = _load_module(cuda)
+            self._accumulate = {np.float32: module.get_function("igcam_accumulate_f32"),
+                                np.float16: module.get_function("igcam_accumulate_f16")}
+            self._upsample = module.get_function("igcam_upsample_bilinear")
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _context(self):
+        """pycuda's current context is per thread: make the primary context current for the calling thread."""
+        self._primary.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
+    def _buffer(self, name: str, shape, dtype) -> DeviceArray:
+        """This thread's reusable buffer `name`, grown when a chunk needs more room than before."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key, size = (name, np.dtype(dtype).str), int(np.prod(shape))
+        held = buffers.get(key)
+        if held is None or held[1] < size:
+            value = self._ort.OrtValue.ortvalue_from_shape_and_type([size], dtype, "cuda", self._device_id)
+            held = buffers[key] = (value, size)
+        return DeviceArray(held[0], held[0].data_ptr(), shape, dtype)
+
+    def put(self, array: np.ndarray) -> DeviceArray:
+        value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self._device_id)
+        return DeviceArray(value, value.data_ptr(), array.shape, array.dtype)
+
+    def _bind(self, binding, name: str, array: DeviceArray, first: int, last: int) -> None:
+        binding.bind_input(name, "cuda", self._device_id, array.dtype.type, [last - first, *array.shape[1:]],
+                           array.row(first))
+
+    def forward(self, images: DeviceArray, first: int, last: int, base: DeviceArray, alphas: np.ndarray,
+                keep: bool = False) -> DeviceArray:
+        binding = self._forward.io_binding()
+        self._bind(binding, "images", images, first, last)
+        self._bind(binding, "baseline", base, *((0, 1) if len(base) == 1 else (first, last)))
+        binding.bind_cpu_input("alphas", alphas.astype(np.float32))
+        shape = [(last - first) * len(alphas), *self._forward.get_outputs()[0].shape[1:]]
+        if keep:  # cached across calls (baseline activations): its own buffer, not the per-thread one
+            value = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._activation_type, "cuda", self._device_id)
+            out = DeviceArray(value, value.data_ptr(), shape, self._activation_type)
+        else:
+            out = self._buffer("activations", shape, self._activation_type)
+        binding.bind_output("activations", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
+        self._forward.run_with_iobinding(binding)
+        return out
+
+    def gradient(self, activations: DeviceArray, targets: np.ndarray) -> DeviceArray:
+        binding = self._gradient.io_binding()
+        self._bind(binding, "activations", activations, 0, len(activations))
+        binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
+        out = self._buffer("activation_grad", activations.shape, activations.dtype)
+        binding.bind_output("activation_grad", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
+        self._gradient.run_with_iobinding(binding)
+        return out
+
+    def logits(self, activations: DeviceArray, targets: np.ndarray) -> np.ndarray:
+        binding = self._gradient.io_binding()
+        self._bind(binding, "activations", activations, 0, len(activations))
+        binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self._gradient.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def maps(self, images: int, targets: int, size) -> DeviceArray:
+        shape = (images, targets, *size)
+        with self._context():
+            allocation = self._cuda.mem_alloc(int(np.prod(shape)) * 4)
+            self._cuda.memset_d32(allocation, 0, int(np.prod(shape)))
+        return DeviceArray(allocation, int(allocation), shape, np.float32)
+
+    def accumulate(self, maps: DeviceArray, first: int, last: int, target: int, activations: DeviceArray,
+                   grads: DeviceArray, base_activations, weights: np.ndarray) -> None:
+        _, targets, h, w = maps.shape
+        channels, pixels = activations.shape[1], h * w
+        base_pointer, per_image = 0, 0
+        if base_activations is not None:
+            per_image = int(len(base_activations) > 1)
+            base_pointer = base_activations.row(first if per_image else 0)
+        with self._context():
+            stream = self._local.__dict__.setdefault("stream", self._cuda.Stream())
+            weights_on_device = self._cuda.to_device(np.ascontiguousarray(weights, dtype=np.float32))
+            self._accumulate[activations.dtype.type](
+                np.uintp(activations.pointer), np.uintp(grads.pointer), np.uintp(base_pointer), np.int32(per_image),
+                np.uintp(int(weights_on_device)), np.uintp(maps.pointer + (first * targets + target) * pixels * 4),
+                np.int64(targets * pixels), np.int32(len(weights)), np.int32(channels), np.int32(pixels),
+                block=(THREADS, 1, 1), grid=((last - first) * len(weights), 1), shared=(channels + THREADS) * 4,
+                stream=stream,
+            )
+            stream.synchronize()  # ONNX Runtime may overwrite these buffers in the next run
+
+    def finish(self, maps: DeviceArray, size) -> np.ndarray:
+        count, height, width = maps.shape[0] * maps.shape[1], size[0], size[1]
+        host = np.empty((maps.shape[0], maps.shape[1], height, width), np.float32)
+        with self._context():
+            target = self._cuda.mem_alloc(host.nbytes)
+            total = count * height * width
+            self._upsample(np.uintp(maps.pointer), target, np.int32(count), np.int32(maps.shape[2]),
+                           np.int32(maps.shape[3]), np.int32(height), np.int32(width),
+                           block=(THREADS, 1, 1), grid=((total + THREADS - 1) // THREADS, 1))
+            self._cuda.memcpy_dtoh(host, target)
+        return host
+
+
+def _load_module(cuda):
+    """The shipped PTX (JIT-compiled by the driver); a driver too old for its PTX version gets the source compiled
+    here instead (that needs nvcc)."""
+    from igcam_engine.kernels import ptx_path, source_path
+
+    try:
+        return cuda.module_from_file(ptx_path())
+    except cuda.Error:
+        from pycuda.compiler import SourceModule
+
+        with open(source_path()) as f:
+            return SourceModule(f.read(), no_extern_c=True)

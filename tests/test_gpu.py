@@ -1,0 +1,153 @@
+"""The GPU path on a real NVIDIA GPU (skipped elsewhere, with the reason).
+
+Needs onnxruntime-gpu (CUDA provider), pycuda and a device; the TensorRT cases also need TensorRT's libraries.
+"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from igcam_engine import Explainer
+from igcam_engine.maps import accumulate, upsample
+from igcam_engine.providers import CUDA, TENSORRT, resolve_providers
+from reference import max_normalized_difference, normalized
+
+
+def _gpu_missing():
+    if CUDA not in ort.get_available_providers():
+        return "onnxruntime has no CUDA provider (install onnxruntime-gpu: pip install 'igcam-engine[gpu]')"
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        if cuda.Device.count() == 0:
+            return "no CUDA device"
+    except ImportError:
+        return "pycuda is not installed (pip install 'igcam-engine[gpu]')"
+    except Exception as e:  # no driver: pycuda raises its own errors
+        return f"CUDA is not usable here: {e}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))
+
+
+def _tensorrt_missing():
+    try:
+        resolve_providers("tensorrt")
+    except Exception as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def stages():
+    from igcam_engine.gpu import DeviceStages
+
+    class Stub:  # DeviceStages needs a forward session only for its output type
+        def get_outputs(self):
+            return [type("Out", (), {"type": "tensor(float)"})()]
+
+    return DeviceStages(Stub(), None)
+
+
+# (images, steps, channels, h, w): K not a multiple of 32, h*w from 1x1 to 56x56, K up to 4096, m up to 128, B to 16
+KERNEL_CASES = [(1, 1, 3, 1, 1), (2, 3, 33, 7, 7), (16, 2, 100, 14, 14), (1, 128, 70, 3, 5), (3, 4, 4096, 1, 1),
+                (2, 5, 257, 56, 56), (4, 50, 2048, 7, 7), (1, 7, 4095, 2, 3)]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[str(c) for c in KERNEL_CASES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("base_rows", [0, 1, "per-image"])
+def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows):
+    n, m, k, h, w = case
+    rng = np.random.default_rng(sum(case))
+    acts = rng.standard_normal((n * m, k, h, w)).astype(dtype)
+    grads = rng.standard_normal((n * m, k, h, w)).astype(dtype)
+    base = None if base_rows == 0 else rng.standard_normal((n if base_rows == "per-image" else 1, k, h, w)).astype(dtype)
+    weights = rng.random(m).astype(np.float32)
+    expected = np.zeros((n, 2, h, w), np.float32)
+    accumulate(expected[:, 1], acts.astype(np.float32), grads.astype(np.float32),
+               None if base is None else base.astype(np.float32), weights)
+    maps = stages.maps(n, 2, (h, w))
+    stages.accumulate(maps, 0, n, 1, stages.put(acts), stages.put(grads), None if base is None else stages.put(base),
+                      weights)
+    got = stages.finish(maps, (h, w))
+    np.testing.assert_allclose(got[:, 0], 0)  # the other target's maps stay untouched
+    np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=2e-4, atol=2e-4 * max(np.abs(expected).max(), 1))
+
+
+@pytest.mark.parametrize("src,dst", [((7, 7), (224, 224)), ((1, 1), (5, 3)), ((56, 56), (60, 61)), ((3, 5), (3, 5))])
+def test_upsample_kernel_equals_numpy(stages, src, dst):
+    coarse = np.random.default_rng(0).standard_normal((2, 3, *src)).astype(np.float32)
+    maps = stages.maps(2, 3, src)
+    with stages._context():
+        stages._cuda.memcpy_htod(maps.pointer, coarse)
+    np.testing.assert_allclose(stages.finish(maps, dst), upsample(coarse, dst), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    import torch
+
+    from igcam_engine.export import from_torch, models
+
+    torch.manual_seed(0)
+    model = models.resnet50(num_classes=20, width=16).eval()
+    return from_torch(model, "layer4", (3, 128, 160), tmp_path_factory.mktemp("gpu"))
+
+
+IMAGES = np.random.default_rng(1).standard_normal((3, 3, 128, 160)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(variant="paper"), dict(method="gradcam"),
+                                    dict(rule="gauss-legendre", steps=9, subtract_baseline=True, batch_size=4)])
+def test_cuda_maps_equal_cpu_maps(bundle, kwargs):
+    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], **kwargs)
+    gpu = Explainer(bundle, providers="cuda").explain(IMAGES, [1, 5, 9], **kwargs)
+    assert max_normalized_difference(gpu, cpu) <= 1e-4
+
+
+def test_several_targets_and_chunks_on_gpu(bundle):
+    explainer = Explainer(bundle, providers="cuda")
+    targets = np.array([[1, 2], [3, 4], [5, 6]])
+    both = explainer.explain(IMAGES, targets, steps=10, batch_size=3)
+    for t in range(2):
+        single = explainer.explain(IMAGES, targets[:, t], steps=10, batch_size=7)
+        np.testing.assert_allclose(both[:, t], single, rtol=1e-4, atol=1e-5 * np.abs(single).max())
+
+
+def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch):
+    """Only maps (and logits for predict) leave the device: every device-to-host copy is recorded."""
+    explainer = Explainer(bundle, providers="cuda")
+    copies = []
+    original_numpy = ort.OrtValue.numpy
+    monkeypatch.setattr(ort.OrtValue, "numpy", lambda self: copies.append(self.shape()) or original_numpy(self))
+    import pycuda.driver as cuda
+
+    original_dtoh = cuda.memcpy_dtoh
+    monkeypatch.setattr(cuda, "memcpy_dtoh", lambda dest, src: copies.append(dest.shape) or original_dtoh(dest, src))
+    maps = explainer.explain(IMAGES, [1, 2, 3], steps=8, variant="paper")
+    assert copies == [(3, 1, 128, 160)] and maps.shape == (3, 128, 160)
+    for by_provider in explainer.placement().values():
+        for ops in by_provider.values():
+            assert "MemcpyToHost" not in ops
+
+
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+def test_tensorrt_fp16_maps_close_to_cpu(bundle, tmp_path):
+    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], variant="paper", steps=16)
+    trt = Explainer(bundle, providers="tensorrt", fp16=True, engine_cache=tmp_path).explain(
+        IMAGES, [1, 5, 9], variant="paper", steps=16)
+    assert max_normalized_difference(trt, cpu) <= 1e-2
+    for a, b in zip(trt, cpu):
+        assert np.corrcoef(normalized(a).ravel(), normalized(b).ravel())[0, 1] >= 0.999
+    assert list(tmp_path.iterdir()), "the TensorRT engine cache stayed empty"
+
+
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+def test_tensorrt_fp32_maps_equal_cpu(bundle, tmp_path):
+    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], steps=8)
+    trt = Explainer(bundle, providers=[(TENSORRT, {"trt_engine_cache_enable": True,
+                                                   "trt_engine_cache_path": str(tmp_path)}), CUDA]).explain(
+        IMAGES, [1, 5, 9], steps=8)
+    assert max_normalized_difference(trt, cpu) <= 1e-3
