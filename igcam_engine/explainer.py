@@ -7,12 +7,13 @@ CUDA or TensorRT provider, on the device (gpu.DeviceStages: IOBinding and the fu
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 from igcam_engine.bundle import graph_path, load_manifest
 from igcam_engine.errors import UserError
-from igcam_engine.maps import normalize as normalize_maps
+from igcam_engine.maps import normalize as normalize_maps, upsample
 from igcam_engine.preprocess import black_input
 from igcam_engine.providers import on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
@@ -98,33 +99,89 @@ class Explainer:
         return report
 
     def explain(self, images, targets, *, method="igcam", variant="official", steps=50, rule=None, baseline="black",
-                subtract_baseline=None, batch_size=None, normalize=False) -> np.ndarray:
+                subtract_baseline=None, batch_size=None, normalize=False, tolerance=0.01, max_steps=129) -> np.ndarray:
         """Maps float32 [B, H, W] (or [B, T, H, W] for targets of shape [B, T]) for images [B, C, H, W] or [C, H, W]
-        in model input space. See README "The method" for the definition of each option."""
+        in model input space. See README "The method" for the definition of each option; steps="auto" refines
+        until the maps change by less than `tolerance` (see explain_adaptive, which also reports the passes)."""
+        if steps == "auto":
+            if method != "igcam":
+                raise UserError("steps='auto' refines the IG-CAM path integral; method must be 'igcam'")
+            return self.explain_adaptive(images, targets, tolerance=tolerance, max_steps=max_steps, rule=rule,
+                                         variant=variant, baseline=baseline, subtract_baseline=subtract_baseline,
+                                         batch_size=batch_size, normalize=normalize).maps
+        if method not in METHODS:
+            raise UserError(f"unknown method '{method}'; accepted: {', '.join(METHODS)}")
+        if method == "gradcam":
+            alphas, weights, subtract = np.ones(1), np.ones(1), False
+        else:
+            default_rule, subtract = self._variant(variant, subtract_baseline)
+            alphas, weights = quadrature(rule or default_rule, steps)
+        call = self._call(images, targets, baseline, subtract, batch_size)
+        maps = self._stages.finish(self._integrate(call, alphas, weights), self.input_shape[1:])
+        return call.shape_result(normalize_maps(maps) if normalize else maps)
+
+    def explain_adaptive(self, images, targets, *, tolerance=0.01, max_steps=129, rule=None, variant="official",
+                         baseline="black", subtract_baseline=None, batch_size=None, normalize=False) -> "Adaptive":
+        """IG-CAM with as many passes as the maps need: refines a trapezoid grid by halving its spacing (2, 3, 5, 9,
+        ... nodes) or a midpoint grid by thirds (1, 3, 9, 27, ...), each level reusing every pass already made,
+        until no map changes by more than `tolerance` (max |change| over the map's range) or the next level would
+        exceed `max_steps` passes. The variant decides baseline subtraction; its rule is replaced by `rule`
+        ("trapezoid", the default, or "midpoint")."""
+        rule = rule or "trapezoid"
+        if rule not in REFINEMENTS:
+            raise UserError(f"steps='auto' refines {' or '.join(REFINEMENTS)} grids, not '{rule}'")
+        if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+            raise UserError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
+            raise UserError(f"max_steps must be an integer >= 2, got {max_steps!r}")
+        _, subtract = self._variant(variant, subtract_baseline)
+        call = self._call(images, targets, baseline, subtract, batch_size)
+        levels = REFINEMENTS[rule]()
+        alphas, weights, _ = next(levels)
+        coarse = self._stages.to_host(self._integrate(call, alphas, weights))
+        passes, change = len(alphas), None
+        for alphas, weights, keep in levels:
+            if passes + len(alphas) > max_steps:
+                break
+            refined = keep * coarse + self._stages.to_host(self._integrate(call, alphas, weights))
+            change = _largest_change(coarse, refined)
+            coarse, passes = refined, passes + len(alphas)
+            if change <= tolerance:
+                break
+        maps = upsample(coarse, self.input_shape[1:])
+        maps = call.shape_result(normalize_maps(maps) if normalize else maps)
+        return Adaptive(maps, passes, change is not None and change <= tolerance, change)
+
+    def _variant(self, variant, subtract_baseline):
+        if variant not in VARIANTS:
+            raise UserError(f"unknown variant '{variant}'; accepted: {', '.join(VARIANTS)}")
+        rule, subtract = VARIANTS[variant]
+        return rule, subtract if subtract_baseline is None else bool(subtract_baseline)
+
+    def _call(self, images, targets, baseline, subtract, batch_size) -> "_Call":
+        """Checks one call's inputs and puts them where the stages work."""
         images = self._check_images(images)
         targets, multi = self._check_targets(targets, len(images))
-        alphas, weights, subtract = self._schedule(method, variant, steps, rule, subtract_baseline)
         base = self._check_baseline(baseline, len(images))
-        base_activations = self._base_activations(baseline, base) if subtract else None
         rows = DEFAULT_ROWS if batch_size is None else batch_size
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        base_activations = self._base_activations(baseline, base) if subtract else None
+        return _Call(self._stages.put(images), len(images), targets, multi, self._stages.put(base),
+                     base_activations, int(rows))
 
+    def _integrate(self, call: "_Call", alphas, weights):
+        """sum_i weights[i] * S(alphas[i]) at layer resolution, [B, T, h, w], where the stages keep data."""
         _, h, w = self.manifest["target_layer"]["shape"]
         stages = self._stages
-        images, base = stages.put(images), stages.put(base)
-        coarse = stages.maps(len(images), targets.shape[1], (h, w))
-        for first, last, start, stop in _chunks(len(images), len(alphas), rows):
-            activations = stages.forward(images, first, last, base, alphas[start:stop])
-            for t in range(targets.shape[1]):
-                grads = stages.gradient(activations, np.repeat(targets[first:last, t], stop - start))
-                stages.accumulate(coarse, first, last, t, activations, grads, base_activations, weights[start:stop])
-        maps = stages.finish(coarse, self.input_shape[1:])
-        if normalize:
-            maps = normalize_maps(maps)
-        return maps if multi else maps[:, 0]
-
-    # ------------------------------------------------------------ stages and checks
+        coarse = stages.maps(call.count, call.targets.shape[1], (h, w))
+        for first, last, start, stop in _chunks(call.count, len(alphas), call.rows):
+            activations = stages.forward(call.images, first, last, call.base, alphas[start:stop])
+            for t in range(call.targets.shape[1]):
+                grads = stages.gradient(activations, np.repeat(call.targets[first:last, t], stop - start))
+                stages.accumulate(coarse, first, last, t, activations, grads, call.base_activations,
+                                  weights[start:stop])
+        return coarse
 
     def _base_activations(self, baseline, base):
         """A(baseline), computed once per Explainer for the named baselines (kept where the stages keep data)."""
@@ -138,17 +195,6 @@ class Explainer:
             if baseline not in self._baseline_activations:
                 self._baseline_activations[baseline] = compute()
             return self._baseline_activations[baseline]
-
-    def _schedule(self, method, variant, steps, rule, subtract_baseline):
-        if method not in METHODS:
-            raise UserError(f"unknown method '{method}'; accepted: {', '.join(METHODS)}")
-        if method == "gradcam":
-            return np.ones(1), np.ones(1), False
-        if variant not in VARIANTS:
-            raise UserError(f"unknown variant '{variant}'; accepted: {', '.join(VARIANTS)}")
-        default_rule, default_subtract = VARIANTS[variant]
-        alphas, weights = quadrature(rule or default_rule, steps)
-        return alphas, weights, default_subtract if subtract_baseline is None else bool(subtract_baseline)
 
     def _check_images(self, images) -> np.ndarray:
         array = np.asarray(images)
@@ -194,6 +240,61 @@ class Explainer:
         if array.ndim != 4 or tuple(array.shape[1:]) != shape or len(array) not in (1, batch):
             raise UserError(f"a baseline array must be [{', '.join(map(str, shape))}], [1, ...] or [B, ...]; got {list(array.shape)}")
         return np.ascontiguousarray(array)
+
+
+@dataclass
+class _Call:
+    """One explain call's checked inputs, placed where the stages work."""
+
+    images: object
+    count: int
+    targets: np.ndarray  # [B, T]
+    multi: bool  # targets were given as [B, T]
+    base: object
+    base_activations: object
+    rows: int
+
+    def shape_result(self, maps: np.ndarray) -> np.ndarray:
+        return maps if self.multi else maps[:, 0]
+
+
+@dataclass
+class Adaptive:
+    """Result of explain_adaptive: the maps, the interpolation passes made, and whether the tolerance was met
+    (`change`: the last refinement's largest change, relative to each map's range)."""
+
+    maps: np.ndarray
+    passes: int
+    converged: bool
+    change: float | None
+
+
+def _trapezoid_levels():
+    """(new nodes, their weights, factor for the previous estimate): 2 nodes, then halving the spacing."""
+    yield np.array([0.0, 1.0]), np.array([0.5, 0.5]), 0.0
+    intervals = 1
+    while True:
+        yield (np.arange(intervals) + 0.5) / intervals, np.full(intervals, 0.5 / intervals), 0.5
+        intervals *= 2
+
+
+def _midpoint_levels():
+    """One midpoint, then each cell split in three: the old midpoints stay nodes."""
+    yield np.array([0.5]), np.array([1.0]), 0.0
+    cells = 3
+    while True:
+        new = np.array([j for j in range(cells) if j % 3 != 1])
+        yield (new + 0.5) / cells, np.full(len(new), 1.0 / cells), 1 / 3
+        cells *= 3
+
+
+REFINEMENTS = {"trapezoid": _trapezoid_levels, "midpoint": _midpoint_levels}
+
+
+def _largest_change(old: np.ndarray, new: np.ndarray) -> float:
+    span = new.max(axis=(-2, -1)) - new.min(axis=(-2, -1))
+    change = np.abs(new - old).max(axis=(-2, -1))
+    return float(np.max(np.where(span > 0, change / np.where(span > 0, span, 1), 0)))
 
 
 def _chunks(images: int, steps: int, rows: int):

@@ -143,6 +143,12 @@ class DeviceStages:
             )
             stream.synchronize()  # ONNX Runtime may overwrite these buffers in the next run
 
+    def to_host(self, maps: DeviceArray) -> np.ndarray:
+        host = np.empty(maps.shape, np.float32)
+        with self._context():
+            self._cuda.memcpy_dtoh(host, maps.pointer)
+        return host
+
     def finish(self, maps: DeviceArray, size) -> np.ndarray:
         count, height, width = maps.shape[0] * maps.shape[1], size[0], size[1]
         host = np.empty((maps.shape[0], maps.shape[1], height, width), np.float32)

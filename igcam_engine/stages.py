@@ -39,5 +39,10 @@ class HostStages:
             base_activations = base_activations[first:last]
         accumulate(maps[first:last, target], activations, grads, base_activations, weights)
 
+    def to_host(self, maps) -> np.ndarray:
+        """Maps at layer resolution as a host array."""
+        return maps
+
     def finish(self, maps, size) -> np.ndarray:
+        """Maps upsampled to the input size, on the host."""
         return upsample(maps, size)

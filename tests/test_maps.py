@@ -289,3 +289,31 @@ def test_explain_from_several_threads(bundle):
         threaded = list(pool.map(lambda job: fresh.explain(job[0], job[1], steps=4, variant="paper"), jobs))
     for a, b in zip(sequential, threaded):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("rule,expected_passes", [("trapezoid", [2, 3, 5, 9, 17]), ("midpoint", [1, 3, 9, 27])])
+def test_adaptive_refinement_matches_reference(bundle, rule, expected_passes):
+    """Each level reuses the earlier passes; the result is the plain rule at the final node count."""
+    model, layer, shape, preprocess, explainer, _ = bundle("resnet50-layer3")
+    images, targets = inputs(shape, seed=11), np.array([2, 8])
+    result = explainer.explain_adaptive(images, targets, rule=rule, tolerance=1e-4, max_steps=30, variant="paper")
+    assert result.passes == expected_passes[-1] and not result.converged
+    alphas, weights = quadrature(rule, result.passes)
+    expected = igcam_reference(model, layer, images, targets, alphas, weights, black(shape, preprocess), True)
+    assert max_normalized_difference(result.maps, expected) <= TOLERANCE
+    loose = explainer.explain_adaptive(images, targets, rule=rule, tolerance=0.3, variant="paper")
+    assert loose.converged and loose.change <= 0.3 and loose.passes in expected_passes[1:]
+    np.testing.assert_allclose(explainer.explain(images, targets, steps="auto", tolerance=0.3, rule=rule,
+                                                 variant="paper"), loose.maps)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(steps="auto", rule="left"), "refines trapezoid or midpoint grids"),
+    (dict(steps="auto", tolerance=0), r"tolerance must be a number in \(0, 1\)"),
+    (dict(steps="auto", max_steps=1), "max_steps must be an integer >= 2"),
+    (dict(steps="auto", method="gradcam"), "method must be 'igcam'"),
+])
+def test_adaptive_bad_arguments(bundle, kwargs, message):
+    _, _, shape, _, explainer, _ = bundle("resnet50-layer4")
+    with pytest.raises(UserError, match=message):
+        explainer.explain(inputs(shape), 1, **kwargs)
