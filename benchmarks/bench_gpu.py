@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -16,15 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import SHAPE, timed, torch_recipe  # noqa: E402
-
-from igcam_engine import Explainer, quadrature  # noqa: E402
-from igcam_engine.export import from_torch, models  # noqa: E402
-
-
-def percentile(samples, q):
-    return float(np.percentile(samples, q))
+from igcam_engine import Explainer, quadrature
+from igcam_engine.benchmark import SHAPE, measure, official_recipe
+from igcam_engine.export import from_torch, models
 
 
 def main(argv=None):
@@ -50,23 +43,23 @@ def main(argv=None):
         }
         for name, options in configurations.items():
             explainer = Explainer(bundle, **options)
-            samples[name] = timed(lambda: explainer.explain(image, 1, steps=args.steps), args.warmup, args.repeats)
-            print(f"{name}: p50 {statistics.median(samples[name]) * 1e3:.2f} ms", file=sys.stderr)
+            samples[name] = measure(lambda: explainer.explain(image, 1, steps=args.steps), args.warmup, args.repeats)
+            print(f"{name}: p50 {samples[name]['median_s'] * 1e3:.2f} ms", file=sys.stderr)
 
     gpu_model = model.cuda()
     alphas = torch.from_numpy(quadrature("left", args.steps)[0].astype(np.float32)).cuda()
     image_t = torch.from_numpy(image[0]).cuda()
 
     def recipe():
-        torch_recipe(gpu_model, "layer4", image_t, 1, alphas)
+        official_recipe(gpu_model, "layer4", image_t, 1, alphas)
         torch.cuda.synchronize()
 
-    samples["official PyTorch recipe (CUDA, eager)"] = timed(recipe, args.warmup, args.repeats)
+    samples["official PyTorch recipe (CUDA, eager)"] = measure(recipe, args.warmup, args.repeats)
 
     rows = ["| configuration | p50 | p95 | explanations/s |", "|---|---|---|---|"]
-    for name, values in samples.items():
-        p50 = statistics.median(values)
-        rows.append(f"| {name} | {p50 * 1e3:.2f} ms | {percentile(values, 95) * 1e3:.2f} ms | {1 / p50:.1f} |")
+    for name, result in samples.items():
+        p50 = result["median_s"]
+        rows.append(f"| {name} | {p50 * 1e3:.2f} ms | {result['p95_s'] * 1e3:.2f} ms | {1 / p50:.1f} |")
     device = {"name": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "cuda": torch.version.cuda, "onnxruntime": __import__("onnxruntime").__version__}
     if args.json:

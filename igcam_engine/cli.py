@@ -63,6 +63,29 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output directory")
     explain.set_defaults(run=_explain)
 
+    bench = commands.add_parser(
+        "bench", help="measure the engine against PyTorch recipes and ONNX Runtime; the quadrature study",
+        description="Measures, in one run on this machine: latency (floor, ONNX Runtime forward-only, the engine "
+        "at several m, tuned and official PyTorch, Grad-CAM, peak memory, latency vs images), the quadrature study "
+        "(error vs passes per rule against Gauss-Legendre 256), adaptive steps, and several targets per image. "
+        "Writes KIND.json (every sample), KIND.md (tables) and KIND.png (plots) into the output directory. "
+        "`igcam bench all -o benchmarks/results` reproduces every table of benchmarks/RESULTS.md.")
+    bench.add_argument("kind", choices=["latency", "quadrature", "adaptive", "targets", "all"])
+    bench.add_argument("--models", default=",".join(("resnet50", "resnet50-layer3", "vgg16", "mobilenet_v2",
+                                                     "efficientnet_lite0")),
+                       help="latency: comma-separated models (default: all five)")
+    bench.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
+    bench.add_argument("--peer-steps", type=int, default=32, help="latency: m for the peers and ratios (default: 32)")
+    bench.add_argument("--batches", default="1,2,4", help="latency: image counts for latency vs images")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    bench.add_argument("--reference-steps", type=int, default=256, help="quadrature: Gauss-Legendre reference nodes")
+    bench.add_argument("--quadrature-steps", default=",".join(map(str, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))))
+    bench.add_argument("--providers", default="cpu", help="engine providers (default: cpu)")
+    bench.add_argument("--small", action="store_true", help="narrow random-weight models: a quick set-up check")
+    bench.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    bench.set_defaults(run=_bench)
+
     demo = commands.add_parser("demo", help="explain the sample photos with pretrained EfficientNet-Lite0")
     demo.add_argument("-o", "--output", type=Path, default=Path("igcam-demo"), metavar="DIR",
                       help="output directory (default: ./igcam-demo)")
@@ -76,7 +99,10 @@ def _add_method_options(parser):
     parser.add_argument("--variant", choices=["official", "paper"], default="official",
                         help="official: left rule, no baseline subtraction; paper: right rule with subtraction")
     parser.add_argument("--rule", choices=RULES, help="quadrature rule (overrides the variant's)")
-    parser.add_argument("--steps", type=int, default=50, help="number of interpolation points (default: 50)")
+    parser.add_argument("--steps", type=_steps, default=50,
+                        help="number of interpolation points, or 'auto' to refine until the maps settle (default: 50)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="with --steps auto: largest change accepted, "
+                        "relative to each map's range (default: 0.01)")
     parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
     parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
     parser.add_argument("--providers", default="auto",
@@ -86,6 +112,15 @@ def _add_method_options(parser):
     parser.add_argument("--engine-cache", type=Path, metavar="DIR", help="TensorRT engine cache directory "
                         "(default: ~/.cache/igcam/tensorrt)")
     parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
+
+
+def _steps(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got '{text}'") from None
 
 
 def _shape(text: str):
@@ -212,7 +247,7 @@ def _progress(items, label):
 
 def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
                   rule=None, steps=50, baseline="black", batch_size=None, providers="auto", fp16=False,
-                  engine_cache=None, placement=False) -> list[dict]:
+                  engine_cache=None, placement=False, tolerance=0.01) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     from igcam_engine import Explainer
     from igcam_engine.images import load_image, overlay_on_photo, save_png, to_model_input
@@ -237,8 +272,16 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
         scores = explainer.predict(image)[0]
         order = np.argsort(-scores)
         targets = [target] if target is not None else list(order[: top_k or 1])
-        maps = explainer.explain(image[None], np.array([targets]), method=method, variant=variant, rule=rule,
-                                 steps=steps, baseline=baseline, batch_size=batch_size)[0]
+        passes = 1 if method == "gradcam" else steps
+        if steps == "auto":
+            if method != "igcam":
+                raise UserError("--steps auto refines the IG-CAM integral; use it with --method igcam")
+            result = explainer.explain_adaptive(image[None], np.array([targets]), tolerance=tolerance, rule=rule,
+                                                variant=variant, baseline=baseline, batch_size=batch_size)
+            maps, passes = result.maps[0], result.passes
+        else:
+            maps = explainer.explain(image[None], np.array([targets]), method=method, variant=variant, rule=rule,
+                                     steps=steps, baseline=baseline, batch_size=batch_size)[0]
         elapsed = time.perf_counter() - started
         stem = Path(path).stem
         stem = stem if stem not in stems else f"{stem}-{len(stems)}"
@@ -247,7 +290,7 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
         probabilities /= probabilities.sum()
         entry = {
             "image": str(path), "predicted": int(order[0]), "label": explainer.label(int(order[0])),
-            "probability": float(probabilities[order[0]]), "seconds": elapsed, "maps": [],
+            "probability": float(probabilities[order[0]]), "seconds": elapsed, "passes": passes, "maps": [],
         }
         for class_index, heatmap in zip(targets, maps):
             class_index = int(class_index)
@@ -259,7 +302,7 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
         results.append(entry)
         print(f"{path}: predicted {entry['predicted']} '{entry['label']}' (p={entry['probability']:.2f}); "
               + ", ".join(f"map of {m['target']} -> {m['overlay']}" for m in entry["maps"])
-              + f" [{elapsed:.2f} s]")
+              + f" [{elapsed:.2f} s, {passes} passes]")
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -268,7 +311,59 @@ def _explain(args):
     explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
                   batch_size=args.batch_size, providers=args.providers, fp16=args.fp16,
-                  engine_cache=args.engine_cache, placement=args.placement)
+                  engine_cache=args.engine_cache, placement=args.placement, tolerance=args.tolerance)
+
+
+def _ints(text: str, option: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} expects comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} values must be positive, got '{text}'")
+    return values
+
+
+def _bench(args):
+    try:
+        from igcam_engine import benchmark
+    except ImportError as e:
+        raise UserError(f"igcam bench needs the export extra (torch): pip install 'igcam-engine[export,bench]' ({e})") from None
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError("--repeats must be >= 1 and --warmup >= 0")
+    models = tuple(args.models.split(","))
+    unknown = [m for m in models if m not in benchmark.LATENCY_MODELS]
+    if unknown:
+        raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmark.LATENCY_MODELS)}")
+    kinds = ["latency", "quadrature", "adaptive", "targets"] if args.kind == "all" else [args.kind]
+    providers = None if args.providers == "auto" else args.providers
+    cases = None
+    tables = []
+    for kind in kinds:
+        print(f"igcam bench {kind} ...")
+        if kind == "latency":
+            report = benchmark.latency(models, _ints(args.steps, "--steps"), args.peer_steps,
+                                       _ints(args.batches, "--batches"), args.repeats, args.warmup, providers, args.small)
+            markdown = benchmark.latency_markdown(report)
+        elif kind == "targets":
+            report = benchmark.targets_study(steps=args.peer_steps, repeats=args.repeats, warmup=args.warmup,
+                                             small=args.small)
+            markdown = benchmark.targets_markdown(report)
+        else:
+            cases = cases or benchmark.quadrature_cases(args.small)
+            if kind == "quadrature":
+                report = benchmark.quadrature_study(_ints(args.quadrature_steps, "--quadrature-steps"),
+                                                    args.reference_steps, cases=cases)
+                markdown = benchmark.quadrature_markdown(report)
+            else:
+                report = benchmark.adaptive_study(reference_steps=args.reference_steps, cases=cases)
+                markdown = benchmark.adaptive_markdown(report)
+        benchmark.write(kind, report, markdown, args.output)
+        tables.append(f"### {kind}\n\n{markdown}\n")
+        print(markdown + "\n")
+    if args.kind == "all":
+        (args.output / "tables.md").write_text("\n".join(tables))
+    print(f"results in {args.output}/")
 
 
 def _demo(args):

@@ -121,3 +121,14 @@ def main_demo(out):
     from igcam_engine.demo import run_demo
 
     return run_demo(out, steps=8)
+
+
+def test_explain_with_adaptive_steps(bundle, tmp_path):
+    root, out = bundle
+    result = _run(root, "explain", str(out), str(sample_images()[0]), "--steps", "auto", "--tolerance", "0.2",
+                  "--variant", "paper", "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads((tmp_path / "results.json").read_text())
+    assert entry["passes"] in (3, 5, 9, 17, 33, 65, 129) and "passes]" in result.stdout
+    bad = _run(root, "explain", str(out), str(sample_images()[0]), "--steps", "many", "-o", str(tmp_path))
+    assert bad.returncode == 2 and "expected a positive integer or 'auto'" in bad.stderr

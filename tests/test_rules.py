@@ -69,6 +69,9 @@ CONV_CASES = [
     dict(strides=[3, 3], auto_pad="VALID"),
     dict(group=2, pads=[1, 1, 1, 1]),
     dict(group=4, pads=[1, 1, 1, 1], strides=[2, 2]),  # depthwise
+    dict(group=4, pads=[1, 1, 1, 1]),  # depthwise, stride 1: the adjoint is a Conv
+    dict(pads=[0, 2, 1, 0]),  # stride 1, asymmetric pads
+    dict(auto_pad="SAME_LOWER", strides=[1, 1], dilations=[1, 2]),
 ]
 
 
@@ -92,8 +95,9 @@ def test_conv(attrs):
         pads = attrs.get("pads", [0, 0, 0, 0])
         if attrs.get("auto_pad", "").startswith("SAME"):
             lower = attrs["auto_pad"] == "SAME_LOWER"
-            ph = same_pads(x.shape[2], 3, attrs["strides"][0], lower)
-            pw = same_pads(x.shape[3], 3, attrs["strides"][1], lower)
+            dilations = attrs.get("dilations", [1, 1])
+            ph = same_pads(x.shape[2], 2 * dilations[0] + 1, attrs["strides"][0], lower)
+            pw = same_pads(x.shape[3], 2 * dilations[1] + 1, attrs["strides"][1], lower)
             pads = [ph[0], pw[0], ph[1], pw[1]]
         x = F.pad(x, torch_pads(pads))
         return F.conv2d(x, w, b, stride=attrs.get("strides", 1), dilation=attrs.get("dilations", 1), groups=group)
