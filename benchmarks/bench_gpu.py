@@ -43,7 +43,7 @@ def main(argv=None):
         }
         for name, options in configurations.items():
             explainer = Explainer(bundle, **options)
-            samples[name] = measure(lambda: explainer.explain(image, 1, steps=args.steps), args.warmup, args.repeats)
+            samples[name] = measure(lambda e=explainer: e.explain(image, 1, steps=args.steps), args.warmup, args.repeats)
             print(f"{name}: p50 {samples[name]['median_s'] * 1e3:.2f} ms", file=sys.stderr)
 
     gpu_model = model.cuda()

@@ -192,63 +192,65 @@ def machine() -> dict:
 
 def latency(models=LATENCY_MODELS, steps=(8, 16, 32, 50), peer_steps=32, batches=(1, 2, 4), repeats=5, warmup=1,
             providers=None, small=False, log=print) -> dict:
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in models:
+            results.append(_model_latency(name, Path(workdir), steps, peer_steps,
+                                          batches if name == models[0] else (), repeats, warmup, providers, small, log))
+    return {"machine": machine(), "results": results}
+
+
+def _model_latency(name, workdir, steps, peer_steps, batches, repeats, warmup, providers, small, log) -> dict:
     import onnxruntime as ort
     import torch
 
     from igcam_engine.bundle import graph_path
     from igcam_engine.export import from_torch
 
-    results = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in models:
-            model, layer, preprocess = build_model(name, small)
-            explainer = Explainer(from_torch(model, layer, SHAPE, Path(workdir) / name, preprocess=preprocess),
-                                  providers=providers)
-            image = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
-            alphas, _ = quadrature("left", peer_steps)
-            rows = (alphas[:, None, None, None] * image).astype(np.float32)
-            classifier_path = Path(workdir) / f"{name}.onnx"
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (torch.from_numpy(rows),), str(classifier_path), input_names=["x"],
-                                  dynamic_axes={"x": {0: "n"}}, opset_version=18, dynamo=False)
-            options = ort.SessionOptions()
-            classifier = ort.InferenceSession(str(classifier_path), options, providers=explainer.providers)
-            forward = ort.InferenceSession(graph_path(explainer.manifest, "forward"), providers=explainer.providers)
-            feeds = {"images": image, "baseline": np.zeros_like(image), "alphas": alphas.astype(np.float32)}
-            image_t, alphas_t = torch.from_numpy(image[0]), torch.from_numpy(alphas.astype(np.float32))
-            target = int(np.argmax(explainer.predict(image)))
-            entry = {"model": name, "layer": layer, "peer_steps": peer_steps, "configurations": {}}
-            run = entry["configurations"]
+    model, layer, preprocess = build_model(name, small)
+    explainer = Explainer(from_torch(model, layer, SHAPE, workdir / name, preprocess=preprocess), providers=providers)
+    image = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
+    alphas, _ = quadrature("left", peer_steps)
+    rows = (alphas[:, None, None, None] * image).astype(np.float32)
+    classifier_path = workdir / f"{name}.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(rows),), str(classifier_path), input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=18, dynamo=False)
+    classifier = ort.InferenceSession(str(classifier_path), providers=explainer.providers)
+    forward = ort.InferenceSession(graph_path(explainer.manifest, "forward"), providers=explainer.providers)
+    feeds = {"images": image, "baseline": np.zeros_like(image), "alphas": alphas.astype(np.float32)}
+    image_t, alphas_t = torch.from_numpy(image[0]), torch.from_numpy(alphas.astype(np.float32))
+    target = int(np.argmax(explainer.predict(image)))
+    run = {}
 
-            def record(key, fn):
-                run[key] = measure(fn, warmup, repeats)
-                log(f"  {name:20s} {key:28s} {run[key]['median_s'] * 1e3:9.1f} ms")
+    def record(key, fn):
+        run[key] = measure(fn, warmup, repeats)
+        log(f"  {name:20s} {key:28s} {run[key]['median_s'] * 1e3:9.1f} ms")
 
-            record("floor", lambda: forward.run(None, feeds))
-            record("ort_forward", lambda: classifier.run(None, {"x": rows}))
-            for m in steps:
-                record(f"engine_m{m}", lambda m=m: explainer.explain(image, target, steps=m))
-            for p in model.parameters():
-                p.requires_grad_(False)
-            record("tuned_pytorch", lambda: tuned_recipe(model, layer, image_t, target, alphas_t))
-            for p in model.parameters():
-                p.requires_grad_(True)
-            record("official_pytorch", lambda: official_recipe(model, layer, image_t, target, alphas_t))
-            record("engine_gradcam", lambda: explainer.explain(image, target, method="gradcam"))
-            grad_cam, reason = pytorch_grad_cam(model, layer)
-            if grad_cam is not None:
-                record("pytorch_grad_cam", lambda: grad_cam(image_t, target))
-            entry["pytorch_grad_cam"] = reason or "measured"
-            if name == models[0]:
-                entry["batches"] = {}
-                for count in batches:
-                    images = np.repeat(image, count, axis=0)
-                    result = measure(lambda: explainer.explain(images, target, steps=peer_steps), warmup, repeats)
-                    entry["batches"][count] = result
-                    log(f"  {name:20s} batch {count} x m={peer_steps:<14d} {result['median_s'] * 1e3:9.1f} ms")
-            results.append(entry)
-    return {"machine": machine(), "results": results}
+    record("floor", lambda: forward.run(None, feeds))
+    record("ort_forward", lambda: classifier.run(None, {"x": rows}))
+    for m in steps:
+        record(f"engine_m{m}", lambda m=m: explainer.explain(image, target, steps=m))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    record("tuned_pytorch", lambda: tuned_recipe(model, layer, image_t, target, alphas_t))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    record("official_pytorch", lambda: official_recipe(model, layer, image_t, target, alphas_t))
+    record("engine_gradcam", lambda: explainer.explain(image, target, method="gradcam"))
+    grad_cam, reason = pytorch_grad_cam(model, layer)
+    if grad_cam is not None:
+        record("pytorch_grad_cam", lambda: grad_cam(image_t, target))
+    entry = {"model": name, "layer": layer, "peer_steps": peer_steps, "configurations": run,
+             "pytorch_grad_cam": reason or "measured"}
+    if batches:
+        entry["batches"] = {}
+        for count in batches:
+            images = np.repeat(image, count, axis=0)
+            entry["batches"][count] = measure(lambda x=images: explainer.explain(x, target, steps=peer_steps), warmup, repeats)
+            log(f"  {name:20s} batch {count} x m={peer_steps:<14d} {entry['batches'][count]['median_s'] * 1e3:9.1f} ms")
+    return entry
 
 
 def _errors(maps: np.ndarray, reference: np.ndarray):
