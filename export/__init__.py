@@ -13,9 +13,10 @@ from igcam_engine.errors import UserError
 from igcam_engine.preprocess import resolve_preprocess
 
 from .graphs import build_graphs, candidate_layers, prepare, split
+from .triton import triton_repository
 from .writer import write_bundle
 
-__all__ = ["from_torch", "from_onnx", "layers"]
+__all__ = ["from_torch", "from_onnx", "layers", "triton_repository"]
 
 
 def _load(path) -> onnx.ModelProto:

@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                         "with resize (stretch|crop), scale, mean, std (default: none)")
     export.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
     export.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle directory to write")
+    triton = export.add_argument_group("Triton model repository (explain.onnx with the quadrature fixed)")
+    triton.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here")
+    triton.add_argument("--triton-steps", type=int, default=50, help="interpolation steps (default: 50)")
+    triton.add_argument("--triton-variant", choices=["official", "paper"], default="official")
+    triton.add_argument("--triton-rule", choices=RULES, help="quadrature rule (default: the variant's)")
+    triton.add_argument("--triton-max-batch", type=int, default=8, help="max_batch_size (default: 8)")
+    triton.add_argument("--triton-tensorrt", choices=["off", "fp32", "fp16"], default="off",
+                        help="TensorRT accelerator for Triton's onnxruntime backend (default: off)")
     export.set_defaults(run=_export)
 
     layers = commands.add_parser("layers", help="list the candidate target layers of a model")
@@ -194,6 +202,11 @@ def _export(args):
     layer = manifest["target_layer"]
     print(f"wrote bundle {path} (target '{layer['name']}' {layer['shape']}, {manifest['num_classes']} classes) "
           f"in {time.perf_counter() - started:.1f} s")
+    if args.triton_repo:
+        folder = export.triton_repository(path, args.triton_repo, steps=args.triton_steps, rule=args.triton_rule,
+                                          variant=args.triton_variant, max_batch_size=args.triton_max_batch,
+                                          tensorrt=args.triton_tensorrt)
+        print(f"wrote Triton model {folder} (serve with: tritonserver --model-repository {args.triton_repo})")
 
 
 def _layers(args):
