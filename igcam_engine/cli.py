@@ -94,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     bench.set_defaults(run=_bench)
 
+    serve = commands.add_parser("serve", help="serve explanations over HTTP (Ray Serve, dynamic batching)")
+    serve.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per engine call at most (default: 8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0,
+                       help="how long a request waits for others to batch with (default: 10)")
+    serve.add_argument("--providers", default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
+    serve.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
+    serve.set_defaults(run=_serve)
+
     demo = commands.add_parser("demo", help="explain the sample photos with pretrained EfficientNet-Lite0")
     demo.add_argument("-o", "--output", type=Path, default=Path("igcam-demo"), metavar="DIR",
                       help="output directory (default: ./igcam-demo)")
@@ -377,6 +389,16 @@ def _bench(args):
     if args.kind == "all":
         (args.output / "tables.md").write_text("\n".join(tables))
     print(f"results in {args.output}/")
+
+
+def _serve(args):
+    from igcam_engine.serve import run_server
+
+    if args.replicas < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
+    run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
+               batch_wait_ms=args.batch_wait_ms, providers=None if args.providers == "auto" else args.providers,
+               address=args.address)
 
 
 def _demo(args):

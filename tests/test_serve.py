@@ -1,0 +1,120 @@
+"""`igcam serve` under load on 127.0.0.1: 64 requests from 8 clients, maps equal to in-process explanations,
+batching visible, bad requests answered with 4xx while the server keeps serving."""
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igcam_engine import Explainer
+from igcam_engine.demo import sample_images
+from igcam_engine.export import from_torch, models
+from igcam_engine.images import load_image, to_model_input
+from reference import max_normalized_difference
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")
+spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py")
+serve_load = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve_load)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    assert HAS_RAY, "ray[serve] must be installed in CI (scripts/setup.sh installs the serve extra)"
+    torch.manual_seed(0)
+    model = models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    bundle = from_torch(model, "features.18", (3, 96, 128), tmp_path_factory.mktemp("serve"), preprocess="imagenet")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "igcam_engine.cli", "serve", str(bundle), "--port", str(port),
+                                "--max-batch", "8", "--batch-wait-ms", "50", "--providers", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+        if process.poll() is not None:
+            raise RuntimeError(f"igcam serve exited: {process.stdout.read()}")
+    else:
+        process.kill()
+        raise RuntimeError("igcam serve did not become ready in 180 s")
+    yield base, bundle
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_load_from_eight_clients_is_batched_and_exact(server):
+    base, bundle = server
+    photos = [p.read_bytes() for p in sample_images() if p.suffix == ".png"]
+    responses = serve_load.load(base, photos, requests=64, clients=8, query="?steps=6&variant=paper&output=npy")
+    assert [r[0] for r in responses] == [200] * 64
+    explainer = Explainer(bundle)
+    expected = {}
+    for i, (status, body, headers, _) in enumerate(responses):
+        photo = photos[i % len(photos)]
+        if photo not in expected:
+            image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
+            target = int(explainer.predict(image).argmax())
+            expected[photo] = (target, explainer.explain(image, target, steps=6, variant="paper"))
+        target, maps = expected[photo]
+        assert json.loads(headers["x-igcam-targets"]) == [target]
+        assert max_normalized_difference(np.load(io.BytesIO(body)), maps) <= 1e-4
+    with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
+        assert max(json.loads(response.read())["batch_sizes"]) > 1, "no two requests were batched together"
+
+
+@pytest.mark.parametrize("body,content_type,query,status,message", [
+    (b"hello", "text/plain", "", 415, "content type 'text/plain' is not accepted"),
+    (b"\x89PNG broken", "image/png", "", 422, "cannot read image bytes"),
+    (None, "image/png", "?target=10", 400, "target must be in [0, 9]"),
+    (None, "image/png", "?steps=0", 400, "steps must be in [1, 256]"),
+    (None, "image/png", "?steps=5000", 400, "steps must be in [1, 256]"),
+    (None, "image/png", "?output=gif", 400, "output must be one of png, npy, json"),
+    (b"", "image/png", "", 400, "the request has no image"),
+    (b"\x00" * (21 << 20), "image/png", "", 413, "exceeds the limit"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, content_type, query, status, message):
+    base, _ = server
+    photo = sample_images()[0].read_bytes()
+    got, reply, _, _ = serve_load.post(f"{base}/explain{query}", photo if body is None else body, content_type)
+    assert got == status and message in json.loads(reply)["error"]
+    ok, png, headers, _ = serve_load.post(f"{base}/explain?steps=2", photo, "image/png")
+    assert ok == 200 and png.startswith(b"\x89PNG") and json.loads(headers["x-igcam-predictions"])
+
+
+def test_multipart_upload_with_json_output(server):
+    base, _ = server
+    boundary = "igcamboundary"
+    photo = sample_images()[1].read_bytes()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n2\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"output\"\r\n\r\njson\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"c.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    status, reply, _, _ = serve_load.post(f"{base}/explain?steps=3", body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200
+    result = json.loads(reply)
+    assert len(result["targets"]) == 2 and result["shape"] == [2, 96, 128] and len(result["predictions"]) == 5
