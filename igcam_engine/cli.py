@@ -106,6 +106,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
     serve.set_defaults(run=_serve)
 
+    batch = commands.add_parser("batch", help="explain every image of a folder with Ray Data (resumable)")
+    batch.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
+    batch.add_argument("input", type=Path, metavar="INPUT_DIR", help="folder of images (top level)")
+    batch.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR")
+    batch.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
+    batch.add_argument("--actors", type=int, default=1, help="Explainer actors (default: 1)")
+    batch.add_argument("--batch-size", type=int, default=8, help="images per engine call (default: 8)")
+    target = batch.add_mutually_exclusive_group()
+    target.add_argument("--target", type=int, metavar="C", help="class to explain (default: the predicted class)")
+    target.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes")
+    batch.add_argument("--method", choices=["igcam", "gradcam"], default="igcam")
+    batch.add_argument("--variant", choices=["official", "paper"], default="official")
+    batch.add_argument("--rule", choices=RULES)
+    batch.add_argument("--steps", type=int, default=50)
+    batch.add_argument("--providers", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
+    batch.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
+    batch.set_defaults(run=_batch)
+
     demo = commands.add_parser("demo", help="explain the sample photos with pretrained EfficientNet-Lite0")
     demo.add_argument("-o", "--output", type=Path, default=Path("igcam-demo"), metavar="DIR",
                       help="output directory (default: ./igcam-demo)")
@@ -275,7 +293,8 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
                   engine_cache=None, placement=False, tolerance=0.01) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     from igcam_engine import Explainer
-    from igcam_engine.images import load_image, overlay_on_photo, save_png, to_model_input
+    from igcam_engine.images import load_image, to_model_input
+    from igcam_engine.outputs import write_explanation
 
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -311,19 +330,8 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
         stem = Path(path).stem
         stem = stem if stem not in stems else f"{stem}-{len(stems)}"
         stems.add(stem)
-        probabilities = np.exp(scores - scores.max())
-        probabilities /= probabilities.sum()
-        entry = {
-            "image": str(path), "predicted": int(order[0]), "label": explainer.label(int(order[0])),
-            "probability": float(probabilities[order[0]]), "seconds": elapsed, "passes": passes, "maps": [],
-        }
-        for class_index, heatmap in zip(targets, maps):
-            class_index = int(class_index)
-            png = save_png(overlay_on_photo(picture, shown, heatmap, explainer.preprocess),
-                           output / f"{stem}.class{class_index}.png")
-            np.save(output / f"{stem}.class{class_index}.npy", heatmap)
-            entry["maps"].append({"target": class_index, "label": explainer.label(class_index), "overlay": str(png),
-                                  "map": str(output / f"{stem}.class{class_index}.npy")})
+        entry = {"image": str(path), "seconds": elapsed, "passes": passes,
+                 **write_explanation(output, stem, picture, shown, maps, targets, scores, explainer)}
         results.append(entry)
         print(f"{path}: predicted {entry['predicted']} '{entry['label']}' (p={entry['probability']:.2f}); "
               + ", ".join(f"map of {m['target']} -> {m['overlay']}" for m in entry["maps"])
@@ -399,6 +407,27 @@ def _serve(args):
     run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
                batch_wait_ms=args.batch_wait_ms, providers=None if args.providers == "auto" else args.providers,
                address=args.address)
+
+
+def _batch(args):
+    from igcam_engine.batch import run_batch
+
+    if args.actors < 1 or args.batch_size < 1 or (args.top_k is not None and args.top_k < 1):
+        raise UserError("--actors, --batch-size and --top-k must be >= 1")
+    summary = run_batch(args.bundle, args.input, args.output, address=args.address, actors=args.actors,
+                        batch_size=args.batch_size, steps=args.steps, method=args.method, variant=args.variant,
+                        rule=args.rule, target=args.target, top_k=args.top_k, providers=args.providers,
+                        retry_failed=args.retry_failed)
+    print(f"{summary['explained']} explained, {summary['already_done']} already done, "
+          f"{len(summary['failed'])} failed; outputs in {args.output}/")
+    if summary["failed_before"]:
+        print(f"{len(summary['failed_before'])} image(s) failed in an earlier run and were skipped "
+              "(--retry-failed tries them again)")
+    for failure in summary["failed"]:
+        print(f"failed: {failure['image']}: {failure['error']}", file=sys.stderr)
+    if summary["failed"]:
+        print(f"failures listed in {args.output / 'failures.json'}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _demo(args):

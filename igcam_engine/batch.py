@@ -1,0 +1,126 @@
+"""`igcam batch`: explain every image of a folder with Ray Data, on this machine or on a Ray cluster.
+
+Each Ray actor holds one Explainer and explains a batch of files per engine call; every image gets the files
+`igcam explain` writes (overlays, raw maps) plus <stem>.json, written last: an image whose record exists is done,
+so a rerun resumes where the last one stopped. A file that cannot be read or explained is reported, with the
+reason, in failures.json, <stem>.failed.json and at the end, and does not stop the others; reruns skip it unless
+asked to retry failures.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from igcam_engine.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+class ExplainFiles:
+    """A Ray Data actor: one Explainer, one engine call per batch of files."""
+
+    def __init__(self, bundle: str, output: str, options: dict):
+        from igcam_engine import Explainer
+
+        self.explainer = Explainer(bundle, providers=options.pop("providers", None))
+        self.output, self.options = Path(output), options
+
+    def __call__(self, batch: dict) -> dict:
+        from igcam_engine.images import load_image, to_model_input
+        from igcam_engine.outputs import write_explanation
+
+        paths = [str(p) for p in batch["path"]]
+        status, messages, loaded = ["ok"] * len(paths), [""] * len(paths), []
+        for index, path in enumerate(paths):
+            try:
+                picture = load_image(path)
+                loaded.append((index, picture, *to_model_input(picture, self.explainer.input_shape,
+                                                                 self.explainer.preprocess)))
+            except UserError as e:
+                status[index], messages[index] = "failed", str(e)
+        if loaded:
+            images = np.stack([item[2] for item in loaded])
+            scores = self.explainer.predict(images)
+            target, top_k = self.options.get("target"), self.options.get("top_k") or 1
+            targets = (np.full((len(loaded), 1), target) if target is not None
+                       else np.argsort(-scores, axis=1)[:, :top_k])
+            try:
+                maps = self.explainer.explain(images, targets, method=self.options["method"],
+                                              variant=self.options["variant"], steps=self.options["steps"],
+                                              rule=self.options.get("rule"))
+            except UserError as e:
+                for index, *_ in loaded:
+                    status[index], messages[index] = "failed", str(e)
+                loaded = []
+            for row, (index, picture, _, shown) in enumerate(loaded):
+                stem = Path(paths[index]).stem
+                entry = {"image": paths[index], **write_explanation(self.output, stem, picture, shown, maps[row],
+                                                                     targets[row], scores[row], self.explainer)}
+                record = self.output / f"{stem}.json"
+                temporary = record.with_suffix(".json.part")
+                temporary.write_text(json.dumps(entry, indent=2) + "\n")
+                os.replace(temporary, record)  # the record appears whole, and only once the maps exist
+        return {"path": np.array(paths), "status": np.array(status), "message": np.array(messages)}
+
+
+def pending(input_dir: Path, output_dir: Path, retry_failed: bool = False):
+    """(images still to explain, images done, images that failed before) in a folder (top level, by suffix)."""
+    if not input_dir.is_dir():
+        raise UserError(f"input folder '{input_dir}' does not exist or is not a folder")
+    images = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stems = [p.stem for p in images]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise UserError(f"several images share a name ({', '.join(duplicates)}): outputs are named by it; rename them")
+    done = [p for p in images if (output_dir / f"{p.stem}.json").exists()]
+    failed = [p for p in images if not retry_failed and (output_dir / f"{p.stem}.failed.json").exists()]
+    return [p for p in images if p not in done and p not in failed], done, failed
+
+
+def run_batch(bundle, input_dir, output_dir, *, address=None, actors=1, batch_size=8, steps=50, method="igcam",
+              variant="official", rule=None, target=None, top_k=None, providers=None, retry_failed=False) -> dict:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("igcam batch needs Ray Data: pip install 'igcam-engine[scale]'") from None
+    from igcam_engine.bundle import load_manifest
+
+    from igcam_engine.explainer import METHODS, VARIANTS
+    from igcam_engine.quadrature import quadrature
+
+    manifest = load_manifest(bundle)
+    if method not in METHODS or variant not in VARIANTS:
+        raise UserError(f"method must be one of {', '.join(METHODS)} and variant one of {', '.join(VARIANTS)}")
+    quadrature(rule or VARIANTS[variant][0], steps)  # a bad rule or step count is one error, not one per file
+    if target is not None and not 0 <= target < manifest["num_classes"]:
+        raise UserError(f"--target must be in [0, {manifest['num_classes'] - 1}], got {target}")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    todo, done, failed_before = pending(input_dir, output_dir, retry_failed)
+    summary = {"explained": 0, "already_done": len(done), "failed_before": [str(p) for p in failed_before],
+               "failed": []}
+    if not todo:
+        return summary
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=False,
+             ignore_reinit_error=True)
+    try:
+        options = {"steps": steps, "method": method, "variant": variant, "rule": rule, "target": target,
+                   "top_k": top_k, "providers": providers}
+        dataset = ray.data.from_items([{"path": str(p.resolve())} for p in todo]).map_batches(
+            ExplainFiles, fn_constructor_args=(str(Path(bundle).resolve()), str(output_dir.resolve()), options),
+            batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
+        for row in dataset.iter_rows():
+            if row["status"] == "ok":
+                summary["explained"] += 1
+            else:
+                summary["failed"].append({"image": str(row["path"]), "error": str(row["message"])})
+    finally:
+        ray.shutdown()
+    for failure in summary["failed"]:
+        (output_dir / f"{Path(failure['image']).stem}.failed.json").write_text(json.dumps(failure, indent=2) + "\n")
+    if summary["failed"]:
+        (output_dir / "failures.json").write_text(json.dumps(summary["failed"], indent=2) + "\n")
+    return summary

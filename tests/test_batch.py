@@ -1,0 +1,75 @@
+"""`igcam batch` over a folder of 21 images, one of them corrupt: 20 maps, the bad file reported, the same maps
+as `igcam explain`, and a rerun that does no work."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from igcam_engine.cli import main
+from igcam_engine.demo import sample_images
+from igcam_engine.export import from_torch, models
+
+HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
+pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    torch.manual_seed(0)
+    model = models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    bundle = from_torch(model, "features.18", (3, 64, 80), root / "bundle", preprocess="imagenet")
+    images = root / "images"
+    images.mkdir()
+    photos = sample_images()
+    for i in range(20):
+        shutil.copyfile(photos[i % len(photos)], images / f"photo{i:02d}{photos[i % len(photos)].suffix}")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not")
+    return root, bundle, images
+
+
+def batch(root, bundle, images, out, *extra):
+    return subprocess.run([sys.executable, "-m", "igcam_engine.cli", "batch", str(bundle), str(images), "-o", str(out),
+                           "--steps", "4", "--batch-size", "6", "--actors", "2", *extra],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+
+
+def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_path):
+    assert HAS_RAY_DATA, "ray[data] must be installed in CI (scripts/setup.sh installs the scale extra)"
+    root, bundle, images = folder
+    out = tmp_path / "out"
+    first = batch(root, bundle, images, out)
+    assert first.returncode == 1, first.stderr
+    assert "20 explained, 0 already done, 1 failed" in first.stdout
+    assert "corrupt.png: cannot read" in first.stderr
+    assert len(list(out.glob("*.npy"))) == 20 and len(list(out.glob("photo*.json"))) == 20
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["image"].split("/")[-1] for f in failures] == ["corrupt.png"]
+
+    # same maps as igcam explain (one image at a time, in process)
+    explained = tmp_path / "explain"
+    assert main(["explain", str(bundle), str(images / "photo00.png"), "--steps", "4", "--providers", "cpu",
+                 "-o", str(explained)]) == 0
+    (single,) = explained.glob("photo00.class*.npy")
+    np.testing.assert_allclose(np.load(out / single.name), np.load(single), rtol=1e-4, atol=1e-6)
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = batch(root, bundle, images, out)
+    assert second.returncode == 0, second.stderr
+    assert "0 explained, 20 already done, 0 failed" in second.stdout and "failed in an earlier run" in second.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "the rerun wrote files"
+
+
+def test_bad_options_are_one_line_errors(folder, tmp_path):
+    root, bundle, images = folder
+    for extra, message in ((["--target", "10"], "--target must be in [0, 9]"),):
+        result = batch(root, bundle, images, tmp_path / "o", *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    result = batch(root, bundle, tmp_path / "missing", tmp_path / "o")
+    assert result.returncode == 2 and "does not exist" in result.stderr
