@@ -32,11 +32,11 @@ class Explainer:
         """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", or ONNX Runtime's own
         list of names / (name, options) tuples. fp16, engine_cache (directory) and workspace_bytes configure
         TensorRT."""
-        import onnxruntime as ort
-
         self.manifest = load_manifest(bundle, verify=verify)
         self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
                                            workspace_bytes=workspace_bytes, device_id=device_id)
+        import onnxruntime as ort  # present: resolve_providers said so
+
         self._sessions = {
             graph: ort.InferenceSession(graph_path(self.manifest, graph), providers=self.providers)
             for graph in ("forward", "gradient")

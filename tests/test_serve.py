@@ -74,7 +74,7 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
     assert [r[0] for r in responses] == [200] * 64
     explainer = Explainer(bundle)
     expected = {}
-    for i, (status, body, headers, _) in enumerate(responses):
+    for i, (_, body, headers, _) in enumerate(responses):
         photo = photos[i % len(photos)]
         if photo not in expected:
             image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
