@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine import Explainer
+from igcam_engine.maps import normalize
 from igcam_engine.quadrature import RULES, quadrature
 
 SHAPE = (3, 224, 224)
@@ -255,11 +256,7 @@ def _model_latency(name, workdir, steps, peer_steps, batches, repeats, warmup, p
 
 def _errors(maps: np.ndarray, reference: np.ndarray):
     """(normalised max |difference|, 1 - correlation), worst over the maps."""
-    def norm(m):
-        low, high = m.min(axis=(-2, -1), keepdims=True), m.max(axis=(-2, -1), keepdims=True)
-        return (m - low) / np.where(high > low, high - low, 1)
-
-    a, b = norm(maps.astype(np.float64)), norm(reference.astype(np.float64))
+    a, b = normalize(maps).astype(np.float64), normalize(reference).astype(np.float64)
     deltas = np.abs(a - b).max(axis=(-2, -1))
     correlations = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)]
     return float(deltas.max()), float(1 - min(correlations))

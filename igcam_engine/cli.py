@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine.errors import UserError
+from igcam_engine.explainer import METHODS, VARIANTS
 from igcam_engine.quadrature import RULES
 
 
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from igcam_engine.benchmark import LATENCY_MODELS, QUADRATURE_STEPS
+
     parser = argparse.ArgumentParser(prog="igcam", description="Integrated Grad-CAM with ONNX Runtime.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -48,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     triton = export.add_argument_group("Triton model repository (explain.onnx with the quadrature fixed)")
     triton.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here")
     triton.add_argument("--triton-steps", type=int, default=50, help="interpolation steps (default: 50)")
-    triton.add_argument("--triton-variant", choices=["official", "paper"], default="official")
+    triton.add_argument("--triton-variant", choices=list(VARIANTS), default="official")
     triton.add_argument("--triton-rule", choices=RULES, help="quadrature rule (default: the variant's)")
     triton.add_argument("--triton-max-batch", type=int, default=8, help="max_batch_size (default: 8)")
     triton.add_argument("--triton-tensorrt", choices=["off", "fp32", "fp16"], default="off",
@@ -79,17 +82,16 @@ def _parser() -> argparse.ArgumentParser:
         "Writes KIND.json (every sample), KIND.md (tables) and KIND.png (plots) into the output directory. "
         "`igcam bench all -o benchmarks/results` reproduces every table of benchmarks/RESULTS.md.")
     bench.add_argument("kind", choices=["latency", "quadrature", "adaptive", "targets", "all"])
-    bench.add_argument("--models", default=",".join(("resnet50", "resnet50-layer3", "vgg16", "mobilenet_v2",
-                                                     "efficientnet_lite0")),
-                       help="latency: comma-separated models (default: all five)")
+    bench.add_argument("--models", default=",".join(LATENCY_MODELS),
+                       help=f"latency: comma-separated models (default: all of {', '.join(LATENCY_MODELS)})")
     bench.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
     bench.add_argument("--peer-steps", type=int, default=32, help="latency: m for the peers and ratios (default: 32)")
     bench.add_argument("--batches", default="1,2,4", help="latency: image counts for latency vs images")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (default: 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     bench.add_argument("--reference-steps", type=int, default=256, help="quadrature: Gauss-Legendre reference nodes")
-    bench.add_argument("--quadrature-steps", default=",".join(map(str, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))))
-    bench.add_argument("--providers", default="cpu", help="engine providers (default: cpu)")
+    bench.add_argument("--quadrature-steps", default=",".join(map(str, QUADRATURE_STEPS)))
+    bench.add_argument("--providers", type=_providers, default="cpu", help="engine providers (default: cpu)")
     bench.add_argument("--small", action="store_true", help="narrow random-weight models: a quick set-up check")
     bench.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     bench.set_defaults(run=_bench)
@@ -102,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="images per engine call at most (default: 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
                        help="how long a request waits for others to batch with (default: 10)")
-    serve.add_argument("--providers", default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
+    serve.add_argument("--providers", type=_providers, default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
     serve.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
     serve.set_defaults(run=_serve)
 
@@ -116,11 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     target = batch.add_mutually_exclusive_group()
     target.add_argument("--target", type=int, metavar="C", help="class to explain (default: the predicted class)")
     target.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes")
-    batch.add_argument("--method", choices=["igcam", "gradcam"], default="igcam")
-    batch.add_argument("--variant", choices=["official", "paper"], default="official")
+    batch.add_argument("--method", choices=METHODS, default="igcam")
+    batch.add_argument("--variant", choices=list(VARIANTS), default="official")
     batch.add_argument("--rule", choices=RULES)
     batch.add_argument("--steps", type=int, default=50)
-    batch.add_argument("--providers", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
+    batch.add_argument("--providers", type=_providers, default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
     batch.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     batch.set_defaults(run=_batch)
 
@@ -133,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_method_options(parser):
-    parser.add_argument("--method", choices=["igcam", "gradcam"], default="igcam")
-    parser.add_argument("--variant", choices=["official", "paper"], default="official",
+    parser.add_argument("--method", choices=METHODS, default="igcam")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="official",
                         help="official: left rule, no baseline subtraction; paper: right rule with subtraction")
     parser.add_argument("--rule", choices=RULES, help="quadrature rule (overrides the variant's)")
     parser.add_argument("--steps", type=_steps, default=50,
@@ -143,13 +145,23 @@ def _add_method_options(parser):
                         "relative to each map's range (default: 0.01)")
     parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
     parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
-    parser.add_argument("--providers", default="auto",
+    parser.add_argument("--providers", type=_providers, default="auto",
                         help="auto (best available), cpu, cuda, tensorrt, or ONNX Runtime provider names, comma "
                              "separated (default: auto)")
     parser.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
     parser.add_argument("--engine-cache", type=Path, metavar="DIR", help="TensorRT engine cache directory "
                         "(default: ~/.cache/igcam/tensorrt)")
     parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
+
+
+def _providers(text: str):
+    """--providers: "auto" -> None (the best available); comma-separated ONNX Runtime names -> a list; else the
+    short name (cpu, cuda, tensorrt) as given."""
+    if text == "auto":
+        return None
+    if "," in text or text.endswith("ExecutionProvider"):
+        return text.split(",")
+    return text
 
 
 def _steps(text: str):
@@ -289,7 +301,7 @@ def _progress(items, label):
 
 
 def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
-                  rule=None, steps=50, baseline="black", batch_size=None, providers="auto", fp16=False,
+                  rule=None, steps=50, baseline="black", batch_size=None, providers=None, fp16=False,
                   engine_cache=None, placement=False, tolerance=0.01) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     from igcam_engine import Explainer
@@ -298,10 +310,6 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
 
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if providers == "auto":
-        providers = None
-    elif "," in providers or providers.endswith("ExecutionProvider"):
-        providers = providers.split(",")
     explainer = Explainer(bundle, providers=providers, fp16=fp16, engine_cache=engine_cache)
     if placement:
         for graph, by_provider in explainer.placement().items():
@@ -369,14 +377,14 @@ def _bench(args):
     if unknown:
         raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmark.LATENCY_MODELS)}")
     kinds = ["latency", "quadrature", "adaptive", "targets"] if args.kind == "all" else [args.kind]
-    providers = None if args.providers == "auto" else args.providers
     cases = None
     tables = []
     for kind in kinds:
         print(f"igcam bench {kind} ...")
         if kind == "latency":
             report = benchmark.latency(models, _ints(args.steps, "--steps"), args.peer_steps,
-                                       _ints(args.batches, "--batches"), args.repeats, args.warmup, providers, args.small)
+                                       _ints(args.batches, "--batches"), args.repeats, args.warmup, args.providers,
+                                       args.small)
             markdown = benchmark.latency_markdown(report)
         elif kind == "targets":
             report = benchmark.targets_study(steps=args.peer_steps, repeats=args.repeats, warmup=args.warmup,
@@ -405,7 +413,7 @@ def _serve(args):
     if args.replicas < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
     run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
-               batch_wait_ms=args.batch_wait_ms, providers=None if args.providers == "auto" else args.providers,
+               batch_wait_ms=args.batch_wait_ms, providers=args.providers,
                address=args.address)
 
 

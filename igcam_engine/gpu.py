@@ -99,19 +99,21 @@ class DeviceStages:
         self._forward.run_with_iobinding(binding)
         return out
 
-    def gradient(self, activations: DeviceArray, targets: np.ndarray) -> DeviceArray:
+    def _gradient_binding(self, activations: DeviceArray, targets: np.ndarray):
         binding = self._gradient.io_binding()
         self._bind(binding, "activations", activations, 0, len(activations))
         binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
+        return binding
+
+    def gradient(self, activations: DeviceArray, targets: np.ndarray) -> DeviceArray:
+        binding = self._gradient_binding(activations, targets)
         out = self._buffer("activation_grad", activations.shape, activations.dtype)
         binding.bind_output("activation_grad", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
         self._gradient.run_with_iobinding(binding)
         return out
 
     def logits(self, activations: DeviceArray, targets: np.ndarray) -> np.ndarray:
-        binding = self._gradient.io_binding()
-        self._bind(binding, "activations", activations, 0, len(activations))
-        binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
+        binding = self._gradient_binding(activations, targets)
         binding.bind_output("logits", "cpu")
         self._gradient.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

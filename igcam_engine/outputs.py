@@ -9,11 +9,16 @@ import numpy as np
 from igcam_engine.images import overlay_on_photo, save_png
 
 
+def class_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of class scores."""
+    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
 def write_explanation(output: Path, stem: str, picture, shown, maps, targets, scores, explainer) -> dict:
     """Writes the overlays and maps of one image; returns its summary (prediction, probability, files)."""
     order = np.argsort(-scores)
-    probabilities = np.exp(scores - scores.max())
-    probabilities /= probabilities.sum()
+    probabilities = class_probabilities(scores)
     entry = {"predicted": int(order[0]), "label": explainer.label(int(order[0])),
              "probability": float(probabilities[order[0]]), "maps": []}
     for class_index, heatmap in zip(targets, maps):

@@ -6,7 +6,7 @@
                     png: the overlay (the predicted classes in the X-Igcam-Predictions header); npy: the maps,
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
     GET  /healthz   200 while the process answers.
-    GET  /ready     200 once the replica's ONNX Runtime sessions are warm, 503 before.
+    GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
     GET  /stats     the sizes of the batches the engine ran (how much batching happened).
 
 Bad requests get a 4xx with a one-line JSON message and never stop the server.
@@ -102,11 +102,13 @@ class ExplainService:
 
         self.explainer = Explainer(bundle, providers=providers)
         self.batch_sizes: list[int] = []
-        self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))  # warm the sessions
-        self.ready = True
+        # Warm the sessions: Ray Serve routes no request here before this constructor returns.
+        self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))
 
     def parse(self, body: bytes, content_type: str, params: dict) -> Job:
+        from igcam_engine.explainer import METHODS, VARIANTS
         from igcam_engine.images import load_image, to_model_input
+        from igcam_engine.quadrature import RULES
 
         if len(body) > MAX_BODY_BYTES:
             raise HTTPError(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
@@ -130,14 +132,16 @@ class ExplainService:
             raise HTTPError(422, str(e)) from None
         image, shown = to_model_input(picture, self.explainer.input_shape, self.explainer.preprocess)
         return Job(image, picture, shown, target, top_k,
-                   _choice(params, "method", "igcam", ("igcam", "gradcam")),
-                   _choice(params, "variant", "official", ("official", "paper")),
+                   _choice(params, "method", "igcam", METHODS),
+                   _choice(params, "variant", "official", tuple(VARIANTS)),
                    _int(params, "steps", 50, 1, MAX_STEPS),
-                   _choice(params, "rule", None, (None, "left", "right", "midpoint", "trapezoid", "gauss-legendre")),
+                   _choice(params, "rule", None, (None, *RULES)),
                    _choice(params, "output", "png", OUTPUTS))
 
     def run(self, jobs: list[Job]) -> list:
         """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job."""
+        from igcam_engine.outputs import class_probabilities
+
         self.batch_sizes.append(len(jobs))
         results = [None] * len(jobs)
         groups = {}
@@ -157,8 +161,7 @@ class ExplainService:
                 for i in indices:
                     results[i] = HTTPError(400, str(e))
                 continue
-            probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
-            probabilities /= probabilities.sum(axis=1, keepdims=True)
+            probabilities = class_probabilities(scores)
             for row, i in enumerate(indices):
                 predictions = [{"class": int(c), "label": self.explainer.label(int(c)),
                                 "probability": float(probabilities[row, c])} for c in order[row, :5]]
@@ -213,8 +216,8 @@ def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, bat
             path = request.url.path.rstrip("/")
             if request.method == "GET" and path == "/healthz":
                 return JSONResponse({"status": "ok"})
-            if request.method == "GET" and path == "/ready":
-                return JSONResponse({"ready": self.service.ready}, status_code=200 if self.service.ready else 503)
+            if request.method == "GET" and path == "/ready":  # reachable only once the sessions are warm
+                return JSONResponse({"ready": True})
             if request.method == "GET" and path == "/stats":
                 return JSONResponse({"batch_sizes": self.service.batch_sizes})
             if path != "/explain":
