@@ -9,4 +9,4 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-python3 benchmarks/bench_gpu.py --steps 50 --repeats 50 --json "$OUT/results-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log" | tail -12
+python3 -m igcam_engine.benchmarks.gpu --steps 50 --repeats 50 --json "$OUT/results-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log" | tail -12

@@ -1,6 +1,6 @@
 """Load for `igcam serve`: N requests from C concurrent clients (bounded in count and time), latency percentiles.
 
-    python benchmarks/serve_load.py http://127.0.0.1:8000 --requests 64 --clients 8 --steps 50
+    python -m igcam_engine.benchmarks.serve_load http://127.0.0.1:8000 --requests 64 --clients 8 --steps 50
 
 Sends the sample photos in turn as raw image bodies to POST /explain and prints p50/p95 latency, errors and the
 server's batch sizes (GET /stats). Loopback or your own test hosts only.
@@ -41,7 +41,7 @@ def load(base: str, images: list, requests: int = 64, clients: int = 8, query: s
 
 
 def main(argv=None):
-    from igcam_engine.demo import sample_images
+    from igcam_engine.data import sample_images
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 
 from igcam_engine.errors import UserError
 
-from .autodiff import GraphBuilder, append_backward
+from .autodiff import append_backward
+from .builder import GraphBuilder
 
 MIN_OPSET = 18
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.

@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from igcam_engine.errors import UserError
 
-from .autodiff import GraphBuilder, Node
+from .builder import GraphBuilder, Node
 
 RULES = {}
 

@@ -1,10 +1,15 @@
 """igcam-engine: Integrated Grad-CAM from ONNX graphs with an explicit gradient subgraph.
 
-The runtime (this package) needs numpy and onnxruntime, never torch; `igcam_engine.export` builds bundles.
+This package is the runtime core (numpy and onnxruntime, never torch). Beside it: igcam_engine.export builds
+bundles, igcam_engine.kernels holds the CUDA kernels, igcam_engine.apps the command line, service and batch jobs,
+igcam_engine.benchmarks the measurements and igcam_engine.zoo the reference architectures.
 """
+from igcam_engine import source_checkout
 from igcam_engine.errors import UserError
 from igcam_engine.explainer import Explainer
 from igcam_engine.quadrature import RULES, quadrature
+
+source_checkout.install(__path__[0])
 
 __all__ = ["Explainer", "UserError", "quadrature", "RULES"]
 __version__ = "0.1.0"

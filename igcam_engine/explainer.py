@@ -1,8 +1,9 @@
 """The runtime: IG-CAM and Grad-CAM maps from a bundle with ONNX Runtime, no torch.
 
 One path for a batch of images: interpolate (inside forward.onnx) -> backbone (forward.onnx) -> gradient of the
-tail (gradient.onnx) -> reduce -> upsample. The stages run on the host (stages.HostStages: numpy) or, with the
-CUDA or TensorRT provider, on the device (gpu.DeviceStages: IOBinding and the fused kernel, no host copies).
+tail (gradient.onnx) -> reduce -> upsample. The stages (igcam_engine.stages) run on the host (host.HostStages:
+numpy) or, with the CUDA or TensorRT provider, on the device (device.DeviceStages: IOBinding and the fused
+kernel, no host copies).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from igcam_engine.bundle import graph_path, load_manifest
 from igcam_engine.errors import UserError
-from igcam_engine.maps import normalize as normalize_maps, upsample
+from igcam_engine.maps import normalize as normalize_maps
+from igcam_engine.maps import upsample
 from igcam_engine.preprocess import black_input
 from igcam_engine.providers import on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
@@ -42,11 +44,11 @@ class Explainer:
             for graph in ("forward", "gradient")
         }
         if on_gpu(self.providers):
-            from igcam_engine.gpu import DeviceStages
+            from igcam_engine.device import DeviceStages
 
             self._stages = DeviceStages(self._sessions["forward"], self._sessions["gradient"], device_id)
         else:
-            from igcam_engine.stages import HostStages
+            from igcam_engine.host import HostStages
 
             self._stages = HostStages(self._sessions["forward"], self._sessions["gradient"])
         self._baseline_activations = {}

@@ -1,48 +1,52 @@
-"""The host implementation of the runtime's stages: ONNX Runtime returns numpy arrays, numpy reduces them.
+"""The interface of the runtime's stages: what `Explainer` asks of the place where the data lives.
 
-`Explainer` drives a stages object through one loop; igcam_engine.gpu.DeviceStages implements the same methods
-with device buffers (IOBinding) and the fused CUDA kernel.
+`Explainer` runs one loop for every method and provider (interpolate and run the backbone, differentiate the
+tail, reduce, upsample); the loop calls these methods and never touches the data itself. Two implementations:
+`igcam_engine.host.HostStages` (ONNX Runtime returns numpy arrays, numpy reduces them) and
+`igcam_engine.device.DeviceStages` (IOBinding on device buffers and the fused CUDA kernel: no host copy of
+activations or gradients). "Arrays" below are whatever the implementation keeps: numpy arrays on the host,
+device buffers on the GPU.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
-from igcam_engine.maps import accumulate, upsample
 
-
-class HostStages:
-    def __init__(self, forward, gradient):
-        self._forward, self._gradient = forward, gradient
-
+class Stages(ABC):
+    @abstractmethod
     def put(self, array: np.ndarray):
-        """Makes an input batch available to the graphs (here: it already is)."""
-        return array
+        """Makes a host input batch (images, baseline) available to the graphs."""
 
+    @abstractmethod
     def forward(self, images, first: int, last: int, base, alphas: np.ndarray, keep: bool = False):
-        """Activations of the interpolated images of images[first:last] (rows image-major); `keep` marks a result
-        that is cached across calls (no buffer reuse may touch it)."""
-        feeds = {"images": images[first:last], "baseline": base if len(base) == 1 else base[first:last],
-                 "alphas": alphas.astype(np.float32)}
-        return self._forward.run(["activations"], feeds)[0]
+        """Activations [(last - first) * M, K, h, w] of the interpolated images of images[first:last], rows
+        image-major (row n * M + i is base + alphas[i] * (images[n] - base)); `keep` marks a result cached across
+        calls, which no buffer reuse may overwrite."""
 
+    @abstractmethod
     def gradient(self, activations, targets: np.ndarray):
-        return self._gradient.run(["activation_grad"], {"activations": activations, "targets": targets})[0]
+        """d logits[r, targets[r]] / d activations[r] for every row r."""
 
+    @abstractmethod
     def logits(self, activations, targets: np.ndarray) -> np.ndarray:
-        return self._gradient.run(["logits"], {"activations": activations, "targets": targets})[0]
+        """Class scores [R, classes] of the rows, as a host array."""
 
+    @abstractmethod
     def maps(self, images: int, targets: int, size):
-        return np.zeros((images, targets, *size), np.float32)
+        """Zeroed maps [images, targets, h, w] to accumulate into."""
 
-    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights):
-        if base_activations is not None and len(base_activations) > 1:
-            base_activations = base_activations[first:last]
-        accumulate(maps[first:last, target], activations, grads, base_activations, weights)
+    @abstractmethod
+    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations,
+                   weights: np.ndarray) -> None:
+        """maps[first:last, target] += sum_i weights[i] * ReLU(sum_k mean(grads) * (activations - base)), the
+        reduction of README "The method" (base_activations None: no subtraction)."""
 
+    @abstractmethod
     def to_host(self, maps) -> np.ndarray:
         """Maps at layer resolution as a host array."""
-        return maps
 
+    @abstractmethod
     def finish(self, maps, size) -> np.ndarray:
-        """Maps upsampled to the input size, on the host."""
-        return upsample(maps, size)
+        """Maps upsampled to the input size (H, W), as a host array."""

@@ -7,6 +7,7 @@ bash scripts/setup.sh
 # The Node.js embedding example (tests/test_node.py): onnxruntime-node's CPU binaries ship in the package; its
 # install script, which would download CUDA binaries, is switched off.
 (cd examples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+.venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
 
 PYTHON=${PYTHON:-python3}

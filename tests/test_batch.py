@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from igcam_engine.cli import main
-from igcam_engine.demo import sample_images
-from igcam_engine.export import from_torch, models
+from igcam_engine import zoo
+from igcam_engine.apps.cli import main
+from igcam_engine.data import sample_images
+from igcam_engine.export import from_torch
 
 HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
 pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), r
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     torch.manual_seed(0)
-    model = models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
     bundle = from_torch(model, "features.18", (3, 64, 80), root / "bundle", preprocess="imagenet")
     images = root / "images"
     images.mkdir()
@@ -35,7 +36,7 @@ def folder(tmp_path_factory):
 
 
 def batch(root, bundle, images, out, *extra):
-    return subprocess.run([sys.executable, "-m", "igcam_engine.cli", "batch", str(bundle), str(images), "-o", str(out),
+    return subprocess.run([sys.executable, "-m", "igcam_engine.apps.cli", "batch", str(bundle), str(images), "-o", str(out),
                            "--steps", "4", "--batch-size", "6", "--actors", "2", *extra],
                           cwd=root, capture_output=True, text=True, timeout=600)
 

@@ -5,18 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from igcam_engine import Explainer
-from igcam_engine.benchmark import official_recipe, tuned_recipe
-from igcam_engine.cli import main
-from igcam_engine.export import from_torch, models
 from reference import max_normalized_difference
+
+from igcam_engine import Explainer, zoo
+from igcam_engine.apps.cli import main
+from igcam_engine.benchmarks.recipes import official_recipe, tuned_recipe
+from igcam_engine.export import from_torch
 
 
 @pytest.mark.parametrize("recipe", [official_recipe, tuned_recipe])
 def test_pytorch_peers_compute_the_official_map(recipe, tmp_path):
     torch.manual_seed(0)
-    model = models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)).eval()
+    model = zoo.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)).eval()
     shape = (3, 64, 64)
     explainer = Explainer(from_torch(model, "layer4", shape, tmp_path))
     image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
@@ -54,10 +54,15 @@ def test_bench_rejects_unknown_models(capsys):
 
 
 def test_quadrature_and_adaptive_studies_on_a_small_case(tmp_path):
-    from igcam_engine.benchmark import adaptive_markdown, adaptive_study, quadrature_markdown, quadrature_study
+    from igcam_engine.benchmarks.quadrature import (
+        adaptive_markdown,
+        adaptive_study,
+        quadrature_markdown,
+        quadrature_study,
+    )
 
     torch.manual_seed(0)
-    model = models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)).eval()
+    model = zoo.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)).eval()
     explainer = Explainer(from_torch(model, "layer4", (3, 64, 64), tmp_path))
     images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     cases = [("small resnet", explainer, images, np.array([1, 2]))]

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from igcam_engine.cli import main
-from igcam_engine.demo import imagenet_labels, sample_images
+from igcam_engine.apps.cli import main
+from igcam_engine.data import imagenet_labels, sample_images
 
 FACTORY = """
 import torch
-from igcam_engine.export import models
+from igcam_engine import zoo
 
 def small():
     torch.manual_seed(0)
-    return models.resnet50(num_classes=5, width=8, layers=(1, 1, 1, 1)).eval()
+    return zoo.resnet50(num_classes=5, width=8, layers=(1, 1, 1, 1)).eval()
 """
 
 
@@ -33,7 +33,7 @@ def bundle(tmp_path_factory):
 
 
 def _run(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "igcam_engine.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "igcam_engine.apps.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_explain_writes_overlays_maps_and_summary(bundle, tmp_path):
@@ -118,7 +118,7 @@ def test_demo_predicts_egyptian_cat_for_chelsea(tmp_path):
 
 
 def main_demo(out):
-    from igcam_engine.demo import run_demo
+    from igcam_engine.apps.demo import run_demo
 
     return run_demo(out, steps=8)
 

@@ -5,11 +5,11 @@ Needs onnxruntime-gpu (CUDA provider), pycuda and a device; the TensorRT cases a
 import numpy as np
 import onnxruntime as ort
 import pytest
+from reference import max_normalized_difference, normalized
 
 from igcam_engine import Explainer
 from igcam_engine.maps import accumulate, upsample
 from igcam_engine.providers import CUDA, TENSORRT, resolve_providers
-from reference import max_normalized_difference, normalized
 
 
 def _gpu_missing():
@@ -41,7 +41,7 @@ def _tensorrt_missing():
 
 @pytest.fixture(scope="module")
 def stages():
-    from igcam_engine.gpu import DeviceStages
+    from igcam_engine.device import DeviceStages
 
     class Stub:  # DeviceStages needs a forward session only for its output type
         def get_outputs(self):
@@ -89,10 +89,11 @@ def test_upsample_kernel_equals_numpy(stages, src, dst):
 def bundle(tmp_path_factory):
     import torch
 
-    from igcam_engine.export import from_torch, models
+    from igcam_engine import zoo
+    from igcam_engine.export import from_torch
 
     torch.manual_seed(0)
-    model = models.resnet50(num_classes=20, width=16).eval()
+    model = zoo.resnet50(num_classes=20, width=16).eval()
     return from_torch(model, "layer4", (3, 128, 160), tmp_path_factory.mktemp("gpu"))
 
 

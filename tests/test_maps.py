@@ -3,24 +3,24 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from igcam_engine import Explainer, UserError
-from igcam_engine.export import from_onnx, from_torch, models
-from igcam_engine.quadrature import quadrature
 from reference import igcam_reference, max_normalized_difference
+
+from igcam_engine import Explainer, UserError, zoo
+from igcam_engine.export import from_onnx, from_torch
+from igcam_engine.quadrature import quadrature
 
 IMAGENET_BLACK = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
 TOLERANCE = 1e-3
 
 # name -> (factory, layer, input shape, preprocess)
 MODELS = {
-    "resnet50-layer3": (lambda: models.resnet50(num_classes=10, width=8), "layer3", (3, 64, 80), "imagenet"),
-    "resnet50-layer4": (lambda: models.resnet50(num_classes=10, width=8), "layer4", (3, 64, 80), None),
-    "vgg16-features.29": (lambda: models.vgg16(num_classes=10, width=8, hidden=32), "features.29", (3, 224, 224), None),
-    "mobilenet_v2": (lambda: models.mobilenet_v2(num_classes=10, width_mult=0.25), "features.18", (3, 64, 80), None),
-    "efficientnet": (lambda: models.efficientnet_b0_style(num_classes=10, width_mult=0.25), "features.7", (3, 64, 80), None),
+    "resnet50-layer3": (lambda: zoo.resnet50(num_classes=10, width=8), "layer3", (3, 64, 80), "imagenet"),
+    "resnet50-layer4": (lambda: zoo.resnet50(num_classes=10, width=8), "layer4", (3, 64, 80), None),
+    "vgg16-features.29": (lambda: zoo.vgg16(num_classes=10, width=8, hidden=32), "features.29", (3, 224, 224), None),
+    "mobilenet_v2": (lambda: zoo.mobilenet_v2(num_classes=10, width_mult=0.25), "features.18", (3, 64, 80), None),
+    "efficientnet": (lambda: zoo.efficientnet_b0_style(num_classes=10, width_mult=0.25), "features.7", (3, 64, 80), None),
     "densenet": (
-        lambda: models.densenet121_style(num_classes=10, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16),
+        lambda: zoo.densenet121_style(num_classes=10, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16),
         "features.norm5", (3, 64, 80), None,
     ),
 }
@@ -179,7 +179,7 @@ def test_gradient_at_engine_activations(bundle):
 
 def test_softmax_output_is_differentiated_at_its_input(tmp_path):
     torch.manual_seed(0)
-    model = randomized(models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
+    model = randomized(zoo.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
     with_softmax = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     shape = (3, 64, 64)
     explainer = Explainer(from_torch(with_softmax, "0.layer4", shape, tmp_path))
@@ -193,7 +193,7 @@ def test_softmax_output_is_differentiated_at_its_input(tmp_path):
 def test_from_onnx_on_a_plain_torch_export(tmp_path):
     """A model exported by torch's own TorchScript exporter (not ours), target picked by the default rule."""
     torch.manual_seed(0)
-    model = randomized(models.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
+    model = randomized(zoo.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
     shape = (3, 64, 96)
     onnx_path = tmp_path / "plain.onnx"
     with torch.no_grad():

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from igcam_engine import Explainer
-from igcam_engine.demo import sample_images
-from igcam_engine.export import from_torch, models
 from reference import max_normalized_difference
+
+from igcam_engine import Explainer, zoo
+from igcam_engine.data import sample_images
+from igcam_engine.export import from_torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 READY = shutil.which("node") is not None and (EXAMPLE / "node_modules" / "onnxruntime-node").is_dir()
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not READY and not os.environ.get("CI"),
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     torch.manual_seed(0)
-    model = models.efficientnet_b0_style(num_classes=10, width_mult=0.25).eval()
+    model = zoo.efficientnet_b0_style(num_classes=10, width_mult=0.25).eval()
     return from_torch(model, "features.7", (3, 96, 128), tmp_path_factory.mktemp("node"), preprocess="imagenet")
 
 

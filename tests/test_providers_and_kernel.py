@@ -54,10 +54,11 @@ def test_tensorrt_options(tmp_path):
 def small_bundle(tmp_path_factory):
     import torch
 
-    from igcam_engine.export import from_torch, models
+    from igcam_engine import zoo
+    from igcam_engine.export import from_torch
 
     torch.manual_seed(0)
-    model = models.vgg16(num_classes=4, width=4, hidden=16).eval()
+    model = zoo.vgg16(num_classes=4, width=4, hidden=16).eval()
     return from_torch(model, "features.29", (3, 224, 224), tmp_path_factory.mktemp("vgg"))
 
 
@@ -69,8 +70,8 @@ def test_placement_report_on_cpu(small_bundle):
 
 
 def test_cli_placement(small_bundle, tmp_path):
-    from igcam_engine.cli import main
-    from igcam_engine.demo import sample_images
+    from igcam_engine.apps.cli import main
+    from igcam_engine.data import sample_images
 
     code = main(["explain", str(small_bundle), str(sample_images()[0]), "--steps", "2", "--providers", "cpu",
                  "--placement", "-o", str(tmp_path)])
@@ -84,7 +85,7 @@ def test_gpu_stages_without_pycuda_say_what_to_install():
         pytest.skip("pycuda is installed")
     except ImportError:
         pass
-    from igcam_engine.gpu import DeviceStages
+    from igcam_engine.device import DeviceStages
 
     with pytest.raises(UserError, match=r"pip install 'igcam-engine\[gpu\]'"):
         DeviceStages(None, None)

@@ -10,23 +10,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from igcam_engine import Explainer
-from igcam_engine.demo import sample_images
-from igcam_engine.export import from_torch, models
-from igcam_engine.images import load_image, to_model_input
 from reference import max_normalized_difference
+
+from igcam_engine import Explainer, zoo
+from igcam_engine.benchmarks import serve_load
+from igcam_engine.data import sample_images
+from igcam_engine.export import from_torch
+from igcam_engine.images import load_image, to_model_input
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")
-spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(serve_load)
 
 
 def free_port():
@@ -39,10 +36,10 @@ def free_port():
 def server(tmp_path_factory):
     assert HAS_RAY, "ray[serve] must be installed in CI (scripts/setup.sh installs the serve extra)"
     torch.manual_seed(0)
-    model = models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
     bundle = from_torch(model, "features.18", (3, 96, 128), tmp_path_factory.mktemp("serve"), preprocess="imagenet")
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "igcam_engine.cli", "serve", str(bundle), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "igcam_engine.apps.cli", "serve", str(bundle), "--port", str(port),
                                 "--max-batch", "8", "--batch-wait-ms", "50", "--providers", "cpu"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -7,11 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from igcam_engine import Explainer, UserError
-from igcam_engine.cli import main
-from igcam_engine.export import from_torch, models, triton_repository
 from reference import max_normalized_difference
+
+from igcam_engine import Explainer, UserError, zoo
+from igcam_engine.apps.cli import main
+from igcam_engine.export import from_torch, triton_repository
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
 
@@ -55,7 +55,7 @@ def parse_pbtxt(text):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     torch.manual_seed(0)
-    model = models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
     return from_torch(model, "features.18", (3, 64, 80), tmp_path_factory.mktemp("triton"), preprocess="imagenet")
 
 

@@ -140,7 +140,7 @@ class ExplainService:
 
     def run(self, jobs: list[Job]) -> list:
         """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job."""
-        from igcam_engine.outputs import class_probabilities
+        from igcam_engine.apps.outputs import class_probabilities
 
         self.batch_sizes.append(len(jobs))
         results = [None] * len(jobs)

@@ -2,7 +2,7 @@
 TensorRT (fp32, fp16). ResNet-50 (this repo's torchvision-layout architecture, random weights), 224x224, layer4,
 official variant, one image per explanation.
 
-    python benchmarks/bench_gpu.py --steps 50 --repeats 50 --json benchmarks/results-gpu.json
+    python -m igcam_engine.benchmarks.gpu --steps 50 --repeats 50 --json benchmarks/results-gpu.json
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igcam_engine import Explainer, quadrature
-from igcam_engine.benchmark import SHAPE, measure, official_recipe
-from igcam_engine.export import from_torch, models
+from igcam_engine import Explainer, quadrature, zoo
+from igcam_engine.benchmarks.measure import measure
+from igcam_engine.benchmarks.models import SHAPE
+from igcam_engine.benchmarks.recipes import official_recipe
+from igcam_engine.export import from_torch
 
 
 def main(argv=None):
@@ -31,7 +33,7 @@ def main(argv=None):
         parser.exit(2, "bench_gpu: no CUDA device visible to torch\n")
 
     torch.manual_seed(0)
-    model = models.resnet50().eval()
+    model = zoo.resnet50().eval()
     image = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
     samples = {}
     with tempfile.TemporaryDirectory() as workdir:

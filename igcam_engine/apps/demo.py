@@ -1,22 +1,14 @@
 """`igcam demo`: pretrained EfficientNet-Lite0 (real ImageNet weights) explains the sample photos shipped here."""
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+from igcam_engine.apps.explain import explain_files
 from igcam_engine.bundle import load_manifest
+from igcam_engine.data import imagenet_labels, sample_images
 from igcam_engine.errors import UserError
 
 DEMO_LAYER = "_head_act"  # the activation after the last convolution, before global pooling (7x7 at 224x224)
-
-
-def sample_images() -> list[Path]:
-    folder = resources.files("igcam_engine") / "data" / "samples"
-    return sorted(Path(str(p)) for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
-
-
-def imagenet_labels() -> list[str]:
-    return (resources.files("igcam_engine") / "data" / "imagenet_labels.txt").read_text().splitlines()
 
 
 def demo_bundle(directory: Path) -> Path:
@@ -28,7 +20,7 @@ def demo_bundle(directory: Path) -> Path:
         pass
     try:
         from igcam_engine.export import from_torch
-        from igcam_engine.export.models import EFFICIENTNET_LITE0_PREPROCESS, efficientnet_lite0
+        from igcam_engine.zoo import EFFICIENTNET_LITE0_PREPROCESS, efficientnet_lite0
     except ImportError as e:
         raise UserError(f"the demo exports a PyTorch model and needs the export extra: pip install "
                         f"'igcam-engine[export,demo]' ({e})") from None
@@ -36,16 +28,12 @@ def demo_bundle(directory: Path) -> Path:
         model = efficientnet_lite0(pretrained=True)
     except RuntimeError as e:
         raise UserError(str(e)) from None
-    preprocess = {"resize": "stretch", "scale": 1 / 255, "mean": EFFICIENTNET_LITE0_PREPROCESS["mean"],
-                  "std": EFFICIENTNET_LITE0_PREPROCESS["std"]}
     print(f"exporting EfficientNet-Lite0 (target layer '{DEMO_LAYER}') to {directory} ...")
     return from_torch(model, DEMO_LAYER, (3, 224, 224), directory,
-                      preprocess=preprocess, labels=imagenet_labels())
+                      preprocess=EFFICIENTNET_LITE0_PREPROCESS, labels=imagenet_labels())
 
 
 def run_demo(output: Path, steps: int = 50) -> list[dict]:
-    from igcam_engine.cli import explain_files
-
     output = Path(output)
     bundle = demo_bundle(output / "efficientnet-lite0.bundle")
     results = explain_files(bundle, sample_images(), output, steps=steps)

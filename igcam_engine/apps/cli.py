@@ -1,4 +1,4 @@
-"""The `igcam` command: export, layers, explain, demo.
+"""The `igcam` command: export, layers, explain, bench, serve, batch, demo.
 
 User errors (bad arguments, unreadable files, unsupported models) print one line and exit with status 2.
 """
@@ -10,8 +10,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from igcam_engine.errors import UserError
 from igcam_engine.explainer import METHODS, VARIANTS
@@ -32,7 +30,7 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from igcam_engine.benchmark import LATENCY_MODELS, QUADRATURE_STEPS
+    from igcam_engine.benchmarks import LATENCY_MODELS, QUADRATURE_STEPS, STUDIES
 
     parser = argparse.ArgumentParser(prog="igcam", description="Integrated Grad-CAM with ONNX Runtime.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "(error vs passes per rule against Gauss-Legendre 256), adaptive steps, and several targets per image. "
         "Writes KIND.json (every sample), KIND.md (tables) and KIND.png (plots) into the output directory. "
         "`igcam bench all -o benchmarks/results` reproduces every table of benchmarks/RESULTS.md.")
-    bench.add_argument("kind", choices=["latency", "quadrature", "adaptive", "targets", "all"])
+    bench.add_argument("kind", choices=[*STUDIES, "all"])
     bench.add_argument("--models", default=",".join(LATENCY_MODELS),
                        help=f"latency: comma-separated models (default: all of {', '.join(LATENCY_MODELS)})")
     bench.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
@@ -287,68 +285,9 @@ def _torch_layers(model, input_shape):
     return rows
 
 
-def _progress(items, label):
-    """Yields items, drawing a progress bar on stderr when it is a terminal."""
-    items = list(items)
-    show = sys.stderr.isatty()
-    for done, item in enumerate(items):
-        if show:
-            filled = int(30 * done / max(len(items), 1))
-            print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{len(items)}", end="", file=sys.stderr)
-        yield item
-    if show:
-        print(f"\r{label} [{'#' * 30}] {len(items)}/{len(items)}", file=sys.stderr)
-
-
-def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
-                  rule=None, steps=50, baseline="black", batch_size=None, providers=None, fp16=False,
-                  engine_cache=None, placement=False, tolerance=0.01) -> list[dict]:
-    """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
-    from igcam_engine import Explainer
-    from igcam_engine.images import load_image, to_model_input
-    from igcam_engine.outputs import write_explanation
-
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    explainer = Explainer(bundle, providers=providers, fp16=fp16, engine_cache=engine_cache)
-    if placement:
-        for graph, by_provider in explainer.placement().items():
-            for provider, ops in by_provider.items():
-                print(f"{graph}.onnx on {provider}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
-    output.mkdir(parents=True, exist_ok=True)
-    results, stems = [], set()
-    for path in _progress(image_paths, "explaining"):
-        picture = load_image(path)
-        image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
-        started = time.perf_counter()
-        scores = explainer.predict(image)[0]
-        order = np.argsort(-scores)
-        targets = [target] if target is not None else list(order[: top_k or 1])
-        passes = 1 if method == "gradcam" else steps
-        if steps == "auto":
-            if method != "igcam":
-                raise UserError("--steps auto refines the IG-CAM integral; use it with --method igcam")
-            result = explainer.explain_adaptive(image[None], np.array([targets]), tolerance=tolerance, rule=rule,
-                                                variant=variant, baseline=baseline, batch_size=batch_size)
-            maps, passes = result.maps[0], result.passes
-        else:
-            maps = explainer.explain(image[None], np.array([targets]), method=method, variant=variant, rule=rule,
-                                     steps=steps, baseline=baseline, batch_size=batch_size)[0]
-        elapsed = time.perf_counter() - started
-        stem = Path(path).stem
-        stem = stem if stem not in stems else f"{stem}-{len(stems)}"
-        stems.add(stem)
-        entry = {"image": str(path), "seconds": elapsed, "passes": passes,
-                 **write_explanation(output, stem, picture, shown, maps, targets, scores, explainer)}
-        results.append(entry)
-        print(f"{path}: predicted {entry['predicted']} '{entry['label']}' (p={entry['probability']:.2f}); "
-              + ", ".join(f"map of {m['target']} -> {m['overlay']}" for m in entry["maps"])
-              + f" [{elapsed:.2f} s, {passes} passes]")
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
 def _explain(args):
+    from igcam_engine.apps.explain import explain_files
+
     explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
                   batch_size=args.batch_size, providers=args.providers, fp16=args.fp16,
@@ -367,48 +306,28 @@ def _ints(text: str, option: str) -> tuple:
 
 def _bench(args):
     try:
-        from igcam_engine import benchmark
+        from igcam_engine import benchmarks
     except ImportError as e:
         raise UserError(f"igcam bench needs the export extra (torch): pip install 'igcam-engine[export,bench]' ({e})") from None
     if args.repeats < 1 or args.warmup < 0:
         raise UserError("--repeats must be >= 1 and --warmup >= 0")
     models = tuple(args.models.split(","))
-    unknown = [m for m in models if m not in benchmark.LATENCY_MODELS]
+    unknown = [m for m in models if m not in benchmarks.LATENCY_MODELS]
     if unknown:
-        raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmark.LATENCY_MODELS)}")
-    kinds = ["latency", "quadrature", "adaptive", "targets"] if args.kind == "all" else [args.kind]
-    cases = None
-    tables = []
-    for kind in kinds:
-        print(f"igcam bench {kind} ...")
-        if kind == "latency":
-            report = benchmark.latency(models, _ints(args.steps, "--steps"), args.peer_steps,
-                                       _ints(args.batches, "--batches"), args.repeats, args.warmup, args.providers,
-                                       args.small)
-            markdown = benchmark.latency_markdown(report)
-        elif kind == "targets":
-            report = benchmark.targets_study(steps=args.peer_steps, repeats=args.repeats, warmup=args.warmup,
-                                             small=args.small)
-            markdown = benchmark.targets_markdown(report)
-        else:
-            cases = cases or benchmark.quadrature_cases(args.small)
-            if kind == "quadrature":
-                report = benchmark.quadrature_study(_ints(args.quadrature_steps, "--quadrature-steps"),
-                                                    args.reference_steps, cases=cases)
-                markdown = benchmark.quadrature_markdown(report)
-            else:
-                report = benchmark.adaptive_study(reference_steps=args.reference_steps, cases=cases)
-                markdown = benchmark.adaptive_markdown(report)
-        benchmark.write(kind, report, markdown, args.output)
-        tables.append(f"### {kind}\n\n{markdown}\n")
-        print(markdown + "\n")
+        raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmarks.LATENCY_MODELS)}")
+    kinds = benchmarks.STUDIES if args.kind == "all" else (args.kind,)
+    tables = benchmarks.run(
+        kinds, args.output, models=models, steps=_ints(args.steps, "--steps"), peer_steps=args.peer_steps,
+        batches=_ints(args.batches, "--batches"), repeats=args.repeats, warmup=args.warmup, providers=args.providers,
+        small=args.small, quadrature_steps=_ints(args.quadrature_steps, "--quadrature-steps"),
+        reference_steps=args.reference_steps)
     if args.kind == "all":
         (args.output / "tables.md").write_text("\n".join(tables))
     print(f"results in {args.output}/")
 
 
 def _serve(args):
-    from igcam_engine.serve import run_server
+    from igcam_engine.apps.serve import run_server
 
     if args.replicas < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
@@ -418,7 +337,7 @@ def _serve(args):
 
 
 def _batch(args):
-    from igcam_engine.batch import run_batch
+    from igcam_engine.apps.batch import run_batch
 
     if args.actors < 1 or args.batch_size < 1 or (args.top_k is not None and args.top_k < 1):
         raise UserError("--actors, --batch-size and --top-k must be >= 1")
@@ -439,7 +358,7 @@ def _batch(args):
 
 
 def _demo(args):
-    from igcam_engine.demo import run_demo
+    from igcam_engine.apps.demo import run_demo
 
     run_demo(args.output, steps=args.steps)
 

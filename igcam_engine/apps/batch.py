@@ -29,8 +29,8 @@ class ExplainFiles:
         self.output, self.options = Path(output), options
 
     def __call__(self, batch: dict) -> dict:
+        from igcam_engine.apps.outputs import write_explanation
         from igcam_engine.images import load_image, to_model_input
-        from igcam_engine.outputs import write_explanation
 
         paths = [str(p) for p in batch["path"]]
         status, messages, loaded = ["ok"] * len(paths), [""] * len(paths), []
@@ -87,7 +87,6 @@ def run_batch(bundle, input_dir, output_dir, *, address=None, actors=1, batch_si
     except ImportError:
         raise UserError("igcam batch needs Ray Data: pip install 'igcam-engine[scale]'") from None
     from igcam_engine.bundle import load_manifest
-
     from igcam_engine.explainer import METHODS, VARIANTS
     from igcam_engine.quadrature import quadrature
 

@@ -1,4 +1,5 @@
-"""The runtime's stages on an NVIDIA GPU: no host copy of activations or gradients.
+"""The device implementation of the stages (see igcam_engine.stages) on an NVIDIA GPU: no host copy of
+activations or gradients.
 
 Images are uploaded once per call; forward.onnx and gradient.onnx read and write device buffers through
 IOBinding (chunks are views into the uploaded batch; the activation and gradient buffers are reused across chunks,
@@ -16,6 +17,7 @@ import threading
 import numpy as np
 
 from igcam_engine.errors import UserError
+from igcam_engine.stages import Stages
 
 THREADS = 256
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -35,7 +37,7 @@ class DeviceArray:
         return self.pointer + index * int(np.prod(self.shape[1:])) * self.dtype.itemsize
 
 
-class DeviceStages:
+class DeviceStages(Stages):
     def __init__(self, forward, gradient, device_id: int = 0):
         try:
             import onnxruntime as ort
