@@ -12,6 +12,7 @@ import onnx
 from igcam_engine.errors import UserError
 from igcam_engine.preprocess import resolve_preprocess
 
+from .builder import default_opset
 from .graphs import build_graphs, candidate_layers, prepare, split
 from .triton import triton_repository
 from .writer import write_bundle
@@ -66,7 +67,7 @@ def _export(model, out, tensor, preprocess, input_shape, labels, layer, referenc
         "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape},
         "num_classes": s.num_classes,
         "labels": labels,
-        "opset": next(o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")),
+        "opset": default_opset(prepared),
     }
     write_bundle(out, build_graphs(s), manifest)
     _check_logits(out, prepared, s, reference)

@@ -12,7 +12,7 @@ from onnx import helper
 
 from igcam_engine.errors import UserError
 
-from .builder import GraphBuilder, Node
+from .builder import GraphBuilder, Node, at_min_opset
 from .rules import RULES
 
 
@@ -30,7 +30,8 @@ def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str
     if output not in depends:
         raise UserError(f"output '{output}' does not depend on tensor '{wrt}'")
 
-    on_path = [n for n in views if any(i in depends for i in n.inputs)]
+    # Nodes that produce a differentiated tensor; the rest (Shape, comparisons, ...) pass no gradient on.
+    on_path = [n for n in views if any(o in depends for o in n.outputs)]
     missing = sorted({f"{n.op_type} (node '{n.name}')" for n in on_path if n.op_type not in RULES})
     if missing:
         raise UserError(
@@ -66,8 +67,9 @@ def _total(builder: GraphBuilder, parts):
 
 def vjp_model(model: onnx.ModelProto, wrt: str, output: str) -> onnx.ModelProto:
     """A copy of `model` with an extra input `cotangent` (shaped like `output`) and an extra output `gradient`:
-    the vector-Jacobian product cotangent . d output / d wrt."""
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    the vector-Jacobian product cotangent . d output / d wrt. A model older than opset MIN_OPSET is converted
+    first (the rules read that opset's operators)."""
+    model = onnx.shape_inference.infer_shapes(at_min_opset(model), strict_mode=True, data_prop=True)
     builder = GraphBuilder(model)
     infos = {i.name: i for i in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)}
     cotangent = onnx.ValueInfoProto(name="cotangent", type=infos[output].type)

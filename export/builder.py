@@ -1,16 +1,22 @@
 """Building ONNX graphs next to an existing model: `GraphBuilder` appends nodes and constants and answers what the
 gradient rules ask of the model's tensors (shapes, types, constant values); `Node` is a node with its attributes
-decoded."""
+decoded.
+
+The builder emits, and the rules read, the operators of opset MIN_OPSET (axes, pads and bounds as inputs, Softmax
+over one axis): `at_min_opset` brings a model there first, with ONNX's version converter.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from igcam_engine.errors import UserError
 
+MIN_OPSET = 18
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -133,3 +139,27 @@ class GraphBuilder:
 
     def is_float(self, name: str) -> bool:
         return self._types.get(name) in FLOAT_TYPES
+
+    def elem_type(self, name: str) -> int:
+        """The ONNX element type of a tensor (TensorProto.FLOAT, ...)."""
+        if name not in self._types:
+            raise UserError(f"shape inference found no type for tensor '{name}'")
+        return self._types[name]
+
+
+def default_opset(model: onnx.ModelProto):
+    """The model's default-domain opset version, or None when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def at_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model, converted to MIN_OPSET when it imports an older default opset."""
+    opset = default_opset(model)
+    if opset is None:
+        raise UserError("the model imports no default-domain ONNX opset")
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # the converter raises bare RuntimeErrors for ops it cannot adapt
+        raise UserError(f"cannot convert the model from opset {opset} to {MIN_OPSET}: {e}") from None

@@ -12,15 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx.inliner
-import onnx.version_converter
 from onnx import TensorProto, helper
 
 from igcam_engine.errors import UserError
 
 from .autodiff import append_backward
-from .builder import GraphBuilder
+from .builder import GraphBuilder, at_min_opset
 
-MIN_OPSET = 18
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.
 IO_NAMES = (
     "images", "baseline", "alphas", "weights", "targets", "subtract_baseline",
@@ -31,15 +29,7 @@ BATCH = "batch"
 
 def prepare(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     """Returns a shape-inferred copy with one image input [batch, C, H, W] and opset >= MIN_OPSET."""
-    model = onnx.inliner.inline_local_functions(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None:
-        raise UserError("the model imports no default-domain ONNX opset")
-    if opset < MIN_OPSET:
-        try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
-        except Exception as e:  # the converter raises bare RuntimeErrors for ops it cannot adapt
-            raise UserError(f"cannot convert the model from opset {opset} to {MIN_OPSET}: {e}") from None
+    model = at_min_opset(onnx.inliner.inline_local_functions(model))
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:

@@ -52,13 +52,13 @@ def _unbroadcast(b: GraphBuilder, grad: str, operand: str, y_shape: tuple) -> st
 
 
 def _axes_of(b: GraphBuilder, node: Node, rank: int, input_index: int = 1):
-    """Axes of a Reduce*/Squeeze/Unsqueeze node from its attribute or constant input, made non-negative."""
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > input_index and node.inputs[input_index]:
-        axes = b.constant(node.inputs[input_index])
-        if axes is None:
-            raise UserError(f"{node.op_type} node '{node.name}': axes must be a constant")
-    if axes is None or len(axes) == 0:
+    """Axes of a Reduce*/Squeeze/Unsqueeze/Pad node from its constant input, made non-negative; None when absent."""
+    if len(node.inputs) <= input_index or not node.inputs[input_index]:
+        return None
+    axes = b.constant(node.inputs[input_index])
+    if axes is None:
+        raise UserError(f"{node.op_type} node '{node.name}': axes must be a constant")
+    if len(axes) == 0:
         return None
     return sorted(int(a) % rank for a in np.ravel(axes))
 
@@ -140,7 +140,8 @@ def identity(b, n, dy):
 
 @rule("Cast")
 def cast(b, n, dy):
-    return [b.Cast(dy[0], to=TensorProto.FLOAT)]
+    # Only a floating-point input is differentiated (see autodiff); its cotangent takes the input's type back.
+    return [b.Cast(dy[0], to=b.elem_type(n.inputs[0]))]
 
 
 @rule("Relu")
@@ -156,12 +157,10 @@ def leaky_relu(b, n, dy):
 
 @rule("Clip")
 def clip(b, n, dy):
-    # The gradient flows strictly inside (min, max), as torch's hardtanh/relu6 backward.
+    # The gradient flows strictly inside (min, max), as torch's hardtanh/relu6 backward; absent bounds are open.
     x = n.inputs[0]
-    low = n.attrs.get("min", None)
-    high = n.attrs.get("max", None)
-    low = n.inputs[1] if len(n.inputs) > 1 and n.inputs[1] else (None if low is None else np.float32(low))
-    high = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2] else (None if high is None else np.float32(high))
+    low = n.inputs[1] if len(n.inputs) > 1 and n.inputs[1] else None
+    high = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2] else None
     inside = [b.Greater(x, low)] if low is not None else []
     inside += [b.Less(x, high)] if high is not None else []
     if not inside:
@@ -303,11 +302,9 @@ def pad(b, n, dy):
         raise UserError(f"Pad node '{n.name}': only mode 'constant' is differentiated, not '{mode}'")
     x = n.inputs[0]
     rank = len(b.shape(x))
-    pads = n.attrs.get("pads")
+    pads = b.constant(n.inputs[1])
     if pads is None:
-        pads = b.constant(n.inputs[1])
-        if pads is None:
-            raise UserError(f"Pad node '{n.name}': pads must be a constant")
+        raise UserError(f"Pad node '{n.name}': pads must be a constant")
     pads = [int(p) for p in np.ravel(pads)]
     axes = _axes_of(b, n, rank, input_index=3) or list(range(rank))
     begin, end = pads[: len(axes)], pads[len(axes) :]

@@ -128,7 +128,7 @@ class DeviceStages(Stages):
         return DeviceArray(allocation, int(allocation), shape, np.float32)
 
     def accumulate(self, maps: DeviceArray, first: int, last: int, target: int, activations: DeviceArray,
-                   grads: DeviceArray, base_activations, weights: np.ndarray) -> None:
+                   grads: DeviceArray, base_activations, weights: DeviceArray, start: int, stop: int) -> None:
         _, targets, h, w = maps.shape
         channels, pixels = activations.shape[1], h * w
         base_pointer, per_image = 0, 0
@@ -136,16 +136,22 @@ class DeviceStages(Stages):
             per_image = int(len(base_activations) > 1)
             base_pointer = base_activations.row(first if per_image else 0)
         with self._context():
-            stream = self._local.__dict__.setdefault("stream", self._cuda.Stream())
-            weights_on_device = self._cuda.to_device(np.ascontiguousarray(weights, dtype=np.float32))
+            stream = self._stream()
             self._accumulate[activations.dtype.type](
                 np.uintp(activations.pointer), np.uintp(grads.pointer), np.uintp(base_pointer), np.int32(per_image),
-                np.uintp(int(weights_on_device)), np.uintp(maps.pointer + (first * targets + target) * pixels * 4),
-                np.int64(targets * pixels), np.int32(len(weights)), np.int32(channels), np.int32(pixels),
-                block=(THREADS, 1, 1), grid=((last - first) * len(weights), 1), shared=(channels + THREADS) * 4,
+                np.uintp(weights.row(start)), np.uintp(maps.pointer + (first * targets + target) * pixels * 4),
+                np.int64(targets * pixels), np.int32(stop - start), np.int32(channels), np.int32(pixels),
+                block=(THREADS, 1, 1), grid=((last - first) * (stop - start), 1), shared=(channels + THREADS) * 4,
                 stream=stream,
             )
             stream.synchronize()  # ONNX Runtime may overwrite these buffers in the next run
+
+    def _stream(self):
+        """This thread's CUDA stream for the kernels, created on its first use."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = self._cuda.Stream()
+        return stream
 
     def to_host(self, maps: DeviceArray) -> np.ndarray:
         host = np.empty(maps.shape, np.float32)

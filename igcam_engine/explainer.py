@@ -30,13 +30,14 @@ class Explainer:
     """Explains a bundle's model. Sessions are created once; `explain` may be called from several threads."""
 
     def __init__(self, bundle, providers=None, *, fp16: bool = False, engine_cache=None, workspace_bytes=None,
-                 device_id: int = 0, verify: bool = True):
+                 device_id: int = 0, tf32: bool = False, verify: bool = True):
         """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", or ONNX Runtime's own
         list of names / (name, options) tuples. fp16, engine_cache (directory) and workspace_bytes configure
-        TensorRT."""
+        TensorRT; tf32 lets the CUDA provider use TF32 tensor cores (faster, maps within about 1e-2 instead of
+        float32 precision; see README "GPU")."""
         self.manifest = load_manifest(bundle, verify=verify)
         self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
-                                           workspace_bytes=workspace_bytes, device_id=device_id)
+                                           workspace_bytes=workspace_bytes, device_id=device_id, tf32=tf32)
         import onnxruntime as ort  # present: resolve_providers said so
 
         self._sessions = {
@@ -177,12 +178,13 @@ class Explainer:
         _, h, w = self.manifest["target_layer"]["shape"]
         stages = self._stages
         coarse = stages.maps(call.count, call.targets.shape[1], (h, w))
+        placed_weights = stages.put(np.asarray(weights, np.float32))
         for first, last, start, stop in _chunks(call.count, len(alphas), call.rows):
             activations = stages.forward(call.images, first, last, call.base, alphas[start:stop])
             for t in range(call.targets.shape[1]):
                 grads = stages.gradient(activations, np.repeat(call.targets[first:last, t], stop - start))
-                stages.accumulate(coarse, first, last, t, activations, grads, call.base_activations,
-                                  weights[start:stop])
+                stages.accumulate(coarse, first, last, t, activations, grads, call.base_activations, placed_weights,
+                                  start, stop)
         return coarse
 
     def _base_activations(self, baseline, base):

@@ -29,10 +29,11 @@ class HostStages(Stages):
     def maps(self, images: int, targets: int, size):
         return np.zeros((images, targets, *size), np.float32)
 
-    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights):
+    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights,
+                   start: int, stop: int):
         if base_activations is not None and len(base_activations) > 1:
             base_activations = base_activations[first:last]
-        accumulate(maps[first:last, target], activations, grads, base_activations, weights)
+        accumulate(maps[first:last, target], activations, grads, base_activations, weights[start:stop])
 
     def to_host(self, maps) -> np.ndarray:
         return maps

@@ -53,7 +53,14 @@ def tensorrt_options(fp16=False, engine_cache=None, workspace_bytes=None, device
     return options
 
 
-def resolve_providers(providers=None, *, fp16=False, engine_cache=None, workspace_bytes=None, device_id=0) -> list:
+def cuda_options(device_id=0, tf32=False) -> dict:
+    """CUDA provider options. TF32 (tensor-core float32 with a 10-bit mantissa, on by default in ONNX Runtime on
+    Ampere and newer GPUs) is off unless asked for: float32 maps then equal the CPU's to float32 precision."""
+    return {"device_id": device_id, "use_tf32": int(bool(tf32))}
+
+
+def resolve_providers(providers=None, *, fp16=False, engine_cache=None, workspace_bytes=None, device_id=0,
+                      tf32=False) -> list:
     """None picks the best available (TensorRT, else CUDA, else CPU); later providers stay as fallbacks for the
     nodes an earlier one refuses."""
     available = _available()
@@ -67,7 +74,7 @@ def resolve_providers(providers=None, *, fp16=False, engine_cache=None, workspac
             raise UserError(f"provider '{providers}' is not available here; this onnxruntime offers: {', '.join(available)}"
                             + (" (install 'igcam-engine[gpu]' and TensorRT/CUDA libraries for GPUs)" if providers != "cpu" else ""))
         options = {TENSORRT: tensorrt_options(fp16, engine_cache, workspace_bytes, device_id),
-                   CUDA: {"device_id": device_id}, CPU: {}}
+                   CUDA: cuda_options(device_id, tf32), CPU: {}}
         return [(name, options[name]) if options[name] else name for name in chain if name in available]
     resolved = []
     for provider in providers:

@@ -38,10 +38,11 @@ class Stages(ABC):
         """Zeroed maps [images, targets, h, w] to accumulate into."""
 
     @abstractmethod
-    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations,
-                   weights: np.ndarray) -> None:
-        """maps[first:last, target] += sum_i weights[i] * ReLU(sum_k mean(grads) * (activations - base)), the
-        reduction of README "The method" (base_activations None: no subtraction)."""
+    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights,
+                   start: int, stop: int) -> None:
+        """maps[first:last, target] += sum_i weights[start + i] * ReLU(sum_k mean(grads) * (activations - base)),
+        the reduction of README "The method", for the steps start:stop of the quadrature whose float32 weights
+        `put` placed (once per call); base_activations None: no subtraction."""
 
     @abstractmethod
     def to_host(self, maps) -> np.ndarray:

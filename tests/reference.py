@@ -21,8 +21,8 @@ def igcam_reference(model, layer, images, targets, alphas, weights, baseline, su
         (grad,) = torch.autograd.grad(score, activation)
         return activation.detach()[0], grad[0]
 
-    images = torch.as_tensor(np.asarray(images), dtype=torch.float64)
-    base = torch.as_tensor(np.asarray(baseline), dtype=torch.float64).expand_as(images)
+    images = torch.as_tensor(np.array(images), dtype=torch.float64)
+    base = torch.as_tensor(np.array(baseline), dtype=torch.float64).expand_as(images)
     maps = []
     for image, x0, target in zip(images, base, np.asarray(targets)):
         a0, _ = activation_and_grad(x0[None], int(target))
@@ -36,12 +36,26 @@ def igcam_reference(model, layer, images, targets, alphas, weights, baseline, su
     return torch.stack(maps).numpy()
 
 
-def normalized(maps):
-    maps = np.asarray(maps, dtype=np.float64)
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - low
-    return (maps - low) / np.where(span > 0, span, 1)
+def top_classes(model, images, k=1):
+    """The k highest-scoring classes per image ([B, k]); explaining a class the model predicts gives a map with
+    positive evidence, where an arbitrary class often gives an all-zero (fully ReLU-clipped) map."""
+    with torch.no_grad():
+        scores = model.float().eval()(torch.as_tensor(np.asarray(images), dtype=torch.float32))
+    return torch.argsort(scores, dim=1, descending=True)[:, :k].numpy()
 
 
-def max_normalized_difference(a, b):
-    return float(np.abs(normalized(a) - normalized(b)).max())
+def randomized(model):
+    """Non-trivial batch-norm statistics and affine parameters, so that every BN rule really matters, and linear
+    layers scaled by fan-in (not torchvision's N(0, 0.01)), so that scores, and maps, are far from 0."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            fan_in = module.weight.shape[1]
+            module.weight.data.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model.eval()

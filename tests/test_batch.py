@@ -4,12 +4,12 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from comparisons import assert_maps_match
+from processes import Scope
 
 from igcam_engine import zoo
 from igcam_engine.apps.cli import main
@@ -36,9 +36,12 @@ def folder(tmp_path_factory):
 
 
 def batch(root, bundle, images, out, *extra):
-    return subprocess.run([sys.executable, "-m", "igcam_engine.apps.cli", "batch", str(bundle), str(images), "-o", str(out),
-                           "--steps", "4", "--batch-size", "6", "--actors", "2", *extra],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+    """Runs `igcam batch` to completion (bounded) and checks that it left no process behind."""
+    scope = Scope(root / "batch.log")
+    result = scope.run(["batch", bundle, images, "-o", out, "--steps", "4", "--batch-size", "6", "--actors", "2",
+                        *extra], cwd=root, timeout=600)
+    assert not scope.members(), "igcam batch left processes behind"
+    return result
 
 
 def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_path):
@@ -58,7 +61,7 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
     assert main(["explain", str(bundle), str(images / "photo00.png"), "--steps", "4", "--providers", "cpu",
                  "-o", str(explained)]) == 0
     (single,) = explained.glob("photo00.class*.npy")
-    np.testing.assert_allclose(np.load(out / single.name), np.load(single), rtol=1e-4, atol=1e-6)
+    assert_maps_match(np.load(out / single.name)[None], np.load(single)[None], 1e-5, 1e-5)
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     second = batch(root, bundle, images, out)

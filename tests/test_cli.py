@@ -6,9 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from comparisons import assert_maps_match
+from PIL import Image
 
-from igcam_engine.apps.cli import main
+from igcam_engine import Explainer
 from igcam_engine.data import imagenet_labels, sample_images
+from igcam_engine.images import load_image, to_model_input
 
 FACTORY = """
 import torch
@@ -33,23 +36,34 @@ def bundle(tmp_path_factory):
 
 
 def _run(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "igcam_engine.apps.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "igcam_engine.apps.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_explain_writes_overlays_maps_and_summary(bundle, tmp_path):
+    """Files, labels and probabilities as the API computes them; the .npy maps are the API's maps."""
     root, out = bundle
-    images = [str(p) for p in sample_images()[:2]]
-    result = _run(root, "explain", str(out), *images, "--top-k", "2", "--steps", "4", "-o", str(tmp_path))
+    images = sample_images()[:2]
+    result = _run(root, "explain", str(out), *map(str, images), "--top-k", "2", "--steps", "4", "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert len(summary) == 2 and all(len(entry["maps"]) == 2 for entry in summary)
-    for entry in summary:
-        assert entry["label"] in "abcde"
-        for m in entry["maps"]:
-            heatmap = np.load(m["map"])
-            assert heatmap.shape == (64, 64) and np.isfinite(heatmap).all()
-            assert (tmp_path / m["overlay"].split("/")[-1]).stat().st_size > 0
-    assert "predicted" in result.stdout
+    explainer = Explainer(out, providers="cpu")
+    assert [entry["image"] for entry in summary] == [str(p) for p in images]
+    for entry, path in zip(summary, images):
+        image = to_model_input(load_image(path), explainer.input_shape, explainer.preprocess)[0]
+        scores = explainer.predict(image)[0]
+        top = [int(c) for c in np.argsort(-scores)[:2]]
+        probabilities = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        assert entry["predicted"] == top[0] and entry["label"] == "abcde"[top[0]]
+        assert entry["probability"] == pytest.approx(float(probabilities[top[0]]), rel=1e-5)
+        assert [m["target"] for m in entry["maps"]] == top
+        assert [m["label"] for m in entry["maps"]] == ["abcde"[c] for c in top]
+        expected = explainer.explain(image, np.array([top]), steps=4)[0]
+        for m, api_map in zip(entry["maps"], expected):
+            assert_maps_match(np.load(m["map"])[None], api_map[None], 1e-6, 1e-6)
+            overlay = Image.open(m["overlay"])
+            assert overlay.size == Image.open(path).size and overlay.mode == "RGB"
+    assert f"predicted {summary[0]['predicted']} '{summary[0]['label']}'" in result.stdout
 
 
 def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
@@ -97,13 +111,16 @@ def test_bad_image_and_target_are_user_errors(bundle, tmp_path):
 def test_corrupted_bundle_is_detected(bundle, tmp_path):
     import shutil
 
-    _, out = bundle
+    root, out = bundle
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     with open(copy / "weights.bin", "r+b") as f:
         f.seek(5000)
         f.write(b"\x00\x01\x02\x03")
-    assert main(["explain", str(copy), str(sample_images()[0]), "-o", str(tmp_path / "o")]) == 2
+    result = _run(root, "explain", str(copy), str(sample_images()[0]), "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is corrupted: weights.bin does not match its sha256" in result.stderr
+    assert not (tmp_path / "o").exists(), "nothing is written for a bundle that fails to load"
 
 
 def test_demo_predicts_egyptian_cat_for_chelsea(tmp_path):

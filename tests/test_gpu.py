@@ -5,7 +5,7 @@ Needs onnxruntime-gpu (CUDA provider), pycuda and a device; the TensorRT cases a
 import numpy as np
 import onnxruntime as ort
 import pytest
-from reference import max_normalized_difference, normalized
+from comparisons import assert_maps_match, normalized
 
 from igcam_engine import Explainer
 from igcam_engine.maps import accumulate, upsample
@@ -58,22 +58,31 @@ KERNEL_CASES = [(1, 1, 3, 1, 1), (2, 3, 33, 7, 7), (16, 2, 100, 14, 14), (1, 128
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[str(c) for c in KERNEL_CASES])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("base_rows", [0, 1, "per-image"])
-def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows):
+@pytest.mark.parametrize("offsets", [(0, 0), (2, 3)], ids=["chunk at 0", "chunk at image 2, step 3"])
+def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows, offsets):
+    """One chunk: images first..first+n of a batch of first+n+1, quadrature steps start..start+m of start+m+2,
+    so that the image, baseline-row and weight offsets all matter."""
     n, m, k, h, w = case
+    first, start = offsets
+    total = first + n + 1
     rng = np.random.default_rng(sum(case))
     acts = rng.standard_normal((n * m, k, h, w)).astype(dtype)
     grads = rng.standard_normal((n * m, k, h, w)).astype(dtype)
-    base = None if base_rows == 0 else rng.standard_normal((n if base_rows == "per-image" else 1, k, h, w)).astype(dtype)
-    weights = rng.random(m).astype(np.float32)
-    expected = np.zeros((n, 2, h, w), np.float32)
-    accumulate(expected[:, 1], acts.astype(np.float32), grads.astype(np.float32),
-               None if base is None else base.astype(np.float32), weights)
-    maps = stages.maps(n, 2, (h, w))
-    stages.accumulate(maps, 0, n, 1, stages.put(acts), stages.put(grads), None if base is None else stages.put(base),
-                      weights)
+    base = None if base_rows == 0 else rng.standard_normal((total if base_rows == "per-image" else 1, k, h, w)).astype(dtype)
+    weights = rng.random(start + m + 2).astype(np.float32)
+    expected = np.zeros((total, 2, h, w), np.float32)
+    chunk_base = None if base is None else (base[first:first + n] if len(base) > 1 else base)
+    accumulate(expected[first:first + n, 1], acts.astype(np.float32), grads.astype(np.float32),
+               None if chunk_base is None else chunk_base.astype(np.float32), weights[start:start + m])
+    maps = stages.maps(total, 2, (h, w))
+    stages.accumulate(maps, first, first + n, 1, stages.put(acts), stages.put(grads),
+                      None if base is None else stages.put(base), stages.put(weights), start, start + m)
     got = stages.finish(maps, (h, w))
-    np.testing.assert_allclose(got[:, 0], 0)  # the other target's maps stay untouched
+    np.testing.assert_array_equal(got[:, 0], 0)  # the other target's maps stay untouched
+    np.testing.assert_array_equal(got[:first], 0)  # and so do the images outside the chunk
+    np.testing.assert_array_equal(got[first + n:], 0)
     np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=2e-4, atol=2e-4 * max(np.abs(expected).max(), 1))
+    assert np.abs(expected).max() > 0
 
 
 @pytest.mark.parametrize("src,dst", [((7, 7), (224, 224)), ((1, 1), (5, 3)), ((56, 56), (60, 61)), ((3, 5), (3, 5))])
@@ -100,17 +109,41 @@ def bundle(tmp_path_factory):
 IMAGES = np.random.default_rng(1).standard_normal((3, 3, 128, 160)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(variant="paper"), dict(method="gradcam"),
-                                    dict(rule="gauss-legendre", steps=9, subtract_baseline=True, batch_size=4)])
+IMAGES = np.random.default_rng(1).standard_normal((3, 3, 128, 160)).astype(np.float32)
+PER_IMAGE_BASELINE = np.random.default_rng(2).standard_normal((3, 3, 128, 160)).astype(np.float32) * 0.3
+CASES = {
+    "official": dict(),
+    "paper": dict(variant="paper"),
+    "gradcam": dict(method="gradcam"),
+    "gauss-legendre chunks": dict(rule="gauss-legendre", steps=9, subtract_baseline=True, batch_size=4),
+    "per-image baselines, chunks": dict(variant="paper", steps=7, baseline=PER_IMAGE_BASELINE, batch_size=5),
+}
+
+
+@pytest.mark.parametrize("kwargs", list(CASES.values()), ids=list(CASES))
 def test_cuda_maps_equal_cpu_maps(bundle, kwargs):
-    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], **kwargs)
-    gpu = Explainer(bundle, providers="cuda").explain(IMAGES, [1, 5, 9], **kwargs)
-    assert max_normalized_difference(gpu, cpu) <= 1e-4
+    cpu_explainer = Explainer(bundle, providers="cpu")
+    targets = cpu_explainer.predict(IMAGES).argmax(axis=1)
+    cpu = cpu_explainer.explain(IMAGES, targets, **kwargs)
+    gpu = Explainer(bundle, providers="cuda").explain(IMAGES, targets, **kwargs)
+    assert_maps_match(gpu, cpu, normalized_tolerance=1e-4, raw_tolerance=1e-4)
+
+
+def test_tf32_is_off_unless_asked_for(bundle):
+    """TF32 rounds convolution inputs to a 10-bit mantissa: off by default (exact float32), within 1e-2 when on."""
+    exact = Explainer(bundle, providers="cuda")
+    options = exact._sessions["forward"].get_provider_options()[CUDA]
+    assert options["use_tf32"] == "0"
+    fast = Explainer(bundle, providers="cuda", tf32=True)
+    assert fast._sessions["forward"].get_provider_options()[CUDA]["use_tf32"] == "1"
+    targets = exact.predict(IMAGES).argmax(axis=1)
+    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, targets, steps=16)
+    assert_maps_match(fast.explain(IMAGES, targets, steps=16), cpu, normalized_tolerance=1e-2, raw_tolerance=1e-2)
 
 
 def test_several_targets_and_chunks_on_gpu(bundle):
     explainer = Explainer(bundle, providers="cuda")
-    targets = np.array([[1, 2], [3, 4], [5, 6]])
+    targets = np.argsort(-explainer.predict(IMAGES), axis=1)[:, :2]
     both = explainer.explain(IMAGES, targets, steps=10, batch_size=3)
     for t in range(2):
         single = explainer.explain(IMAGES, targets[:, t], steps=10, batch_size=7)
@@ -118,28 +151,55 @@ def test_several_targets_and_chunks_on_gpu(bundle):
 
 
 def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch):
-    """Only maps (and logits for predict) leave the device: every device-to-host copy is recorded."""
+    """Only maps (and logits for predict) leave the device: every device-to-host copy is recorded, and every output
+    of every run is bound to device memory (an output bound to the host would be copied inside ONNX Runtime)."""
     explainer = Explainer(bundle, providers="cuda")
-    copies = []
+    copies, outputs = [], []
     original_numpy = ort.OrtValue.numpy
     monkeypatch.setattr(ort.OrtValue, "numpy", lambda self: copies.append(self.shape()) or original_numpy(self))
     import pycuda.driver as cuda
 
     original_dtoh = cuda.memcpy_dtoh
     monkeypatch.setattr(cuda, "memcpy_dtoh", lambda dest, src: copies.append(dest.shape) or original_dtoh(dest, src))
-    maps = explainer.explain(IMAGES, [1, 2, 3], steps=8, variant="paper")
+    binding = type(explainer._sessions["forward"].io_binding())
+    original_bind = binding.bind_output
+
+    def record_output(self, name, device_type="cpu", *args, **kwargs):
+        outputs.append((name, device_type))
+        return original_bind(self, name, device_type, *args, **kwargs)
+
+    monkeypatch.setattr(binding, "bind_output", record_output)
+    maps = explainer.explain(IMAGES, [1, 2, 3], steps=8, variant="paper", batch_size=5)
     assert copies == [(3, 1, 128, 160)] and maps.shape == (3, 128, 160)
+    assert outputs and all(device == "cuda" for _, device in outputs), outputs
     for by_provider in explainer.placement().values():
         for ops in by_provider.values():
             assert "MemcpyToHost" not in ops
 
 
+def test_weights_placed_once_per_call_and_one_stream_per_thread(bundle, monkeypatch):
+    explainer = Explainer(bundle, providers="cuda")
+    stages = explainer._stages
+    placed, original_put = [], type(stages).put
+    monkeypatch.setattr(type(stages), "put", lambda self, array: placed.append(np.shape(array)) or original_put(self, array))
+    explainer.explain(IMAGES, [1, 2, 3], steps=12, batch_size=5)  # nine chunks (3 per image)
+    assert [shape for shape in placed if len(shape) == 1] == [(12,)]
+    assert stages._stream() is stages._stream()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        streams = list(pool.map(lambda _: id(stages._stream()), range(2)))
+    assert id(stages._stream()) not in streams
+
+
 @pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
 def test_tensorrt_fp16_maps_close_to_cpu(bundle, tmp_path):
-    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], variant="paper", steps=16)
+    cpu_explainer = Explainer(bundle, providers="cpu")
+    targets = cpu_explainer.predict(IMAGES).argmax(axis=1)
+    cpu = cpu_explainer.explain(IMAGES, targets, variant="paper", steps=16)
     trt = Explainer(bundle, providers="tensorrt", fp16=True, engine_cache=tmp_path).explain(
-        IMAGES, [1, 5, 9], variant="paper", steps=16)
-    assert max_normalized_difference(trt, cpu) <= 1e-2
+        IMAGES, targets, variant="paper", steps=16)
+    assert_maps_match(trt, cpu, normalized_tolerance=1e-2, raw_tolerance=1e-2)
     for a, b in zip(trt, cpu):
         assert np.corrcoef(normalized(a).ravel(), normalized(b).ravel())[0, 1] >= 0.999
     assert list(tmp_path.iterdir()), "the TensorRT engine cache stayed empty"
@@ -147,8 +207,10 @@ def test_tensorrt_fp16_maps_close_to_cpu(bundle, tmp_path):
 
 @pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
 def test_tensorrt_fp32_maps_equal_cpu(bundle, tmp_path):
-    cpu = Explainer(bundle, providers="cpu").explain(IMAGES, [1, 5, 9], steps=8)
+    cpu_explainer = Explainer(bundle, providers="cpu")
+    targets = cpu_explainer.predict(IMAGES).argmax(axis=1)
+    cpu = cpu_explainer.explain(IMAGES, targets, steps=8)
     trt = Explainer(bundle, providers=[(TENSORRT, {"trt_engine_cache_enable": True,
                                                    "trt_engine_cache_path": str(tmp_path)}), CUDA]).explain(
-        IMAGES, [1, 5, 9], steps=8)
-    assert max_normalized_difference(trt, cpu) <= 1e-3
+        IMAGES, targets, steps=8)
+    assert_maps_match(trt, cpu, normalized_tolerance=1e-3, raw_tolerance=1e-3)

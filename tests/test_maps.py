@@ -3,14 +3,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from reference import igcam_reference, max_normalized_difference
+from comparisons import assert_maps_match
+from reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.export import from_onnx, from_torch
 from igcam_engine.quadrature import quadrature
 
 IMAGENET_BLACK = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
-TOLERANCE = 1e-3
 
 # name -> (factory, layer, input shape, preprocess)
 MODELS = {
@@ -24,19 +24,6 @@ MODELS = {
         "features.norm5", (3, 64, 80), None,
     ),
 }
-
-
-def randomized(model):
-    """Non-trivial batch-norm statistics and affine parameters, so that every BN rule really matters."""
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
-    return model.eval()
 
 
 _BUNDLES = {}
@@ -65,46 +52,83 @@ def black(shape, preprocess):
     return np.broadcast_to(value[:, None, None], shape)[None]
 
 
+def reference(bundle_entry, images, targets, rule, steps, subtract, baseline=None):
+    """The float64 torch maps for a bundle's model (baseline: the black picture unless given)."""
+    model, layer, shape, preprocess, _, _ = bundle_entry
+    alphas, weights = quadrature(rule, steps) if rule else (np.ones(1), np.ones(1))
+    base = black(shape, preprocess) if baseline is None else baseline
+    return igcam_reference(model, layer, images, targets, alphas, weights, base, subtract)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_presets_match_reference(bundle, name, variant):
-    model, layer, shape, preprocess, explainer, _ = bundle(name)
-    images, targets = inputs(shape), np.array([3, 7])
-    maps = explainer.explain(images, targets, variant=variant, steps=8)
+    entry = bundle(name)
+    images = inputs(entry[2])
+    targets = top_classes(entry[0], images)[:, 0]
+    maps = entry[4].explain(images, targets, variant=variant, steps=8)
     rule, subtract = {"official": ("left", False), "paper": ("right", True)}[variant]
-    alphas, weights = quadrature(rule, 8)
-    expected = igcam_reference(model, layer, images, targets, alphas, weights, black(shape, preprocess), subtract)
-    assert maps.shape == (2, *shape[1:]) and maps.dtype == np.float32
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+    assert maps.dtype == np.float32
+    assert_maps_match(maps, reference(entry, images, targets, rule, 8, subtract))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_gradcam_matches_reference(bundle, name):
-    model, layer, shape, preprocess, explainer, _ = bundle(name)
-    images, targets = inputs(shape, seed=1), np.array([0, 9])
-    maps = explainer.explain(images, targets, method="gradcam")
-    expected = igcam_reference(model, layer, images, targets, [1.0], [1.0], black(shape, preprocess), False)
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+    entry = bundle(name)
+    images = inputs(entry[2], seed=1)
+    targets = top_classes(entry[0], images, k=2)[:, 1]  # the runner-up class: a class other than the top works too
+    maps = entry[4].explain(images, targets, method="gradcam")
+    assert_maps_match(maps, reference(entry, images, targets, None, 1, False))
 
 
 @pytest.mark.parametrize("rule", ["left", "right", "midpoint", "trapezoid", "gauss-legendre"])
 def test_every_rule_matches_reference(bundle, rule):
-    model, layer, shape, preprocess, explainer, _ = bundle("resnet50-layer3")
-    images, targets = inputs(shape, seed=2), np.array([5, 1])
-    maps = explainer.explain(images, targets, rule=rule, steps=5, subtract_baseline=True, baseline="zeros")
-    alphas, weights = quadrature(rule, 5)
-    expected = igcam_reference(model, layer, images, targets, alphas, weights, np.zeros((1, *shape)), True)
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+    entry = bundle("resnet50-layer3")
+    images = inputs(entry[2], seed=2)
+    targets = top_classes(entry[0], images)[:, 0]
+    maps = entry[4].explain(images, targets, rule=rule, steps=5, subtract_baseline=True, baseline="zeros")
+    expected = reference(entry, images, targets, rule, 5, True, np.zeros((1, *entry[2])))
+    assert_maps_match(maps, expected)
 
 
-def test_array_baseline_per_image(bundle):
-    model, layer, shape, _, explainer, _ = bundle("mobilenet_v2")
-    images, targets = inputs(shape, seed=3), np.array([2, 2])
-    baseline = inputs(shape, seed=4) * 0.1
-    maps = explainer.explain(images, targets, variant="paper", steps=4, baseline=baseline)
-    alphas, weights = quadrature("right", 4)
-    expected = igcam_reference(model, layer, images, targets, alphas, weights, baseline, True)
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+@pytest.mark.parametrize("form", ["[B,C,H,W] per image", "[C,H,W]", "[1,C,H,W]"])
+def test_array_baselines(bundle, form):
+    entry = bundle("mobilenet_v2")
+    shape = entry[2]
+    images = inputs(shape, seed=3)
+    targets = top_classes(entry[0], images)[:, 0]
+    per_image = inputs(shape, seed=4) * 0.3
+    baseline = {"[B,C,H,W] per image": per_image, "[C,H,W]": per_image[0], "[1,C,H,W]": per_image[:1]}[form]
+    maps = entry[4].explain(images, targets, variant="paper", steps=4, baseline=baseline)
+    expected = reference(entry, images, targets, "right", 4, True, baseline if baseline.ndim == 4 else baseline[None])
+    assert_maps_match(maps, expected)
+
+
+def test_normalize_option(bundle):
+    """normalize=True: each map min-max scaled to [0, 1], i.e. the reference's maps normalised."""
+    entry = bundle("efficientnet")
+    images = inputs(entry[2], seed=12)
+    targets = top_classes(entry[0], images)[:, 0]
+    maps = entry[4].explain(images, targets, steps=6, normalize=True)
+    expected = reference(entry, images, targets, "left", 6, False)
+    low = expected.min(axis=(1, 2), keepdims=True)
+    assert_maps_match(maps, (expected - low) / (expected.max(axis=(1, 2), keepdims=True) - low))
+    assert maps.min() == 0 and np.allclose(maps.max(axis=(1, 2)), 1)
+
+
+def test_custom_preprocess_black_baseline(tmp_path):
+    """A preprocess dict with its own mean/std: the black baseline is the black picture after it (-mean/std)."""
+    torch.manual_seed(0)
+    model = randomized(zoo.resnet50(num_classes=10, width=8, layers=(1, 1, 1, 1)))
+    shape = (3, 64, 64)
+    spec = {"resize": "crop", "scale": 1 / 255, "mean": [0.2, 0.5, 0.7], "std": [0.5, 0.25, 0.125]}
+    explainer = Explainer(from_torch(model, "layer4", shape, tmp_path, preprocess=spec))
+    images = inputs(shape, seed=13)
+    targets = top_classes(model, images)[:, 0]
+    maps = explainer.explain(images, targets, variant="paper", steps=5)
+    black_picture = (-np.array(spec["mean"]) / np.array(spec["std"]))[None, :, None, None] * np.ones((1, *shape))
+    alphas, weights = quadrature("right", 5)
+    assert_maps_match(maps, igcam_reference(model, "layer4", images, targets, alphas, weights, black_picture, True))
 
 
 def test_several_targets_per_image(bundle):
@@ -139,7 +163,8 @@ def test_explain_graph_matches_reference(bundle):
     """explain.onnx (for hosts without Python) against the reference, both presets."""
     model, layer, shape, preprocess, _, path = bundle("resnet50-layer3")
     session = ort.InferenceSession(str(path / "explain.onnx"), providers=["CPUExecutionProvider"])
-    images, targets = inputs(shape, seed=7), np.array([6, 2])
+    images = inputs(shape, seed=7)
+    targets = top_classes(model, images)[:, 0]
     base = black(shape, preprocess).astype(np.float32)
     for rule, subtract in (("left", False), ("right", True)):
         alphas, weights = quadrature(rule, 6)
@@ -148,8 +173,7 @@ def test_explain_graph_matches_reference(bundle):
             "weights": weights.astype(np.float32), "targets": targets,
             "subtract_baseline": np.array([float(subtract)], np.float32),
         })
-        expected = igcam_reference(model, layer, images, targets, alphas, weights, base, subtract)
-        assert max_normalized_difference(maps, expected) <= TOLERANCE
+        assert_maps_match(maps, igcam_reference(model, layer, images, targets, alphas, weights, base, subtract))
 
 
 def test_gradient_at_engine_activations(bundle):
@@ -183,11 +207,11 @@ def test_softmax_output_is_differentiated_at_its_input(tmp_path):
     with_softmax = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     shape = (3, 64, 64)
     explainer = Explainer(from_torch(with_softmax, "0.layer4", shape, tmp_path))
-    images, targets = inputs(shape), np.array([1, 2])
+    images = inputs(shape)
+    targets = top_classes(model, images)[:, 0]
     maps = explainer.explain(images, targets, steps=4)
     alphas, weights = quadrature("left", 4)
-    expected = igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), False)
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+    assert_maps_match(maps, igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), False))
 
 
 def test_from_onnx_on_a_plain_torch_export(tmp_path):
@@ -202,11 +226,11 @@ def test_from_onnx_on_a_plain_torch_export(tmp_path):
             dynamic_axes={"x": {0: "n"}, "scores": {0: "n"}}, dynamo=False,
         )
     explainer = Explainer(from_onnx(onnx_path, tmp_path / "bundle"))
-    images, targets = inputs(shape), np.array([4, 0])
+    images = inputs(shape)
+    targets = top_classes(model, images)[:, 0]
     maps = explainer.explain(images, targets, variant="paper", steps=4)
     alphas, weights = quadrature("right", 4)
-    expected = igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), True)
-    assert max_normalized_difference(maps, expected) <= TOLERANCE
+    assert_maps_match(maps, igcam_reference(model, "layer4", images, targets, alphas, weights, np.zeros((1, *shape)), True))
 
 
 def test_predict_matches_torch(bundle):
@@ -295,12 +319,13 @@ def test_explain_from_several_threads(bundle):
 def test_adaptive_refinement_matches_reference(bundle, rule, expected_passes):
     """Each level reuses the earlier passes; the result is the plain rule at the final node count."""
     model, layer, shape, preprocess, explainer, _ = bundle("resnet50-layer3")
-    images, targets = inputs(shape, seed=11), np.array([2, 8])
+    images = inputs(shape, seed=11)
+    targets = top_classes(model, images)[:, 0]
     result = explainer.explain_adaptive(images, targets, rule=rule, tolerance=1e-4, max_steps=30, variant="paper")
     assert result.passes == expected_passes[-1] and not result.converged
     alphas, weights = quadrature(rule, result.passes)
     expected = igcam_reference(model, layer, images, targets, alphas, weights, black(shape, preprocess), True)
-    assert max_normalized_difference(result.maps, expected) <= TOLERANCE
+    assert_maps_match(result.maps, expected)
     loose = explainer.explain_adaptive(images, targets, rule=rule, tolerance=0.3, variant="paper")
     assert loose.converged and loose.change <= 0.3 and loose.passes in expected_passes[1:]
     np.testing.assert_allclose(explainer.explain(images, targets, steps="auto", tolerance=0.3, rule=rule,

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import max_normalized_difference
+from comparisons import assert_maps_match
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.data import sample_images
 from igcam_engine.export import from_torch
+from igcam_engine.images import load_image, to_model_input
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 READY = shutil.which("node") is not None and (EXAMPLE / "node_modules" / "onnxruntime-node").is_dir()
@@ -32,19 +33,23 @@ def bundle(tmp_path_factory):
 @pytest.mark.parametrize("variant,steps", [("official", 6), ("paper", 5)])
 def test_node_maps_equal_python_maps(bundle, tmp_path, variant, steps):
     assert READY, "node and examples/node/node_modules are required in CI"
+    explainer = Explainer(bundle)
+    photo = sample_images()[0]
+    target = int(explainer.predict(to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0])
+                 .argmax())
     out = tmp_path / "chelsea"
-    subprocess.run(["node", str(EXAMPLE / "explain.js"), str(bundle), str(sample_images()[0]), "7", str(out),
-                    str(steps), variant], check=True, capture_output=True, text=True)
+    subprocess.run(["node", str(EXAMPLE / "explain.js"), str(bundle), str(photo), str(target), str(out), str(steps),
+                    variant], check=True, capture_output=True, text=True, timeout=120)
     meta = json.loads(Path(f"{out}.json").read_text())
-    assert meta == {"shape": [96, 128], "target": 7, "steps": steps, "variant": variant}
+    assert meta == {"shape": [96, 128], "target": target, "steps": steps, "variant": variant}
     node_map = np.fromfile(f"{out}.map.f32", np.float32).reshape(1, 96, 128)
     node_input = np.fromfile(f"{out}.input.f32", np.float32).reshape(1, 3, 96, 128)
-    expected = Explainer(bundle).explain(node_input, 7, steps=steps, variant=variant)
-    assert max_normalized_difference(node_map, expected) <= 1e-4
+    expected = explainer.explain(node_input, target, steps=steps, variant=variant)
+    assert_maps_match(node_map, expected, normalized_tolerance=1e-4, raw_tolerance=1e-4)
 
 
 def test_node_rejects_a_bad_target(bundle, tmp_path):
     assert READY, "node and examples/node/node_modules are required in CI"
     result = subprocess.run(["node", str(EXAMPLE / "explain.js"), str(bundle), str(sample_images()[0]), "99",
-                             str(tmp_path / "x")], capture_output=True, text=True)
+                             str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "target must be in [0, 9]" in result.stderr

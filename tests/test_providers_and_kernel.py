@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from igcam_engine import Explainer, UserError
-from igcam_engine.providers import CPU, CUDA, TENSORRT, on_gpu, resolve_providers, tensorrt_options
+from igcam_engine.providers import CPU, CUDA, TENSORRT, cuda_options, on_gpu, resolve_providers, tensorrt_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -40,6 +40,11 @@ def test_explicit_provider_lists_pass_through():
     assert resolve_providers(["cpu"]) == [CPU]
 
 
+def test_cuda_options_keep_float32_exact_unless_tf32_is_asked_for():
+    assert cuda_options() == {"device_id": 0, "use_tf32": 0}
+    assert cuda_options(device_id=2, tf32=True) == {"device_id": 2, "use_tf32": 1}
+
+
 def test_tensorrt_options(tmp_path):
     options = tensorrt_options(fp16=True, engine_cache=tmp_path / "engines", workspace_bytes=2 << 30, device_id=1)
     assert options["trt_fp16_enable"] is True and options["device_id"] == 1
@@ -69,13 +74,18 @@ def test_placement_report_on_cpu(small_bundle):
     assert "ConvTranspose" in report["gradient"][CPU]  # the max-pool and FC gradients run as graph nodes
 
 
-def test_cli_placement(small_bundle, tmp_path):
+def test_cli_placement(small_bundle, tmp_path, capsys):
     from igcam_engine.apps.cli import main
     from igcam_engine.data import sample_images
 
     code = main(["explain", str(small_bundle), str(sample_images()[0]), "--steps", "2", "--providers", "cpu",
                  "--placement", "-o", str(tmp_path)])
     assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    forward = next(line for line in lines if line.startswith("forward.onnx on CPUExecutionProvider: "))
+    assert "Conv x13" in forward and "MaxPool x4" in forward  # the fifth pool is after features.29
+    assert any(line.startswith("gradient.onnx on CPUExecutionProvider: ") and "ConvTranspose x" in line
+               for line in lines)
 
 
 def test_gpu_stages_without_pycuda_say_what_to_install():
@@ -103,12 +113,12 @@ def _code(ptx: str) -> str:
 def test_kernel_compiles_and_shipped_ptx_is_current(tmp_path):
     source = ROOT / "kernels" / "igcam.cu"
     fresh = tmp_path / "igcam.ptx"
-    subprocess.run([NVCC, "-ptx", "-arch=compute_75", "-O3", "-o", str(fresh), str(source)], check=True)
+    subprocess.run([NVCC, "-ptx", "-arch=compute_75", "-O3", "-o", str(fresh), str(source)], check=True, timeout=300)
     assert _code(fresh.read_text()) == _code((ROOT / "kernels" / "igcam.ptx").read_text()), \
         "kernels/igcam.ptx is stale: run bash kernels/build.sh"
     # ptxas for Hopper too: catches register/shared-memory problems the PTX step does not
     result = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
-                             str(source)], check=True, capture_output=True, text=True)
+                             str(source)], check=True, capture_output=True, text=True, timeout=300)
     for kernel in ("igcam_accumulate_f32", "igcam_accumulate_f16", "igcam_upsample_bilinear"):
         assert kernel in result.stderr
     assert not re.search(r"bytes stack frame, [1-9]\d* bytes spill", result.stderr), result.stderr

@@ -1,8 +1,12 @@
 """Each gradient rule against torch autograd in float64, evaluated at the very float32 values ORT sees.
 
-A case builds a one-node ONNX graph, differentiates it with the rule table, runs it in ONNX Runtime, and compares
-both the forward output and the vector-Jacobian product with torch.
+A case is a small ONNX graph computing `Y` (one node, or a few where a rule's branch needs its neighbours); the test
+differentiates it with the rule table, runs it in ONNX Runtime, and compares both the forward output and the
+vector-Jacobian product with torch. Which rules are exercised is read from the graphs the cases build.
 """
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,41 +15,50 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from igcam_engine.errors import UserError
 from igcam_engine.export.autodiff import vjp_model
+from igcam_engine.export.builder import FLOAT_TYPES, at_min_opset
 from igcam_engine.export.rules import RULES
 
 OPSET = 18
 
 
-def run_case(op_type, inputs, attrs=None, consts=None, wrt=None, torch_fn=None, rng=None):
-    """inputs: ordered dict name -> array (graph inputs); consts: name -> array (initializers, '' = absent)."""
+@dataclass
+class Case:
+    name: str
+    nodes: list  # NodeProtos computing "Y" from the inputs and constants
+    inputs: dict  # graph inputs: name -> array (float32 unless the array says otherwise)
+    reference: Callable  # torch, float64: reference(**inputs, **consts) -> Y
+    consts: dict = field(default_factory=dict)  # initializers: name -> array
+    opset: int = OPSET
+    wrt: tuple = None  # the inputs differentiated (default: every floating-point input)
+
+    def __post_init__(self):
+        self.inputs = {k: v.astype(np.float32) if v.dtype == np.float64 and k not in FLOAT64_INPUTS else v
+                       for k, v in self.inputs.items()}
+        if self.wrt is None:
+            self.wrt = tuple(k for k, v in self.inputs.items() if v.dtype.kind == "f")
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, self.name,
+            [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for k, v in self.inputs.items()],
+            [helper.make_tensor_value_info("Y", TensorProto.UNDEFINED, None)],
+            [numpy_helper.from_array(np.asarray(v), k) for k, v in self.consts.items()],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=8)
+
+
+FLOAT64_INPUTS = {"x64"}  # input names kept in float64 (the Cast-from-double case)
+
+
+def one(op_type, inputs, reference, attrs=None, consts=None, order=None, opset=OPSET, name=None):
+    """A case of one node `op_type` reading `order` (default: the inputs, then the constants; "" = absent)."""
     consts = consts or {}
-    rng = rng or np.random.default_rng(1)
-    names = list(inputs) + list(consts)
-    order = [n for n in (attrs or {}).pop("_order", names)]
+    order = order if order is not None else list(inputs) + list(consts)
     node = helper.make_node(op_type, order, ["Y"], **(attrs or {}))
-    graph = helper.make_graph(
-        [node], "case",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    feeds = {k: v.astype(np.float32) for k, v in inputs.items()}
-    for name in wrt or list(inputs):
-        grad_model = vjp_model(model, name, "Y")
-        onnx.checker.check_model(grad_model, full_check=True)
-        session = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
-        tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=(k == name)) for k, v in feeds.items()}
-        tensors.update({k: torch.tensor(np.asarray(v), dtype=torch.float64) for k, v in consts.items() if k})
-        y_ref = torch_fn(**tensors)
-        cot = rng.standard_normal(tuple(y_ref.shape)).astype(np.float32)
-        y_ort, grad_ort = session.run(["Y", "gradient"], {**feeds, "cotangent": cot})
-        (y_ref * torch.tensor(cot, dtype=torch.float64)).sum().backward()
-        np.testing.assert_allclose(y_ort, y_ref.detach().numpy(), rtol=1e-4, atol=1e-4, err_msg="forward differs")
-        ref = tensors[name].grad.numpy()
-        scale = max(np.abs(ref).max(), 1e-6)
-        np.testing.assert_allclose(grad_ort, ref, rtol=1e-4, atol=1e-5 * scale, err_msg=f"d/d{name}")
+    return Case(name or f"{op_type}{attrs or ''}", [node], inputs, reference, consts, opset)
 
 
 def randn(*shape, seed=0):
@@ -53,6 +66,30 @@ def randn(*shape, seed=0):
 
 
 X = randn(2, 4, 9, 11)
+WIDE = X * 4  # spread so that HardSwish/HardSigmoid/Clip see all of their pieces
+
+
+def run(case: Case, rng=None):
+    rng = rng or np.random.default_rng(1)
+    model = case.model()
+    for name in case.wrt:
+        grad_model = vjp_model(model, name, "Y")
+        onnx.checker.check_model(grad_model, full_check=True)
+        session = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        tensors = {k: torch.tensor(v, dtype=torch.float64 if v.dtype.kind == "f" else None, requires_grad=(k == name))
+                   for k, v in case.inputs.items()}
+        tensors.update({k: torch.tensor(np.asarray(v), dtype=torch.float64 if np.asarray(v).dtype.kind == "f" else None)
+                        for k, v in case.consts.items()})
+        y_ref = case.reference(**tensors)
+        cot = rng.standard_normal(tuple(y_ref.shape)).astype(np.float32)
+        y_ort, grad_ort = session.run(["Y", "gradient"], {**case.inputs, "cotangent": cot})
+        (y_ref * torch.tensor(cot, dtype=torch.float64)).sum().backward()
+        np.testing.assert_allclose(y_ort, y_ref.detach().numpy(), rtol=1e-4, atol=1e-4, err_msg="forward differs")
+        ref = tensors[name].grad.numpy()
+        assert grad_ort.shape == ref.shape and grad_ort.dtype == case.inputs[name].dtype
+        scale = max(np.abs(ref).max(), 1e-6)
+        assert np.abs(ref).max() > 0, "the reference gradient is zero: the case tests nothing"
+        np.testing.assert_allclose(grad_ort, ref, rtol=1e-4, atol=1e-5 * scale, err_msg=f"d/d{name}")
 
 
 def torch_pads(pads):
@@ -60,7 +97,18 @@ def torch_pads(pads):
     return (pads[1], pads[3], pads[0], pads[2])
 
 
-CONV_CASES = [
+def same_pads(size, kernel, stride, lower):
+    """ONNX SAME_* padding, written out from the operator spec."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    small = total // 2
+    begin = total - small if lower else small
+    return begin, total - begin
+
+
+# ---------------------------------------------------------------- convolution and normalisation
+
+CONV = [
     dict(strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(strides=[2, 3], pads=[0, 2, 1, 0]),
     dict(dilations=[2, 2], pads=[2, 2, 2, 2]),
@@ -75,21 +123,9 @@ CONV_CASES = [
 ]
 
 
-def same_pads(size, kernel, stride, lower):
-    """ONNX SAME_* padding, written out from the operator spec."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    small = total // 2
-    begin = total - small if lower else small
-    return begin, total - begin
-
-
-@pytest.mark.parametrize("attrs", CONV_CASES, ids=[str(c) for c in CONV_CASES])
-def test_conv(attrs):
+def conv_case(attrs):
     group = attrs.get("group", 1)
     out_channels = 4 if group == 4 else 6
-    w = randn(out_channels, 4 // group, 3, 3, seed=2)
-    bias = randn(out_channels, seed=3)
 
     def reference(x, w, b):
         pads = attrs.get("pads", [0, 0, 0, 0])
@@ -102,67 +138,57 @@ def test_conv(attrs):
         x = F.pad(x, torch_pads(pads))
         return F.conv2d(x, w, b, stride=attrs.get("strides", 1), dilation=attrs.get("dilations", 1), groups=group)
 
-    run_case("Conv", {"x": X}, dict(attrs), consts={"w": w, "b": bias}, torch_fn=reference)
+    return one("Conv", {"x": X}, reference, attrs,
+               consts={"w": randn(out_channels, 4 // group, 3, 3, seed=2), "b": randn(out_channels, seed=3)})
 
 
-def test_batch_norm():
+def batch_norm_case():
     c = X.shape[1]
-    scale, bias, mean, var = randn(c, seed=1), randn(c, seed=2), randn(c, seed=3), np.abs(randn(c, seed=4)) + 0.5
-    run_case(
-        "BatchNormalization", {"x": X}, dict(epsilon=1e-3),
-        consts={"s": scale, "b": bias, "m": mean, "v": var},
-        torch_fn=lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, training=False, eps=1e-3),
-    )
+    consts = {"s": randn(c, seed=1), "b": randn(c, seed=2), "m": randn(c, seed=3), "v": np.abs(randn(c, seed=4)) + 0.5}
+    return one("BatchNormalization", {"x": X},
+               lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, training=False, eps=1e-3), dict(epsilon=1e-3), consts)
 
 
-ELEMENTWISE = {
-    "Relu": (dict(), F.relu),
-    "LeakyRelu": (dict(alpha=0.1), lambda x: F.leaky_relu(x, 0.1)),
-    "Sigmoid": (dict(), torch.sigmoid),
-    "HardSigmoid": (dict(alpha=0.2, beta=0.5), lambda x: torch.clamp(0.2 * x + 0.5, 0, 1)),
-    "HardSwish": (dict(), F.hardswish),
-    "Identity": (dict(), lambda x: x),
-    "Dropout": (dict(), lambda x: x),
-    "Softmax": (dict(axis=1), lambda x: torch.softmax(x, 1)),
-    "GlobalAveragePool": (dict(), lambda x: x.mean((2, 3), keepdim=True)),
-    "GlobalMaxPool": (dict(), lambda x: x.amax((2, 3), keepdim=True)),
-    "Flatten": (dict(axis=1), lambda x: x.flatten(1)),
-    "Transpose": (dict(perm=[0, 2, 3, 1]), lambda x: x.permute(0, 2, 3, 1)),
-    "Cast": (dict(to=TensorProto.FLOAT), lambda x: x),
-}
+# ---------------------------------------------------------------- elementwise
+
+UNARY = [
+    ("Relu", {}, F.relu),
+    ("LeakyRelu", dict(alpha=0.1), lambda x: F.leaky_relu(x, 0.1)),
+    ("Sigmoid", {}, torch.sigmoid),
+    ("HardSigmoid", dict(alpha=0.2, beta=0.5), lambda x: torch.clamp(0.2 * x + 0.5, 0, 1)),
+    ("HardSwish", {}, F.hardswish),
+    ("Identity", {}, lambda x: x),
+    ("Dropout", {}, lambda x: x),
+    ("Softmax", dict(axis=1), lambda x: torch.softmax(x, 1)),
+    ("Softmax", {}, lambda x: torch.softmax(x, -1)),  # opset 13+: the default axis is the last
+    ("GlobalAveragePool", {}, lambda x: x.mean((2, 3), keepdim=True)),
+    ("GlobalMaxPool", {}, lambda x: x.amax((2, 3), keepdim=True)),
+    ("Flatten", dict(axis=1), lambda x: x.flatten(1)),
+    ("Transpose", dict(perm=[0, 2, 3, 1]), lambda x: x.permute(0, 2, 3, 1)),
+    ("Transpose", {}, lambda x: x.permute(3, 2, 1, 0)),  # no perm: the axes reversed
+    ("Cast", dict(to=TensorProto.FLOAT), lambda x: x),
+]
 
 
-@pytest.mark.parametrize("op_type", sorted(ELEMENTWISE))
-def test_unary(op_type):
-    attrs, fn = ELEMENTWISE[op_type]
-    # 4x spread so that HardSwish/HardSigmoid/Clip see all of their pieces
-    run_case(op_type, {"x": X * 4}, dict(attrs), torch_fn=lambda x: fn(x))
+def clip_case(low, high):
+    consts = {k: np.float32(v) for k, v in (("lo", low), ("hi", high)) if v is not None}
+    order = ["x", "lo" if low is not None else "", "hi" if high is not None else ""]
+    while order[-1] == "":
+        order.pop()
+    return one("Clip", {"x": WIDE}, lambda x, **_: x if low is None and high is None else torch.clamp(x, low, high),
+               consts=consts, order=order,
+               name=f"Clip[{low},{high}]")
 
 
-@pytest.mark.parametrize("low,high", [(0.0, 6.0), (0.0, ""), ("", 1.0)])
-def test_clip(low, high):
-    consts = {"lo": np.float32(low) if low != "" else None, "hi": np.float32(high) if high != "" else None}
-    order = ["x", "lo" if low != "" else "", "hi" if high != "" else ""]
-    lo_t = None if low == "" else low
-    hi_t = None if high == "" else high
-    run_case(
-        "Clip", {"x": X * 4}, dict(_order=order), consts={k: v for k, v in consts.items() if v is not None},
-        torch_fn=lambda x, **_: torch.clamp(x, lo_t, hi_t),
-    )
-
-
-@pytest.mark.parametrize("op_type,fn", [("Add", torch.add), ("Sub", torch.sub), ("Mul", torch.mul), ("Div", torch.div)])
-def test_binary_broadcast(op_type, fn):
+def binary_cases(op_type, fn):
     other = np.abs(randn(1, 4, 1, 1, seed=5)) + 0.5  # positive, so Div stays well conditioned
-    run_case(op_type, {"x": X, "y": other}, torch_fn=lambda x, y: fn(x, y))
-    run_case(op_type, {"y": other[0], "x": X}, torch_fn=lambda y, x: fn(y, x))  # rank-3 operand first
+    return [one(op_type, {"x": X, "y": other}, lambda x, y: fn(x, y), name=f"{op_type} broadcast"),
+            one(op_type, {"y": other[0], "x": X}, lambda y, x: fn(y, x), name=f"{op_type} rank-3 first")]
 
 
-def test_div_by_constant():
-    run_case("Div", {"x": X}, consts={"c": np.float32(3.0)}, torch_fn=lambda x, c: x / c)
+# ---------------------------------------------------------------- pooling
 
-
-POOL_CASES = [
+POOL = [
     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(kernel_shape=[2, 2], strides=[2, 2]),
     dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
@@ -171,6 +197,8 @@ POOL_CASES = [
 
 
 def torch_pool(x, attrs, pool, **extra):
+    if "dilations" in attrs:
+        extra["dilation"] = attrs["dilations"]
     pads = attrs.get("pads", [0, 0, 0, 0])
     if pads[0] != pads[2] or pads[1] != pads[3]:
         value = float("-inf") if pool is F.max_pool2d else 0.0
@@ -181,101 +209,165 @@ def torch_pool(x, attrs, pool, **extra):
     return pool(x, attrs["kernel_shape"], attrs["strides"], padding, ceil_mode=bool(attrs.get("ceil_mode", 0)), **extra)
 
 
-@pytest.mark.parametrize("attrs", POOL_CASES, ids=[str(c) for c in POOL_CASES])
-@pytest.mark.parametrize("ties", [False, True])
-def test_max_pool(attrs, ties):
+def max_pool_case(attrs, ties):
     x = np.round(X * 1.5) if ties else X  # integer values: many exact ties, first maximum wins
-    run_case("MaxPool", {"x": x}, dict(attrs), torch_fn=lambda x: torch_pool(x, attrs, F.max_pool2d))
+    return one("MaxPool", {"x": x}, lambda x: torch_pool(x, attrs, F.max_pool2d), attrs,
+               name=f"MaxPool{attrs}{' ties' if ties else ''}")
 
 
-@pytest.mark.parametrize("attrs", POOL_CASES[:1] + POOL_CASES[2:3], ids=["pad", "ceil"])
-@pytest.mark.parametrize("include_pad", [0, 1])
-def test_average_pool(attrs, include_pad):
-    run_case(
-        "AveragePool", {"x": X}, dict(attrs, count_include_pad=include_pad),
-        torch_fn=lambda x: torch_pool(x, attrs, F.avg_pool2d, count_include_pad=bool(include_pad)),
-    )
+def average_pool_case(attrs, include_pad):
+    return one("AveragePool", {"x": X},
+               lambda x: torch_pool(x, attrs, F.avg_pool2d, count_include_pad=bool(include_pad)),
+               dict(attrs, count_include_pad=include_pad))
 
 
-@pytest.mark.parametrize("op_type", ["ReduceMean", "ReduceSum", "ReduceMax"])
-@pytest.mark.parametrize("keepdims", [0, 1])
-def test_reduce(op_type, keepdims):
-    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax}[op_type]
+# ---------------------------------------------------------------- reductions
+
+REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax}
+
+
+def reduce_cases(op_type):
+    fn = REDUCE[op_type]
     x = np.round(X) if op_type == "ReduceMax" else X  # ties split evenly, as torch.amax
-    run_case(
-        op_type, {"x": x}, dict(keepdims=keepdims), consts={"axes": np.array([2, -1], np.int64)},
-        torch_fn=lambda x, axes: fn(x, (2, 3), keepdim=bool(keepdims)),
-    )
+    cases = [one(op_type, {"x": x}, lambda x, axes, k=k: fn(x, (2, 3), keepdim=bool(k)), dict(keepdims=k),
+                 consts={"axes": np.array([2, -1], np.int64)}, name=f"{op_type} axes input keepdims={k}")
+             for k in (0, 1)]
+    # no axes: every axis, unless noop_with_empty_axes makes the node the identity
+    cases.append(one(op_type, {"x": x}, lambda x: fn(x, (0, 1, 2, 3), keepdim=False), dict(keepdims=0),
+                     name=f"{op_type} all axes"))
+    cases.append(one(op_type, {"x": x}, lambda x: x, dict(noop_with_empty_axes=1), name=f"{op_type} noop"))
+    return cases
 
 
-def test_reshape_squeeze_unsqueeze():
+def old_opset_cases():
+    """Models from before opset 18 (attributes where inputs are now, other defaults) are converted first."""
+    x = np.round(X)
+    return [
+        one("ReduceMean", {"x": X}, lambda x: x.mean((1, 3), keepdim=True), dict(axes=[1, 3]), opset=13,
+            name="ReduceMean axes attribute (opset 13)"),
+        one("ReduceMax", {"x": x}, lambda x: x.amax(2), dict(axes=[2], keepdims=0), opset=13,
+            name="ReduceMax axes attribute (opset 13)"),
+        one("Clip", {"x": WIDE}, lambda x: torch.clamp(x, -1.0, 2.5), dict(min=-1.0, max=2.5), opset=10,
+            name="Clip attribute bounds (opset 10)"),
+        one("Softmax", {"x": X}, lambda x: torch.softmax(x.flatten(1), 1).reshape(x.shape), {}, opset=11,
+            name="Softmax opset 11: default axis 1 over the flattened trailing axes"),
+        one("Softmax", {"x": X}, lambda x: torch.softmax(x.flatten(2), 2).reshape(x.shape), dict(axis=2), opset=12,
+            name="Softmax opset 12, axis 2"),
+        one("Pad", {"x": X}, lambda x: F.pad(x, (2, 0, 1, 3)), dict(pads=[0, 0, 1, 2, 0, 0, 3, 0]), opset=10,
+            name="Pad attribute pads (opset 10)"),
+        one("Unsqueeze", {"x": X}, lambda x: x.unsqueeze(1), dict(axes=[1]), opset=11,
+            name="Unsqueeze axes attribute (opset 11)"),
+    ]
+
+
+# ---------------------------------------------------------------- shape and layout
+
+
+def shape_cases():
     x = randn(2, 4, 1, 6)
-    run_case("Reshape", {"x": x}, consts={"s": np.array([2, -1], np.int64)}, torch_fn=lambda x, s: x.reshape(2, -1))
-    run_case("Squeeze", {"x": x}, consts={"a": np.array([2], np.int64)}, torch_fn=lambda x, a: x.squeeze(2))
-    run_case("Unsqueeze", {"x": x}, consts={"a": np.array([0], np.int64)}, torch_fn=lambda x, a: x.unsqueeze(0))
+    return [
+        one("Reshape", {"x": x}, lambda x, s: x.reshape(2, -1), consts={"s": np.array([2, -1], np.int64)}),
+        one("Squeeze", {"x": x}, lambda x, a: x.squeeze(2), consts={"a": np.array([2], np.int64)}),
+        one("Unsqueeze", {"x": x}, lambda x, a: x.unsqueeze(0), consts={"a": np.array([0], np.int64)}),
+    ]
 
 
-def test_concat():
-    a, b = randn(2, 3, 5, 5, seed=1), randn(2, 5, 5, 5, seed=2)
-    run_case("Concat", {"a": a, "b": b}, dict(axis=1), torch_fn=lambda a, b: torch.cat([a, b], 1))
+def concat_cases():
+    a, b, c = randn(2, 3, 5, 5, seed=1), randn(2, 5, 5, 5, seed=2), randn(2, 1, 5, 5, seed=3)
+    return [
+        one("Concat", {"a": a, "b": b}, lambda a, b: torch.cat([a, b], 1), dict(axis=1)),
+        one("Concat", {"a": a}, lambda a: torch.cat([a], 1), dict(axis=1), name="Concat one input"),
+        one("Concat", {"a": a, "b": b, "c": c}, lambda a, b, c: torch.cat([a, b, c], -3), dict(axis=-3),
+            name="Concat three inputs, negative axis"),
+    ]
 
 
-@pytest.mark.parametrize("trans_a", [0, 1])
-@pytest.mark.parametrize("trans_b", [0, 1])
-def test_gemm(trans_a, trans_b):
+def cast_cases():
+    shape_scaled = Case(  # x / (h * w) with h * w from the tensor's own shape, cast from int64 (as exporters do)
+        "Cast from int64 shape arithmetic",
+        [helper.make_node("Shape", ["x"], ["shape"], start=2),
+         helper.make_node("ReduceProd", ["shape"], ["area"], keepdims=0),
+         helper.make_node("Cast", ["area"], ["area_f"], to=TensorProto.FLOAT),
+         helper.make_node("Div", ["x", "area_f"], ["Y"])],
+        {"x": X}, lambda x: x / (x.shape[2] * x.shape[3]))
+    from_double = one("Cast", {"x64": X.astype(np.float64)}, lambda x64: x64, dict(to=TensorProto.FLOAT),
+                      name="Cast from float64")
+    return [shape_scaled, from_double]
+
+
+# ---------------------------------------------------------------- matrix products
+
+
+def gemm_case(trans_a, trans_b):
     a = randn(5, 3) if not trans_a else randn(3, 5)
     w = randn(3, 4, seed=2) if not trans_b else randn(4, 3, seed=2)
-    c = randn(4, seed=3)
 
     def reference(a, w, c):
-        a_ = a.T if trans_a else a
-        w_ = w.T if trans_b else w
-        return 0.7 * a_ @ w_ + 1.3 * c
+        return 0.7 * (a.T if trans_a else a) @ (w.T if trans_b else w) + 1.3 * c
 
-    attrs = dict(transA=trans_a, transB=trans_b, alpha=0.7, beta=1.3)
-    run_case("Gemm", {"a": a, "w": w, "c": c}, attrs, torch_fn=reference)
+    return one("Gemm", {"a": a, "w": w, "c": randn(4, seed=3)}, reference,
+               dict(transA=trans_a, transB=trans_b, alpha=0.7, beta=1.3))
 
 
-def test_matmul():
-    run_case("MatMul", {"x": randn(2, 3, 5), "w": randn(5, 4, seed=2)}, torch_fn=lambda x, w: x @ w)
+CASES = (
+    [conv_case(attrs) for attrs in CONV]
+    + [batch_norm_case()]
+    + [one(op, {"x": WIDE}, lambda x, fn=fn: fn(x), attrs) for op, attrs, fn in UNARY]
+    + [clip_case(low, high) for low, high in ((0.0, 6.0), (0.0, None), (None, 1.0), (None, None))]
+    + [case for op, fn in (("Add", torch.add), ("Sub", torch.sub), ("Mul", torch.mul), ("Div", torch.div))
+       for case in binary_cases(op, fn)]
+    + [one("Div", {"x": X}, lambda x, c: x / c, consts={"c": np.float32(3.0)}, name="Div by a constant")]
+    + [max_pool_case(attrs, ties) for attrs in POOL for ties in (False, True)]
+    + [max_pool_case(dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2]), True)]
+    + [average_pool_case(attrs, include) for attrs in (POOL[0], POOL[2]) for include in (0, 1)]
+    + [case for op in REDUCE for case in reduce_cases(op)]
+    + old_opset_cases()
+    + shape_cases()
+    + concat_cases()
+    + cast_cases()
+    + [gemm_case(a, b) for a in (0, 1) for b in (0, 1)]
+    + [one("MatMul", {"x": randn(2, 3, 5), "w": randn(5, 4, seed=2)}, lambda x, w: x @ w)]
+    + [one("Pad", {"x": X}, lambda x, pads: F.pad(x, (2, 0, 1, 3)),
+           consts={"pads": np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64)})]
+)
 
 
-def test_pad():
-    pads = np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64)
-    run_case(
-        "Pad", {"x": X}, consts={"pads": pads},
-        torch_fn=lambda x, pads: F.pad(x, (2, 0, 1, 3)),
-    )
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_rule(case):
+    run(case)
 
 
-def test_every_rule_has_a_case():
-    """Adding a rule means adding its test: the op must be named in this file."""
-    source = open(__file__).read()
-    untested = [op for op in RULES if f'"{op}"' not in source]
-    assert not untested, f"rules without a test case: {untested}"
+def ops_on_path(model: onnx.ModelProto, wrt) -> set:
+    """Op types of the nodes a gradient flows through: those with a floating-point output computed (transitively)
+    from a differentiated input."""
+    model = onnx.shape_inference.infer_shapes(at_min_opset(model))
+    types = {i.name: i.type.tensor_type.elem_type for i in list(model.graph.input) + list(model.graph.value_info)
+             + list(model.graph.output)}
+    reached, ops = set(wrt), set()
+    for node in model.graph.node:
+        outputs = [o for o in node.output if types.get(o) in FLOAT_TYPES]
+        if outputs and any(i in reached for i in node.input):
+            ops.add(node.op_type)
+            reached.update(outputs)
+    return ops
+
+
+def test_every_rule_is_exercised():
+    """Adding a rule means adding a case whose graph puts its op on a differentiated path."""
+    exercised = set().union(*(ops_on_path(case.model(), case.wrt) for case in CASES))
+    assert not set(RULES) - exercised, f"rules no case exercises: {sorted(set(RULES) - exercised)}"
 
 
 def test_unsupported_op_is_named():
-    from igcam_engine.errors import UserError
-
-    node = helper.make_node("Erf", ["x"], ["Y"], name="my_erf")
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    with pytest.raises(UserError, match=r"Erf \(node 'my_erf'\).*Supported ops: .*Conv"):
-        vjp_model(model, "x", "Y")
+    node = helper.make_node("Hardmax", ["x"], ["Y"], name="my_hardmax")
+    case = Case("unsupported", [node], {"x": randn(2, 3)}, None)
+    with pytest.raises(UserError, match=r"Hardmax \(node 'my_hardmax'\).*Supported ops: .*Conv"):
+        vjp_model(case.model(), "x", "Y")
 
 
-def test_max_pool_dilated_and_no_trt_refused_ops():
+def test_max_pool_uses_no_op_tensorrt_refuses():
     attrs = dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2])
-    run_case("MaxPool", {"x": np.round(X)}, dict(attrs),
-             torch_fn=lambda x: F.max_pool2d(x, 3, 2, 1, dilation=2))
-    node = helper.make_node("MaxPool", ["x"], ["Y"], **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    grad = vjp_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8), "x", "Y")
+    grad = vjp_model(max_pool_case(attrs, True).model(), "x", "Y")
     ops = [n.op_type for n in grad.graph.node]
     # TensorRT refuses MaxPool's Indices output and scatter-with-reduction: the rule must use neither
     assert "ScatterElements" not in ops and "ScatterND" not in ops and ops.count("MaxPool") == 1

@@ -4,17 +4,15 @@ import importlib.util
 import io
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
-from reference import max_normalized_difference
+from comparisons import assert_maps_match
+from processes import Scope
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.benchmarks import serve_load
@@ -27,9 +25,30 @@ pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason
 
 
 def free_port():
+    """A port the kernel just handed out; serve_on retries should another process take it first."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_on(scope: Scope, bundle, *options, attempts=3, ready_within=180):
+    """Starts `igcam serve` on a free port and waits for /ready; returns the base URL."""
+    for _ in range(attempts):
+        port = free_port()
+        process = scope.start(["serve", bundle, "--port", port, *options])
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + ready_within
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
+                    if response.status == 200:
+                        return base
+            except OSError:
+                time.sleep(1)
+        scope.stop()
+        if "Failed to bind to address" not in scope.output():
+            raise RuntimeError(f"igcam serve did not become ready in {ready_within} s:\n{scope.output()[-4000:]}")
+    raise RuntimeError(f"igcam serve found no free port in {attempts} attempts")
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +56,14 @@ def server(tmp_path_factory):
     assert HAS_RAY, "ray[serve] must be installed in CI (scripts/setup.sh installs the serve extra)"
     torch.manual_seed(0)
     model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
-    bundle = from_torch(model, "features.18", (3, 96, 128), tmp_path_factory.mktemp("serve"), preprocess="imagenet")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "igcam_engine.apps.cli", "serve", str(bundle), "--port", str(port),
-                                "--max-batch", "8", "--batch-wait-ms", "50", "--providers", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-        if process.poll() is not None:
-            raise RuntimeError(f"igcam serve exited: {process.stdout.read()}")
-    else:
-        process.kill()
-        raise RuntimeError("igcam serve did not become ready in 180 s")
-    yield base, bundle
-    process.send_signal(signal.SIGINT)
+    root = tmp_path_factory.mktemp("serve")
+    bundle = from_torch(model, "features.18", (3, 96, 128), root / "bundle", preprocess="imagenet")
+    scope = Scope(root / "serve.log")
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        yield serve_on(scope, bundle, "--max-batch", "8", "--batch-wait-ms", "50", "--providers", "cpu"), bundle
+    finally:
+        scope.stop()
+        assert not scope.members(), "igcam serve left processes behind"
 
 
 def test_load_from_eight_clients_is_batched_and_exact(server):
@@ -79,7 +81,7 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
             expected[photo] = (target, explainer.explain(image, target, steps=6, variant="paper"))
         target, maps = expected[photo]
         assert json.loads(headers["x-igcam-targets"]) == [target]
-        assert max_normalized_difference(np.load(io.BytesIO(body)), maps) <= 1e-4
+        assert_maps_match(np.load(io.BytesIO(body)), maps, 1e-4, 1e-4)
     with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
         assert max(json.loads(response.read())["batch_sizes"]) > 1, "no two requests were batched together"
 

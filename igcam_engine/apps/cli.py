@@ -147,6 +147,8 @@ def _add_method_options(parser):
                         help="auto (best available), cpu, cuda, tensorrt, or ONNX Runtime provider names, comma "
                              "separated (default: auto)")
     parser.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 tensor cores (faster; maps within "
+                        "about 1e-2 of float32's, see README)")
     parser.add_argument("--engine-cache", type=Path, metavar="DIR", help="TensorRT engine cache directory "
                         "(default: ~/.cache/igcam/tensorrt)")
     parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
@@ -290,7 +292,7 @@ def _explain(args):
 
     explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
-                  batch_size=args.batch_size, providers=args.providers, fp16=args.fp16,
+                  batch_size=args.batch_size, providers=args.providers, fp16=args.fp16, tf32=args.tf32,
                   engine_cache=args.engine_cache, placement=args.placement, tolerance=args.tolerance)
 
 

@@ -28,12 +28,12 @@ def _progress(items, label):
 
 
 def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
-                  rule=None, steps=50, baseline="black", batch_size=None, providers=None, fp16=False,
+                  rule=None, steps=50, baseline="black", batch_size=None, providers=None, fp16=False, tf32=False,
                   engine_cache=None, placement=False, tolerance=0.01) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json."""
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    explainer = Explainer(bundle, providers=providers, fp16=fp16, engine_cache=engine_cache)
+    explainer = Explainer(bundle, providers=providers, fp16=fp16, tf32=tf32, engine_cache=engine_cache)
     if placement:
         for graph, by_provider in explainer.placement().items():
             for provider, ops in by_provider.items():
