@@ -7,15 +7,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
+
+try:
+    import onnx
+except ModuleNotFoundError:
+    raise ModuleNotFoundError("igcam_engine.export needs onnx: pip install 'igcam-engine[onnx]' (and [export] for "
+                              "PyTorch models)", name="onnx") from None
 
 from igcam_engine.errors import UserError
 from igcam_engine.preprocess import resolve_preprocess
 
+from .autodiff import MissingRules
 from .builder import default_opset
-from .graphs import build_graphs, candidate_layers, prepare, split
+from .graphs import build_graphs, candidate_layers, later_target_hint, prepare, split
 from .triton import triton_repository
-from .writer import write_bundle
+from .writer import staged, write_bundle
 
 __all__ = ["from_torch", "from_onnx", "layers", "triton_repository"]
 
@@ -32,7 +38,7 @@ def _load(path) -> onnx.ModelProto:
 def layers(path, input_shape=None) -> list[dict]:
     """The 4-D activations of an ONNX model: tensor name, producing op and node, shape [K, h, w], and `cut`
     (True where every path from the input to the logits passes through it, i.e. it can be a target layer)."""
-    return candidate_layers(prepare(_load(path), input_shape))
+    return candidate_layers(prepare(_load(path), input_shape).model)
 
 
 def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None) -> Path:
@@ -46,7 +52,12 @@ def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labe
 
 def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None) -> Path:
     """Bundle from a torch.nn.Module; `layer` is a module path as in named_modules() ("layer4", "features.29")."""
-    from ._torch import export_with_layer
+    try:
+        from ._torch import export_with_layer
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise UserError("from_torch needs torch: pip install 'igcam-engine[export]'") from None
 
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
@@ -55,52 +66,99 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
 
 def _export(model, out, tensor, preprocess, input_shape, labels, layer, reference=None) -> Path:
     prepared = prepare(model, input_shape)
-    s = split(prepared, tensor)
+    s = split(prepared.model, tensor)
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
     if labels is not None:
         labels = [str(label) for label in labels]
         if len(labels) != s.num_classes:
             raise UserError(f"{len(labels)} labels given for a model with {s.num_classes} classes")
+    try:
+        graphs = build_graphs(s)
+    except MissingRules as e:
+        raise UserError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32"},
         "preprocess": preprocess,
         "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape},
+        "logits": {"tensor": s.logits, "before": s.scores_after},
         "num_classes": s.num_classes,
         "labels": labels,
-        "opset": default_opset(prepared),
+        "opset": default_opset(prepared.model),
     }
-    write_bundle(out, build_graphs(s), manifest)
-    _check_logits(out, prepared, s, reference)
+    with staged(out) as staging:
+        write_bundle(staging, graphs, manifest)
+        _verify(staging, model, prepared, s, preprocess, reference)
     return Path(out)
 
 
-def _check_logits(out, prepared, s, reference) -> None:
-    """The bundle must reproduce the source model's scores on a batch of two random images: this catches a split
-    that changed the function or a model whose batch size is not really dynamic; with `reference` (images and the
-    torch module's outputs) it also catches an ONNX export that does not match the module."""
+def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, reference) -> None:
+    """The bundle must reproduce the original model's output on real photos, one at a time and three in one batch:
+    this catches a split or a conversion that changed the function, and a batch that is not really dynamic; with
+    `reference` (images and the torch module's outputs) it also catches an ONNX export that differs from the
+    module."""
     import onnxruntime as ort
 
-    images = np.random.default_rng(0).standard_normal((2, *s.input_shape)).astype(np.float32)
+    images = _sample_inputs(s.input_shape, preprocess)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is reported in the one-line error below, not on stderr
+    source = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    source_input = source.get_inputs()[0].name
     if reference is not None:
-        images = reference[0]
-    source = onnx.ModelProto()
-    source.CopyFrom(prepared)
-    output = source.graph.output[0].name
-    if s.logits != output:
-        source.graph.output.add(name=s.logits)
-    session = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"])
-    results = session.run(None, {s.image: images})
-    if reference is not None:
-        _compare(results[0], reference[1], "the ONNX export's outputs differ from the torch module's")
-    bundle = ort.InferenceSession(str(Path(out) / "igcam.onnx"), providers=["CPUExecutionProvider"])
-    try:
-        got = bundle.run(["logits"], {
-            "images": images, "baseline": np.zeros_like(images), "alphas": np.ones(1, np.float32),
-            "targets": np.zeros(len(images), np.int64),
-        })[0]
-    except Exception as e:
-        raise UserError(f"the exported graphs do not run on a batch of 2 (is the batch size dynamic?): {e}") from None
-    _compare(got, results[-1], "the bundle's logits differ from the source model's")
+        (torch_images, torch_outputs) = reference
+        _compare(source.run(None, {source_input: torch_images})[0], torch_outputs,
+                 "the ONNX export's outputs differ from the torch module's")
+    batch = prepared.fixed_batch or len(images)
+    expected = np.concatenate([_run_padded(source, source_input, images[i:i + batch], batch)
+                               for i in range(0, len(images), batch)])
+    graph = ort.InferenceSession(str(bundle / "igcam.onnx"), options, providers=["CPUExecutionProvider"])
+    for rows in (images[:1], images):
+        try:
+            logits = graph.run(["logits"], {"images": rows, "baseline": np.zeros_like(rows[:1]),
+                                            "alphas": np.ones(1, np.float32),
+                                            "targets": np.zeros(len(rows), np.int64)})[0]
+        except Exception as e:
+            raise UserError(f"the exported graphs do not run on a batch of {len(rows)}: {_batch_hint(prepared)} "
+                            f"(ONNX Runtime: {str(e).splitlines()[0]})") from None
+        got = _scores(logits, s.scores_after).reshape(expected[: len(rows)].shape)
+        try:
+            _compare(got, expected[: len(rows)], "the bundle's scores differ from the original model's")
+        except UserError as e:
+            raise UserError(f"{e} at batch {len(rows)}" + (f": {_batch_hint(prepared)}" if len(rows) > 1 else ""))
+
+
+def _sample_inputs(input_shape, preprocess) -> np.ndarray:
+    """The sample photos as model input (three-channel models), else three seeded random images."""
+    from igcam_engine.data import sample_images
+    from igcam_engine.images import load_image, to_model_input
+
+    if input_shape[0] == 3:
+        return np.stack([to_model_input(load_image(p), input_shape, preprocess)[0] for p in sample_images()[:3]])
+    return np.random.default_rng(0).standard_normal((3, *input_shape)).astype(np.float32)
+
+
+def _run_padded(session, name, images, batch) -> np.ndarray:
+    """The first output for `images` on a session whose batch is fixed at `batch` (the last rows repeated)."""
+    padded = np.concatenate([images, np.repeat(images[-1:], batch - len(images), axis=0)])
+    return session.run(None, {name: padded})[0][: len(images)]
+
+
+def _scores(logits: np.ndarray, after) -> np.ndarray:
+    """The model's first output from its logits: the Softmax or LogSoftmax the model ends with, if any."""
+    if after is None:
+        return logits
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return log_probabilities if after == "LogSoftmax" else np.exp(log_probabilities)
+
+
+def _batch_hint(prepared) -> str:
+    if prepared.fixed_batch is None:
+        return "the model's graph does not accept this batch size"
+    made = (f"; Reshape node(s) {', '.join(repr(n) for n in prepared.batch_rewrites)} were made to copy the batch"
+            if prepared.batch_rewrites else "")
+    return (f"the model was exported with its batch fixed at {prepared.fixed_batch}{made}, but other ops still "
+            "carry that size; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={'input': "
+            "{0: 'batch'}}) or dynamo=True with dynamic_shapes)")
 
 
 def _compare(got, expected, message) -> None:

@@ -32,31 +32,57 @@ class _Exposed(torch.nn.Module):
 
 
 def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
-    """Returns (onnx model with only the logits output, name of the layer's tensor, (images, torch logits))."""
+    """Returns (onnx model with only the logits output, name of the layer's tensor, (images, torch logits)).
+
+    The model is exported in eval mode and handed back in the mode each of its modules was in."""
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         sample = ", ".join(list(n for n in modules if n)[-8:])
         raise UserError(f"the model has no module '{layer}'; module paths look like: {sample}")
     if len(input_shape) != 3:
         raise UserError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-    model = model.eval()
-    images = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-    wrapper = _Exposed(model, modules[layer]).eval()
-    with torch.no_grad():
-        reference = model(images).numpy()
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        images = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        wrapper = _Exposed(model, modules[layer]).eval()
+        with torch.no_grad():
+            reference = model(images).numpy()
+        program = _export(wrapper, images, dynamic_batch=True)
+        if program is None:  # the model fixes its batch somewhere: export as traced, prepare frees the batch
+            program = _export(wrapper, images, dynamic_batch=False)
+    finally:
+        for module, training in modes.items():
+            module.training = training
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, (images,), input_names=["input"], output_names=["logits", "target"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "target": {0: "batch"}},
-            opset_version=18, dynamo=True, verbose=False,
-        )
     program.save(buffer)
     onnx_model = onnx.load_from_string(buffer.getvalue())
     tensor = _source_of(onnx_model, "target")
     del onnx_model.graph.output[1:]
     return onnx_model, tensor, (images.numpy(), reference)
+
+
+def _export(wrapper, images, dynamic_batch: bool):
+    """torch's ONNX program of the wrapper; None when a dynamic batch was asked for and the model specialises it."""
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "target": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(wrapper, (images,), input_names=["input"], output_names=["logits", "target"],
+                                     dynamic_axes=axes, opset_version=18, dynamo=True, verbose=False)
+        except UserError:
+            raise
+        except Exception as e:
+            if dynamic_batch and _specialises_batch(e):
+                return None
+            raise UserError(f"torch's ONNX exporter failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                            ) from None
+
+
+def _specialises_batch(error: Exception) -> bool:
+    """Whether torch.export refused the dynamic batch because the model's code fixes it."""
+    text = f"{type(error).__name__} {error} {error.__cause__}"
+    return any(word in text for word in ("Constraints violated", "ConstraintViolation", "specialized", "guard"))
 
 
 @contextlib.contextmanager

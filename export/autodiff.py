@@ -12,8 +12,39 @@ from onnx import helper
 
 from igcam_engine.errors import UserError
 
-from .builder import GraphBuilder, Node, at_min_opset
+from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
 from .rules import RULES
+
+
+class MissingRules(UserError):
+    """Ops on the differentiated part that have no gradient rule (`missing`: "Op (node 'name')" strings)."""
+
+    def __init__(self, missing: list[str], wrt: str):
+        self.missing = missing
+        super().__init__(
+            f"no gradient rule for op(s) on the differentiated part (from the target '{wrt}' to the logits): "
+            + ", ".join(missing) + ". Ops before the target need none (ONNX Runtime runs them); rules exist for: "
+            + ", ".join(sorted(RULES)))
+
+
+def differentiated(builder: GraphBuilder, nodes: list, wrt: str):
+    """(the tensors that carry a gradient, the nodes producing them in order): a tensor carries one when a node
+    computes it from such a tensor (wrt first) and it is floating point; Shape and Size pass none on."""
+    views = [Node.from_proto(n) for n in nodes]
+    depends = {wrt}
+    for node in views:
+        if node.op_type not in SHAPE_READERS and any(i in depends for i in node.inputs):
+            depends.update(o for o in node.outputs if builder.is_float(o))
+    return depends, [n for n in views if any(o in depends for o in n.outputs)]
+
+
+def missing_rules(builder: GraphBuilder, nodes: list, wrt: str) -> list[str]:
+    """The nodes on the differentiated part whose op has no rule, as "Op (node 'name')"."""
+    return _without_rule(differentiated(builder, nodes, wrt)[1])
+
+
+def _without_rule(nodes: list) -> list[str]:
+    return sorted({f"{n.op_type} (node '{n.name}')" for n in nodes if n.op_type not in RULES})
 
 
 def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str, output: str, seed: str) -> str:
@@ -21,25 +52,13 @@ def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str
 
     Returns the name of the gradient tensor, shaped like `wrt`.
     """
-    views = [Node.from_proto(n) for n in nodes]
-    depends = {wrt}
-    for node in views:
-        if any(i in depends for i in node.inputs):
-            depends.update(o for o in node.outputs if builder.is_float(o))
+    depends, on_path = differentiated(builder, nodes, wrt)
     builder.differentiable = depends
     if output not in depends:
         raise UserError(f"output '{output}' does not depend on tensor '{wrt}'")
-
-    # Nodes that produce a differentiated tensor; the rest (Shape, comparisons, ...) pass no gradient on.
-    on_path = [n for n in views if any(o in depends for o in n.outputs)]
-    missing = sorted({f"{n.op_type} (node '{n.name}')" for n in on_path if n.op_type not in RULES})
+    missing = _without_rule(on_path)
     if missing:
-        raise UserError(
-            "no gradient rule for op(s) on the path from the target layer to the logits: "
-            + ", ".join(missing)
-            + ". Supported ops: "
-            + ", ".join(sorted(RULES))
-        )
+        raise MissingRules(missing, wrt)
 
     cotangents: dict[str, list[str]] = {output: [seed]}
     for node in reversed(on_path):

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx.version_converter
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from igcam_engine.errors import UserError
 
 MIN_OPSET = 18
+# Ops whose outputs depend on their input's shape, never its values: no gradient flows through them.
+SHAPE_READERS = {"Shape", "Size"}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -57,6 +59,7 @@ class GraphBuilder:
         self._names: set[str] = set()
         self._counter = 0
         self.differentiable: set[str] = set()  # tensors the running backward pass carries gradients for
+        self.opset = default_opset(model) or MIN_OPSET  # which version of an op's semantics the rules read
         self.add_model(model)
 
     def add_model(self, model: onnx.ModelProto) -> None:
@@ -138,7 +141,9 @@ class GraphBuilder:
         return self._constants.get(name) if name else None
 
     def is_float(self, name: str) -> bool:
-        return self._types.get(name) in FLOAT_TYPES
+        """Whether the tensor is floating point; one shape inference gave no type (the outputs of some function
+        ops) counts as floating point, so that no gradient is dropped silently."""
+        return self._types.get(name, TensorProto.UNDEFINED) in FLOAT_TYPES | {TensorProto.UNDEFINED}
 
     def elem_type(self, name: str) -> int:
         """The ONNX element type of a tensor (TensorProto.FLOAT, ...)."""

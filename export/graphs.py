@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from igcam_engine.errors import UserError
 
 from .autodiff import append_backward
-from .builder import GraphBuilder, at_min_opset
+from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
 
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.
 IO_NAMES = (
@@ -25,10 +25,27 @@ IO_NAMES = (
     "activations", "activation_grad", "logits", "maps",
 )
 BATCH = "batch"
+# Ops after which a Softmax may still be followed to the output: they only copy, reshape or retype the scores.
+COPIES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
 
 
-def prepare(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
-    """Returns a shape-inferred copy with one image input [batch, C, H, W] and opset >= MIN_OPSET."""
+@dataclass
+class Prepared:
+    """A normalised model, with what `prepare` learnt of the original."""
+
+    model: onnx.ModelProto
+    fixed_batch: int | None  # the original input's batch size when it was fixed, else None
+    batch_rewrites: list  # Reshape nodes whose shape constant carried that batch size (now 0: copy the batch)
+
+
+def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
+    """A shape-inferred copy with one image input [batch, C, H, W], opset >= MIN_OPSET and every node named.
+
+    A batch fixed in the original (input dim 1, as torch's exporters write without dynamic axes) is made dynamic:
+    the input's first dim becomes symbolic and Reshape constants that carry the fixed size in their first entry
+    copy the batch instead (0). The export then verifies the result against the original at batch 1 and 3."""
+    original, model = model, onnx.ModelProto()
+    model.CopyFrom(original)  # the caller's model stays as it was (the export verifies against it)
     model = at_min_opset(onnx.inliner.inline_local_functions(model))
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -36,6 +53,7 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
         raise UserError(f"the model must have exactly one (image) input, it has {[i.name for i in inputs]}")
     for name in IO_NAMES:
         _rename(model, name, f"model/{name}")
+    _name_nodes(model.graph)
     image = [i for i in model.graph.input if i.name not in initializers][0]
     tensor_type = image.type.tensor_type
     if tensor_type.elem_type != TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
@@ -45,21 +63,81 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
         if len(input_shape) != 3:
             raise UserError(f"input_shape must be (C, H, W), got {input_shape}")
         for dim, size in zip(dims[1:], input_shape):
-            if dim.HasField("dim_value") and dim.dim_value != size:
-                raise UserError(f"input_shape {tuple(input_shape)} contradicts the model's input shape")
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
+                raise UserError(f"input_shape {tuple(input_shape)} contradicts the model's input shape "
+                                f"{[d.dim_value or d.dim_param or '?' for d in dims[1:]]}")
             dim.dim_value = int(size)
-    if not all(d.HasField("dim_value") for d in dims[1:]):
-        raise UserError(f"input '{image.name}' has dynamic C/H/W; pass input_shape=(C, H, W) to fix them")
+    if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+        raise UserError(f"input '{image.name}' has dynamic C/H/W "
+                        f"{[d.dim_value if d.HasField('dim_value') else d.dim_param or '?' for d in dims[1:]]}: give "
+                        "the size to export for with input_shape=(C, H, W) (CLI: --input-shape C,H,W)")
+    fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
     dims[0].dim_param = BATCH
     # Outputs keep only their element type so that inference re-derives them with the symbolic batch.
     for output in model.graph.output:
         output.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
     model.ir_version = max(helper.find_min_ir_version_for(list(model.opset_import)), 8)
+    rewrites = _free_the_batch(model, fixed_batch) if fixed_batch else []
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise UserError(f"ONNX shape inference failed on the model: {e}") from None
+    return Prepared(inferred, fixed_batch, rewrites)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Gives every unnamed node a unique name (exporters and ONNX's version converter leave some empty), so that
+    every message can name the node it is about."""
+    taken = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _free_the_batch(model: onnx.ModelProto, fixed_batch: int) -> list[str]:
+    """Rewrites Reshape nodes whose constant target shape starts with the fixed batch size while their input's first
+    dim is the (now symbolic) batch: that entry becomes 0, "copy the input's dim". Returns the nodes rewritten."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:
+        raise UserError(f"ONNX shape inference failed on the model: {e}") from None
+    first_dims = {info.name: info.type.tensor_type.shape.dim[0].dim_param
+                  for info in list(inferred.graph.value_info) + list(inferred.graph.input)
+                  if info.type.tensor_type.HasField("shape") and len(info.type.tensor_type.shape.dim)}
+    constants = _constants(model.graph)
+    rewritten = []
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or first_dims.get(node.input[0]) != BATCH:
+            continue
+        target = constants.get(node.input[1])
+        if target is None or target.ndim != 1 or not len(target) or target[0] != fixed_batch or 0 in target:
+            continue
+        # With no 0 in the target shape, allowzero (which torch's exporter sets) changes nothing: drop it, so that
+        # the new 0 means "copy".
+        for attribute in node.attribute:
+            if attribute.name == "allowzero":
+                attribute.i = 0
+        shape = target.copy()
+        shape[0] = 0
+        name = f"{node.input[1]}/batch_copied/{node.name}"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(shape.astype(np.int64), name))
+        node.input[1] = name
+        rewritten.append(node.name)
+    return rewritten
+
+
+def _constants(graph: onnx.GraphProto) -> dict:
+    """Values of initializers and Constant nodes (value attribute) by tensor name."""
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
 def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
@@ -78,8 +156,9 @@ class Split:
     image: str  # the model's image input
     target: str  # the activation tensor the maps are computed at
     logits: str  # class scores [batch, classes] (the input of a final Softmax)
+    scores_after: str | None  # the op (Softmax, LogSoftmax) between the logits and the model's first output, if any
     head: list  # nodes from the image to the target, in graph order
-    tail: list  # nodes from the target to the logits, in graph order
+    tail: list  # nodes from the target to the logits, in graph order (shape reads of head tensors rewritten)
     input_shape: list  # C, H, W
     activation_shape: list  # K, h, w
     num_classes: int
@@ -89,9 +168,11 @@ def _producers(graph: onnx.GraphProto) -> dict:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _ancestors(graph, start: str, stop: str | None = None):
-    """Nodes needed to compute `start`, treating `stop` as given; and whether the image input was reached."""
-    producers = _producers(graph)
+def _ancestors(graph, start: str, stop: str | None = None, *, values_only: bool = True, producers=None):
+    """Nodes needed to compute `start`, treating `stop` as given, and the tensors reached. With `values_only`, the
+    walk does not go past a Shape or Size node: it reads its input's shape, never its values, so that input is not
+    needed (the gradient graph knows every shape but the batch, which it shares with the target)."""
+    producers = producers if producers is not None else _producers(graph)
     needed, stack, seen = set(), [start], set()
     while stack:
         name = stack.pop()
@@ -103,17 +184,23 @@ def _ancestors(graph, start: str, stop: str | None = None):
         node = producers.get(name)
         if node is not None and id(node) not in needed:
             needed.add(id(node))
-            stack.extend(x for x in node.input if x)
+            if not (values_only and node.op_type in SHAPE_READERS):
+                stack.extend(x for x in node.input if x)
     return [n for n in graph.node if id(n) in needed], seen
 
 
-def logits_of(model: onnx.ModelProto) -> str:
-    """The class-score tensor: the first output, or the input of the Softmax/LogSoftmax that produces it."""
-    name = model.graph.output[0].name
-    node = _producers(model.graph).get(name)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+def scores_of(model: onnx.ModelProto):
+    """(the class-score tensor, the op between it and the first output or None): the first output, or the input
+    of a Softmax/LogSoftmax that produces it through ops that only copy or reshape."""
+    output = model.graph.output[0].name
+    producers = _producers(model.graph)
+    name, node = output, producers.get(output)
+    while node is not None and node.op_type in COPIES:
         name = node.input[0]
-    return name
+        node = producers.get(name)
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        return node.input[0], node.op_type
+    return output, None
 
 
 def _shape(model: onnx.ModelProto, name: str):
@@ -123,21 +210,29 @@ def _shape(model: onnx.ModelProto, name: str):
     return None
 
 
+def _symbolic_shape(model: onnx.ModelProto, name: str):
+    for info in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if info.name == name:
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                    for d in info.type.tensor_type.shape.dim]
+    return None
+
+
 def candidate_layers(model: onnx.ModelProto) -> list[dict]:
     """Every 4-D float activation of a prepared model, in graph order, with whether it separates the image
     input from the logits (only such a tensor can be a target layer)."""
     image = model.graph.input[0].name
-    logits = logits_of(model)
+    logits, _ = scores_of(model)
+    producers = _producers(model.graph)
     rows = []
     for node in model.graph.node:
         for out in node.output:
             shape = _shape(model, out)
             if shape is None or len(shape) != 4:
                 continue
-            _, reached = _ancestors(model.graph, logits, stop=out)
-            rows.append(
-                {"tensor": out, "op": node.op_type, "node": node.name, "shape": shape[1:], "cut": image not in reached}
-            )
+            _, reached = _ancestors(model.graph, logits, stop=out, producers=producers)
+            rows.append({"tensor": out, "op": node.op_type, "node": node.name, "shape": shape[1:],
+                         "cut": image not in reached and out in reached})
     return rows
 
 
@@ -150,20 +245,38 @@ def default_target(model: onnx.ModelProto) -> str:
     return rows[-1]["tensor"]
 
 
+def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
+    """Names the first target after `s.target` whose tail every op of which has a rule, if there is one."""
+    from .autodiff import missing_rules
+
+    rows = candidate_layers(model)
+    names = [r["tensor"] for r in rows]
+    later = rows[names.index(s.target) + 1:] if s.target in names else []
+    for row in later:
+        if not row["cut"]:
+            continue
+        tail, _ = _ancestors(model.graph, s.logits, stop=row["tensor"])
+        if not missing_rules(GraphBuilder(model), tail, row["tensor"]):
+            return (f"a later target avoids them: tensor '{row['tensor']}' {row['shape']} (node '{row['node']}'; "
+                    "from_onnx(tensor=...) or --tensor)")
+    return "no later 4-D tensor avoids them, so this model cannot be explained at this layer yet"
+
+
 def split(model: onnx.ModelProto, target: str | None = None) -> Split:
     graph = model.graph
     image = graph.input[0].name
-    logits = logits_of(model)
+    logits, scores_after = scores_of(model)
     logits_shape = _shape(model, logits)
     if logits_shape is None or len(logits_shape) != 2 or not logits_shape[1]:
-        raise UserError(f"the model's first output must be class scores [batch, classes], '{logits}' is {logits_shape}")
+        raise UserError(f"the model's first output must be class scores [batch, classes] (or their Softmax); "
+                        f"'{logits}' is {logits_shape}")
     target = target or default_target(model)
     shape = _shape(model, target)
     if target not in _producers(graph):
         raise UserError(f"'{target}' is not an activation tensor of the model (see `igcam layers`)")
     if shape is None or len(shape) != 4 or None in shape[1:]:
         raise UserError(f"target tensor '{target}' must be 4-D [batch, K, h, w] with static K, h, w; it is {shape}")
-    head, _ = _ancestors(graph, target)
+    head, _ = _ancestors(graph, target, values_only=False)
     tail, reached = _ancestors(graph, logits, stop=target)
     if image in reached:
         raise UserError(
@@ -172,7 +285,45 @@ def split(model: onnx.ModelProto, target: str | None = None) -> Split:
         )
     if target not in reached:
         raise UserError(f"the logits do not depend on target tensor '{target}'")
-    return Split(model, image, target, logits, head, tail, _shape(model, image)[1:], shape[1:], logits_shape[1])
+    tail = _shape_reads_from_target(model, tail, target)
+    return Split(model, image, target, logits, scores_after, head, tail, _shape(model, image)[1:], shape[1:],
+                 logits_shape[1])
+
+
+def _shape_reads_from_target(model: onnx.ModelProto, tail: list, target: str) -> list:
+    """The tail with every Shape/Size of a tensor it does not compute (a head tensor, the image) replaced by the
+    same value from the tensor's static dims and the batch, which every head tensor shares with the target."""
+    computed = {o for n in tail for o in n.output} | {target}
+    builder = GraphBuilder(model, prefix="igcam/shapes")
+    replaced = []
+    for node in tail:
+        if node.op_type not in SHAPE_READERS or node.input[0] in computed:
+            replaced.append(node)
+            continue
+        dims = _symbolic_shape(model, node.input[0])
+        if not dims or dims[0] != BATCH or not all(isinstance(d, int) for d in dims[1:]):
+            raise UserError(f"the part after the target reads the shape of '{node.input[0]}' (node '{node.name}'), "
+                            f"which is {dims}, not [batch, fixed dims...]; choose a target after it")
+        view = Node.from_proto(node)
+        batch = builder.Shape(target, start=0, end=1)
+        if node.op_type == "Size":
+            value = builder.Mul(builder.Squeeze(batch, [0]), np.int64(np.prod(dims[1:], dtype=np.int64)))
+        else:
+            rank = len(dims)
+            start, end = view.attrs.get("start", 0), view.attrs.get("end", rank)
+            start, end = (min(max(a + rank if a < 0 else a, 0), rank) for a in (start, end))
+            static = np.array(dims[max(start, 1):end], np.int64)
+            if start > 0 or end == 0:
+                value = builder.Identity(static)
+            else:
+                value = builder.Concat(batch, static, axis=0) if static.size else builder.Identity(batch)
+        replaced.extend(builder.nodes)
+        replaced.append(helper.make_node("Identity", [value], [node.output[0]], name=node.name))
+        builder.nodes.clear()
+    extra = list(builder.initializers)
+    if extra:
+        model.graph.initializer.extend(extra)
+    return replaced
 
 
 # ---------------------------------------------------------------- graph assembly

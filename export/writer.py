@@ -1,8 +1,12 @@
 """Writes the bundle directory: graphs with their initializers in one shared weights file, and the manifest."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +20,40 @@ INLINE_BYTES = 1024  # smaller tensors stay inside the graphs
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the weights instead of copying them
 
 
-def write_bundle(out, graphs: dict, manifest: dict) -> Path:
+@contextlib.contextmanager
+def staged(out):
+    """A new directory beside `out` to write a bundle into; when the block succeeds it takes `out`'s place (an
+    existing bundle there is replaced only then), when it fails it is removed and `out` is left as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise UserError(f"output directory '{out}' is not empty and is not a bundle; choose a new or empty directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the bundle next to '{out}': {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a bundle gets the usual permissions
+    try:
+        yield staging
+        if out.exists():
+            previous = staging.with_suffix(".previous")
+            out.rename(previous)
+            staging.rename(out)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_bundle(out: Path, graphs: dict, manifest: dict) -> Path:
+    """Writes the graphs, their shared weights file and the manifest into the (new, empty) directory `out`."""
+    out = Path(out)
     _externalize(graphs, out / WEIGHTS)
     entries = {}
     for name, model in graphs.items():

@@ -13,7 +13,7 @@ bash scripts/setup.sh
 PYTHON=${PYTHON:-python3}
 [ -x .venv-notorch/bin/python ] || "$PYTHON" -m venv .venv-notorch
 .venv-notorch/bin/python -m pip install -q --upgrade pip
-.venv-notorch/bin/python -m pip install -q -e ".[cpu,dev]"
+.venv-notorch/bin/python -m pip install -q -e ".[cpu,onnx]" pytest
 if .venv-notorch/bin/python -c "import torch" 2>/dev/null; then
   echo "error: torch is importable in .venv-notorch; the torch-free check would prove nothing" >&2
   exit 1

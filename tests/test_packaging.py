@@ -40,7 +40,12 @@ def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"igcam_engine"}
-    for required in ("igcam_engine/export/rules.py", "igcam_engine/data/samples/chelsea.png",
+    for package, folder in (("igcam_engine", "igcam_engine"), ("igcam_engine/export", "export"),
+                            ("igcam_engine/kernels", "kernels"), ("igcam_engine/benchmarks", "benchmarks"),
+                            ("igcam_engine/zoo", "zoo")):
+        for source in (ROOT / folder).rglob("*.py"):
+            assert f"{package}/{source.relative_to(ROOT / folder).as_posix()}" in names, f"{source} is not packaged"
+    for required in ("igcam_engine/export/rules/table.py", "igcam_engine/data/samples/chelsea.png",
                      "igcam_engine/data/imagenet_labels.txt", "igcam_engine/data/ATTRIBUTION.md",
                      "igcam_engine/kernels/igcam.cu", "igcam_engine/kernels/igcam.ptx",
                      "igcam_engine/benchmarks/latency.py", "igcam_engine/zoo/resnet.py", "igcam_engine/apps/cli.py"):

@@ -139,3 +139,27 @@ e.explain(np.zeros((1, 3, 12, 10), np.float32), 1, steps=2)
 assert 'torch' not in sys.modules, 'torch was imported'
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+
+
+@pytest.mark.notorch
+def test_cli_lists_layers_and_exports_without_torch(model_path, tmp_path):
+    """`pip install 'igcam-engine[cpu,onnx]'` is the whole torch-free install: layers, export, explain."""
+    from igcam_engine.apps.cli import main
+    from igcam_engine.data import sample_images
+
+    assert main(["layers", str(model_path)]) == 0
+    assert main(["export", "--onnx", str(model_path), "--tensor", "feat", "-o", str(tmp_path / "bundle")]) == 0
+    photo = sample_images()[0]
+    assert main(["explain", str(tmp_path / "bundle"), str(photo), "--steps", "2", "-o", str(tmp_path / "out")]) == 0
+    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".json", ".npy", ".png"]
+
+
+@pytest.mark.notorch
+def test_a_missing_onnx_is_one_line_naming_the_install(model_path):
+    script = ("import sys; sys.modules['onnx'] = None\n"
+              "from igcam_engine.apps.cli import main\n"
+              f"sys.exit(main(['layers', {str(model_path)!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "needs onnx: pip install 'igcam-engine[onnx]'" in result.stderr
+

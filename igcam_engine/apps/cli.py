@@ -219,8 +219,17 @@ def _preprocess_arg(text: str):
     return text
 
 
+def _exporter():
+    """igcam_engine.export, or a one-line error naming the install that provides what it lacks."""
+    try:
+        from igcam_engine import export
+    except ModuleNotFoundError as e:
+        raise UserError(str(e)) from None
+    return export
+
+
 def _export(args):
-    from igcam_engine import export
+    export = _exporter()
 
     labels = None
     if args.labels:
@@ -262,8 +271,7 @@ def _layers(args):
         return
     if not args.onnx:
         raise UserError("give an ONNX file or --torch MODULE:FACTORY")
-    from igcam_engine.export import layers
-
+    layers = _exporter().layers
     print(f"{'tensor':48s} {'op':20s} {'shape':18s} target?")
     for row in layers(args.onnx, args.input_shape):
         usable = "yes" if row["cut"] else "no (bypassed by a skip path)"
