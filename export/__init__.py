@@ -108,8 +108,12 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
         _compare(source.run(None, {source_input: torch_images})[0], torch_outputs,
                  "the ONNX export's outputs differ from the torch module's")
     batch = prepared.fixed_batch or len(images)
-    expected = np.concatenate([_run_padded(source, source_input, images[i:i + batch], batch)
-                               for i in range(0, len(images), batch)])
+    try:
+        expected = np.concatenate([_run_padded(source, source_input, images[i:i + batch], batch)
+                                   for i in range(0, len(images), batch)])
+    except Exception as e:  # onnxruntime's errors have no common base class
+        raise UserError(f"the original model does not run on a batch of {batch} although its input says it does "
+                        f"(ONNX Runtime: {str(e).splitlines()[0]}); re-export it with a dynamic batch") from None
     graph = ort.InferenceSession(str(bundle / "igcam.onnx"), options, providers=["CPUExecutionProvider"])
     for rows in (images[:1], images):
         try:

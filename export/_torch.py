@@ -59,7 +59,25 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     onnx_model = onnx.load_from_string(buffer.getvalue())
     tensor = _source_of(onnx_model, "target")
     del onnx_model.graph.output[1:]
+    if not _runs_one_image(onnx_model, input_shape):
+        # torch.export kept the batch symbolic while the code baked the traced size into constants (int(x.shape[0]),
+        # ...): the input says so, and prepare frees the batch where it can.
+        onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = len(images)
     return onnx_model, tensor, (images.numpy(), reference)
+
+
+def _runs_one_image(model: onnx.ModelProto, input_shape) -> bool:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: np.zeros((1, *input_shape), np.float32)})
+    except Exception:  # onnxruntime's errors have no common base class
+        return False
+    return True
 
 
 def _export(wrapper, images, dynamic_batch: bool):
@@ -82,7 +100,8 @@ def _export(wrapper, images, dynamic_batch: bool):
 def _specialises_batch(error: Exception) -> bool:
     """Whether torch.export refused the dynamic batch because the model's code fixes it."""
     text = f"{type(error).__name__} {error} {error.__cause__}"
-    return any(word in text for word in ("Constraints violated", "ConstraintViolation", "specialized", "guard"))
+    return any(word in text for word in ("Constraints violated", "ConstraintViolation", "specialized",
+                                         "inferred a static shape"))
 
 
 @contextlib.contextmanager

@@ -198,9 +198,15 @@ def scores_of(model: onnx.ModelProto):
     while node is not None and node.op_type in COPIES:
         name = node.input[0]
         node = producers.get(name)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0], node.op_type
-    return output, None
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return output, None
+    # Back through copies that keep the shape (ONNX's version converter wraps an old Softmax in Flatten and
+    # Reshape): the scores under the name the original model gives them.
+    logits = node.input[0]
+    while (producer := producers.get(logits)) is not None and producer.op_type in COPIES \
+            and _shape(model, producer.input[0]) == _shape(model, logits):
+        logits = producer.input[0]
+    return logits, node.op_type
 
 
 def _shape(model: onnx.ModelProto, name: str):

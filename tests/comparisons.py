@@ -24,15 +24,26 @@ def max_relative_difference(got, expected):
     return float((np.abs(got - expected).max(axis=(-2, -1)) / np.where(peaks > 0, peaks, 1)).max())
 
 
+def triviality(m) -> str | None:
+    """Why one map (2-D) could be matched by an all-zero or a constant map, or None when it is non-trivial: clearly
+    positive pixels, variation, not ~0."""
+    m = np.asarray(m, np.float64)
+    peak = np.abs(m).max()
+    if peak <= PEAK_FLOOR:
+        return f"is ~0 (largest |value| {peak:.2e})"
+    if (m > 0.05 * peak).mean() < 0.02:
+        return "has almost no positive pixels"
+    if m.max() - m.min() <= 0.1 * peak:
+        return "is nearly constant"
+    return None
+
+
 def assert_nontrivial(maps):
-    """Every map (last two axes) has clearly positive pixels, varies, and is not ~0, so that neither an all-zero
-    nor a constant map could match it."""
+    """Every map (last two axes) is non-trivial (see triviality)."""
     maps = np.asarray(maps, np.float64)
     for index, m in zip(np.ndindex(maps.shape[:-2]), maps.reshape(-1, *maps.shape[-2:])):
-        peak = np.abs(m).max()
-        assert peak > PEAK_FLOOR, f"map {index} is ~0 (largest |value| {peak:.2e}): choose another case"
-        assert (m > 0.05 * peak).mean() >= 0.02, f"map {index} has almost no positive pixels: choose another case"
-        assert m.max() - m.min() > 0.1 * peak, f"map {index} is nearly constant: choose another case"
+        problem = triviality(m)
+        assert problem is None, f"map {index} {problem}: choose another case"
 
 
 def assert_maps_match(got, expected, normalized_tolerance=1e-3, raw_tolerance=1e-4):

@@ -1,5 +1,6 @@
 """Suite-wide guards: the tests write nothing into the source tree and leave no process behind (see
 processes.py); a run that does either fails, naming what it found."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_SOURCE = {".git", ".venv", ".venv-notorch", "node_modules", "__pycache__", ".pytest_cache", ".ruff_cache"}
 MARKER = "IGCAM_TEST_SCOPE"
 TREE = pytest.StashKey[dict]()
+# The corpus of real architectures needs torchvision and timm: it runs in its own virtualenv (scripts/test.sh).
+collect_ignore = ["corpus"] if importlib.util.find_spec("torchvision") is None else []
 
 
 @pytest.fixture

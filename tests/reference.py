@@ -1,39 +1,59 @@
-"""An independent implementation of the IG-CAM contract in torch float64 with autograd (tests only)."""
+"""An independent implementation of the IG-CAM contract in torch float64 with autograd, and the random models' set-up
+(tests only)."""
 import copy
+import hashlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract):
-    """Maps [B, H, W] float64 following README "The method" literally, one image and one step at a time."""
-    model = copy.deepcopy(model).double().eval()
-    module = dict(model.named_modules())[layer]
-    captured = []
-    module.register_forward_hook(lambda m, i, o: captured.append(o))
+class ReferencePath:
+    """The contract's activations and gradients at points of the straight path, by autograd in `dtype`, one image
+    and one point at a time, cached: several quadrature rules on one model share their passes."""
 
-    def activation_and_grad(x, target):
-        captured.clear()
-        x = x.clone().requires_grad_(True)
-        score = model(x)[0, target]
-        activation = captured[0]
-        (grad,) = torch.autograd.grad(score, activation)
-        return activation.detach()[0], grad[0]
+    def __init__(self, model, layer, dtype=torch.float64):
+        self.model = copy.deepcopy(model).to(dtype).eval()
+        self.dtype = dtype
+        self._captured = []
+        dict(self.model.named_modules())[layer].register_forward_hook(lambda m, i, o: self._captured.append(o))
+        self._points = {}
 
-    images = torch.as_tensor(np.array(images), dtype=torch.float64)
-    base = torch.as_tensor(np.array(baseline), dtype=torch.float64).expand_as(images)
+    def point(self, image: torch.Tensor, base: torch.Tensor, alpha: float, target: int):
+        """(activation, gradient of the target's score with respect to it) at base + alpha (image - base)."""
+        key = (hashlib.sha1(image.numpy().tobytes() + base.numpy().tobytes()).hexdigest(), float(alpha), target)
+        if key not in self._points:
+            self._captured.clear()
+            x = (base + float(alpha) * (image - base))[None].clone().requires_grad_(True)
+            score = self.model(x)[0, target]
+            (grad,) = torch.autograd.grad(score, self._captured[0])
+            self._points[key] = (self._captured[0].detach()[0], grad[0])
+        return self._points[key]
+
+    def maps(self, images, targets, alphas, weights, baseline, subtract) -> np.ndarray:
+        return contract_maps(self.point, images, targets, alphas, weights, baseline, subtract, self.dtype)
+
+
+def contract_maps(point, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64) -> np.ndarray:
+    """Maps [B, H, W] following README "The method" literally, from `point(image, base, alpha, target)` ->
+    (activation [K, h, w], its gradient) at base + alpha (image - base)."""
+    images = torch.as_tensor(np.array(images), dtype=dtype)
+    base = torch.as_tensor(np.array(baseline), dtype=dtype).expand_as(images)
     maps = []
     for image, x0, target in zip(images, base, np.asarray(targets)):
-        a0, _ = activation_and_grad(x0[None], int(target))
+        a0 = point(image, x0, 0.0, int(target))[0] if subtract else 0
         total = 0
         for alpha, weight in zip(alphas, weights):
-            a, g = activation_and_grad((x0 + float(alpha) * (image - x0))[None], int(target))
-            relative = a - a0 if subtract else a
-            total = total + float(weight) * F.relu((g.mean(dim=(1, 2))[:, None, None] * relative).sum(0))
+            a, g = point(image, x0, alpha, int(target))
+            total = total + float(weight) * F.relu((g.mean(dim=(1, 2))[:, None, None] * (a - a0)).sum(0))
         size = images.shape[-2:]
         maps.append(F.interpolate(total[None, None], size=size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(maps).numpy()
+
+
+def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64):
+    """Maps [B, H, W] of the contract (see ReferencePath), float64 by default."""
+    return ReferencePath(model, layer, dtype).maps(images, targets, alphas, weights, baseline, subtract)
 
 
 def top_classes(model, images, k=1):

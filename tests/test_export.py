@@ -203,3 +203,26 @@ def test_from_torch_leaves_the_model_as_it_was(tmp_path):
     assert all(module.training for module in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(module._forward_hooks for module in model.modules())
+
+
+class SpecialisesTheBatch(torch.nn.Module):
+    """Code that turns the batch into a Python int: torch.export cannot keep it dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = small_resnet()
+        self.features.fc = torch.nn.Identity()
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).reshape(int(x.shape[0]), -1))
+
+
+def test_from_torch_frees_a_batch_the_code_fixes(tmp_path):
+    """torch.export refuses the dynamic batch; the model is exported as traced (batch 2) and the batch freed."""
+    torch.manual_seed(0)
+    model = SpecialisesTheBatch().eval()
+    explainer = Explainer(from_torch(model, "features.layer4", SHAPE, tmp_path / "bundle"))
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    assert_maps_match(explainer.explain(x, targets, steps=4), reference_maps(model, "features.layer4", x, targets))

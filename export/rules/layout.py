@@ -4,6 +4,7 @@ are linear maps; their adjoint is the transposed 0/1 matrix (helpers.adjoint_alo
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from igcam_engine.errors import UserError
 
@@ -72,7 +73,9 @@ def gather(b, n, dy):
     data, indices = n.inputs
     rank = len(b.shape(data))
     axis = n.attrs.get("axis", 0) % rank
-    index = constant_of(b, n, 1, "indices")
+    if b.constant(indices) is None:
+        return [_gather_back_by_scatter(b, n, dy[0], axis), None]
+    index = b.constant(indices)
     size = _static(b, data, axis)
     flat = np.where(index < 0, index + size, index).ravel()
     grad = dy[0]
@@ -82,6 +85,18 @@ def gather(b, n, dy):
         grad = b.Reshape(grad, b.Concat(b.Shape(grad, start=0, end=axis), np.array([len(flat)]),
                                         b.Shape(grad, start=axis + index.ndim), axis=0))
     return [adjoint_along(b, grad, axis, rank, selection(flat, size)), None]
+
+
+def _gather_back_by_scatter(b, n, dy: str, axis: int) -> str:
+    """Indices known only at run time (computed from shapes, as torch's as_strided decomposition does): the
+    cotangent is scattered back with ScatterND, repeated indices adding up. Along axis 0 only."""
+    data, indices = n.inputs
+    if axis != 0:
+        raise UserError(f"Gather node '{n.name}': indices computed at run time are differentiated along axis 0 only")
+    size = b.Gather(b.Shape(data), np.array(0))
+    index = b.Cast(indices, to=TensorProto.INT64)
+    index = b.Where(b.Less(index, np.array(0)), b.Add(index, size), index)
+    return b.ScatterND(b.ConstantOfShape(b.Shape(data)), b.Unsqueeze(index, [-1]), dy, reduction="add")
 
 
 @rule("GatherND")
