@@ -6,6 +6,7 @@ import io
 import logging
 import warnings
 
+import numpy as np
 import onnx
 import torch
 
@@ -46,8 +47,7 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
         model.eval()
         images = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
         wrapper = _Exposed(model, modules[layer]).eval()
-        with torch.no_grad():
-            reference = model(images).numpy()
+        reference = _eager_check(wrapper, layer, images)
         program = _export(wrapper, images, dynamic_batch=True)
         if program is None:  # the model fixes its batch somewhere: export as traced, prepare frees the batch
             program = _export(wrapper, images, dynamic_batch=False)
@@ -67,7 +67,6 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
 
 
 def _runs_one_image(model: onnx.ModelProto, input_shape) -> bool:
-    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -78,6 +77,37 @@ def _runs_one_image(model: onnx.ModelProto, input_shape) -> bool:
     except Exception:  # onnxruntime's errors have no common base class
         return False
     return True
+
+
+def _eager_check(wrapper: _Exposed, layer: str, images) -> np.ndarray:
+    """The model's scores on the export's images, after checking in one eager run what the exporter would report
+    in a page of traceback: the model runs on this input, returns one [batch, classes] tensor, and the layer runs
+    once with one 4-D tensor out."""
+    calls = []
+    handle = wrapper.layer.register_forward_hook(lambda module, args, output: calls.append(output))
+    try:
+        with torch.no_grad():
+            scores = wrapper.model(images)
+    except Exception as e:  # the user's model: its failure in one line
+        raise UserError(f"the model fails on an input of shape {list(images.shape)}: {type(e).__name__}: "
+                        f"{_first_line(e)}") from e
+    finally:
+        handle.remove()
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        found = type(scores).__name__ if not isinstance(scores, torch.Tensor) else f"a tensor {list(scores.shape)}"
+        raise UserError(f"the model must return one tensor of class scores [batch, classes], it returns {found}")
+    if len(calls) != 1:
+        raise UserError(f"layer '{layer}' runs {len(calls)} times per forward pass; the target layer must run exactly "
+                        "once (a module reused in several places cannot be told apart: hook one that runs once)")
+    if not isinstance(calls[0], torch.Tensor) or calls[0].dim() != 4:
+        found = type(calls[0]).__name__ if not isinstance(calls[0], torch.Tensor) else f"{calls[0].dim()}-D"
+        raise UserError(f"layer '{layer}' must output one 4-D tensor [batch, K, h, w], it outputs {found}")
+    return scores.numpy()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _export(wrapper, images, dynamic_batch: bool):
@@ -93,8 +123,8 @@ def _export(wrapper, images, dynamic_batch: bool):
         except Exception as e:
             if dynamic_batch and _specialises_batch(e):
                 return None
-            raise UserError(f"torch's ONNX exporter failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
-                            ) from None
+            raise UserError(f"torch's ONNX exporter failed: {type(e).__name__}: {_first_line(e)} (igcam export "
+                            "--verbose shows its full report)") from e
 
 
 def _specialises_batch(error: Exception) -> bool:

@@ -24,26 +24,33 @@ from igcam_engine.quadrature import quadrature
 VARIANTS = {"official": ("left", False), "paper": ("right", True)}
 METHODS = ("igcam", "gradcam")
 DEFAULT_ROWS = 64  # interpolated images per ONNX Runtime call when batch_size is not given
+# Bytes one ONNX Runtime call may use: rows per call are capped so that a batch_size of any size stays within it.
+DEFAULT_MEMORY_BUDGET = 2 << 30
+# A row's memory, in floats, as multiples of its image and of its activation at the target (the backbone's own
+# intermediate tensors peak at a few tens of images' worth in common CNNs).
+IMAGE_FACTOR, ACTIVATION_FACTOR = 32, 4
 
 
 class Explainer:
     """Explains a bundle's model. Sessions are created once; `explain` may be called from several threads."""
 
     def __init__(self, bundle, providers=None, *, fp16: bool = False, engine_cache=None, workspace_bytes=None,
-                 device_id: int = 0, tf32: bool = False, verify: bool = True):
+                 device_id: int = 0, tf32: bool = False, verify: bool = True,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
         """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", or ONNX Runtime's own
         list of names / (name, options) tuples. fp16, engine_cache (directory) and workspace_bytes configure
         TensorRT; tf32 lets the CUDA provider use TF32 tensor cores (faster, maps within about 1e-2 instead of
-        float32 precision; see README "GPU")."""
+        float32 precision; see README "GPU"). memory_budget (bytes) caps the rows of one ONNX Runtime call."""
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
+            raise UserError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         self.manifest = load_manifest(bundle, verify=verify)
         self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
                                            workspace_bytes=workspace_bytes, device_id=device_id, tf32=tf32)
-        import onnxruntime as ort  # present: resolve_providers said so
-
-        self._sessions = {
-            graph: ort.InferenceSession(graph_path(self.manifest, graph), providers=self.providers)
-            for graph in ("forward", "gradient")
-        }
+        self._sessions = {graph: _session(self.manifest, graph, self.providers) for graph in ("forward", "gradient")}
+        _check_graphs(self.manifest, self._sessions)
+        c, h, w = self.input_shape
+        k, ah, aw = self.manifest["target_layer"]["shape"]
+        self._max_rows = max(1, int(memory_budget) // (4 * (IMAGE_FACTOR * c * h * w + ACTIVATION_FACTOR * k * ah * aw)))
         if on_gpu(self.providers):
             from igcam_engine.device import DeviceStages
 
@@ -68,14 +75,20 @@ class Explainer:
         return self.manifest["preprocess"]
 
     def label(self, target: int) -> str:
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < self.num_classes:
+            raise UserError(f"class must be an integer in [0, {self.num_classes - 1}], got {target!r}")
         labels = self.manifest.get("labels")
         return labels[target] if labels else str(target)
 
     def predict(self, images) -> np.ndarray:
-        """Class scores [B, classes] of images in model input space."""
-        images = self._stages.put(self._check_images(images))
-        activations = self._stages.forward(images, 0, len(images), images, np.zeros(1))
-        return self._stages.logits(activations, np.zeros(len(images), np.int64))
+        """Class scores [B, classes] of images in model input space: the logits (README "The method")."""
+        images = self._check_images(images)
+        scores = []
+        for first in range(0, len(images), self._max_rows):
+            chunk = self._stages.put(images[first:first + self._max_rows])
+            activations = self._stages.forward(chunk, 0, len(chunk), chunk, np.zeros(1))
+            scores.append(self._stages.logits(activations, np.zeros(len(chunk), np.int64)))
+        return _finite(np.concatenate(scores), "class scores")
 
     def placement(self) -> dict:
         """Which nodes ran on which provider, per graph: {graph: {provider: {op type: count}}}, from one profiled
@@ -107,37 +120,29 @@ class Explainer:
         in model input space. See README "The method" for the definition of each option; steps="auto" refines
         until the maps change by less than `tolerance` (see explain_adaptive, which also reports the passes)."""
         if steps == "auto":
-            if method != "igcam":
-                raise UserError("steps='auto' refines the IG-CAM path integral; method must be 'igcam'")
-            return self.explain_adaptive(images, targets, tolerance=tolerance, max_steps=max_steps, rule=rule,
-                                         variant=variant, baseline=baseline, subtract_baseline=subtract_baseline,
-                                         batch_size=batch_size, normalize=normalize).maps
-        if method not in METHODS:
-            raise UserError(f"unknown method '{method}'; accepted: {', '.join(METHODS)}")
-        if method == "gradcam":
-            alphas, weights, subtract = np.ones(1), np.ones(1), False
-        else:
-            default_rule, subtract = self._variant(variant, subtract_baseline)
-            alphas, weights = quadrature(rule or default_rule, steps)
+            return self.explain_adaptive(images, targets, method=method, tolerance=tolerance, max_steps=max_steps,
+                                         rule=rule, variant=variant, baseline=baseline,
+                                         subtract_baseline=subtract_baseline, batch_size=batch_size,
+                                         normalize=normalize).maps
+        alphas, weights, subtract = path_nodes(method, variant, rule, steps, subtract_baseline)
+        normalize = _flag(normalize, "normalize")
         call = self._call(images, targets, baseline, subtract, batch_size)
         maps = self._stages.finish(self._integrate(call, alphas, weights), self.input_shape[1:])
-        return call.shape_result(normalize_maps(maps) if normalize else maps)
+        return call.shape_result(normalize_maps(_finite(maps, "maps")) if normalize else _finite(maps, "maps"))
 
     def explain_adaptive(self, images, targets, *, tolerance=0.01, max_steps=129, rule=None, variant="official",
-                         baseline="black", subtract_baseline=None, batch_size=None, normalize=False) -> "Adaptive":
+                         baseline="black", subtract_baseline=None, batch_size=None, normalize=False,
+                         method="igcam", steps="auto") -> "Adaptive":
         """IG-CAM with as many passes as the maps need: refines a trapezoid grid by halving its spacing (2, 3, 5, 9,
         ... nodes) or a midpoint grid by thirds (1, 3, 9, 27, ...), each level reusing every pass already made,
         until no map changes by more than `tolerance` (max |change| over the map's range) or the next level would
         exceed `max_steps` passes. The variant decides baseline subtraction; its rule is replaced by `rule`
-        ("trapezoid", the default, or "midpoint")."""
-        rule = rule or "trapezoid"
-        if rule not in REFINEMENTS:
-            raise UserError(f"steps='auto' refines {' or '.join(REFINEMENTS)} grids, not '{rule}'")
-        if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-            raise UserError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
-            raise UserError(f"max_steps must be an integer >= 2, got {max_steps!r}")
-        _, subtract = self._variant(variant, subtract_baseline)
+        ("trapezoid", the default, or "midpoint"). Takes explain's arguments: `method` must be "igcam" and `steps`
+        "auto"."""
+        if steps != "auto":
+            raise UserError(f"explain_adaptive chooses the steps itself: steps must be 'auto', got {steps!r}")
+        rule, subtract = adaptive_options(method, variant, rule, tolerance, max_steps, subtract_baseline)
+        normalize = _flag(normalize, "normalize")
         call = self._call(images, targets, baseline, subtract, batch_size)
         levels = REFINEMENTS[rule]()
         alphas, weights, _ = next(levels)
@@ -151,15 +156,9 @@ class Explainer:
             coarse, passes = refined, passes + len(alphas)
             if change <= tolerance:
                 break
-        maps = upsample(coarse, self.input_shape[1:])
+        maps = _finite(upsample(coarse, self.input_shape[1:]), "maps")
         maps = call.shape_result(normalize_maps(maps) if normalize else maps)
         return Adaptive(maps, passes, change is not None and change <= tolerance, change)
-
-    def _variant(self, variant, subtract_baseline):
-        if variant not in VARIANTS:
-            raise UserError(f"unknown variant '{variant}'; accepted: {', '.join(VARIANTS)}")
-        rule, subtract = VARIANTS[variant]
-        return rule, subtract if subtract_baseline is None else bool(subtract_baseline)
 
     def _call(self, images, targets, baseline, subtract, batch_size) -> "_Call":
         """Checks one call's inputs and puts them where the stages work."""
@@ -171,7 +170,7 @@ class Explainer:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         base_activations = self._base_activations(baseline, base) if subtract else None
         return _Call(self._stages.put(images), len(images), targets, multi, self._stages.put(base),
-                     base_activations, int(rows))
+                     base_activations, min(int(rows), self._max_rows))
 
     def _integrate(self, call: "_Call", alphas, weights):
         """sum_i weights[i] * S(alphas[i]) at layer resolution, [B, T, h, w], where the stages keep data."""
@@ -201,7 +200,10 @@ class Explainer:
             return self._baseline_activations[baseline]
 
     def _check_images(self, images) -> np.ndarray:
-        array = np.asarray(images)
+        try:
+            array = np.asarray(images)
+        except ValueError:  # a ragged nested list
+            raise UserError("images must be one array [B, C, H, W] or [C, H, W], not images of different sizes") from None
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or tuple(array.shape[1:]) != self.input_shape:
@@ -209,14 +211,20 @@ class Explainer:
                 f"images must be [B, {', '.join(map(str, self.input_shape))}] or "
                 f"[{', '.join(map(str, self.input_shape))}] in model input space, got shape {list(np.shape(images))}"
             )
+        if len(array) == 0:
+            raise UserError("no images given: the batch is empty")
         if array.dtype.kind != "f":
             raise UserError(f"images must be floating point (model input space), got {array.dtype}")
+        array = np.ascontiguousarray(array, dtype=np.float32)
         if not np.isfinite(array).all():
-            raise UserError("images contain NaN or infinite values")
-        return np.ascontiguousarray(array, dtype=np.float32)
+            raise UserError("images contain NaN or infinite values (in float32)")
+        return array
 
     def _check_targets(self, targets, batch: int):
-        array = np.asarray(targets)
+        try:
+            array = np.asarray(targets)
+        except ValueError:  # a ragged nested list
+            raise UserError("targets of shape [B, T] need the same number of classes T for every image") from None
         if array.dtype.kind not in "iu" or array.ndim > 2:
             raise UserError(f"targets must be an int, one int per image or [B, T] ints, got {targets!r}")
         multi = array.ndim == 2
@@ -225,8 +233,11 @@ class Explainer:
         elif len(array) != batch:
             raise UserError(f"got targets for {len(array)} images, but {batch} images")
         array = array.reshape(batch, -1)
-        if array.size and (array.min() < 0 or array.max() >= self.num_classes):
-            raise UserError(f"targets must be class indices in [0, {self.num_classes - 1}], got {array.min()}..{array.max()}")
+        if array.size == 0:
+            raise UserError("no targets given: each image needs at least one class")
+        wrong = array[(array < 0) | (array >= self.num_classes)]
+        if wrong.size:
+            raise UserError(f"targets must be class indices in [0, {self.num_classes - 1}], got {int(wrong[0])}")
         return np.ascontiguousarray(array, dtype=np.int64), multi
 
     def _check_baseline(self, baseline, batch: int) -> np.ndarray:
@@ -234,16 +245,103 @@ class Explainer:
         if isinstance(baseline, str):
             if baseline == "black":
                 value = np.array(black_input(self.preprocess, shape[0]), np.float32)
-                return np.broadcast_to(value[None, :, None, None], (1, *shape)).copy()
+                return np.broadcast_to(value[:, None, None], (1, *shape)).copy()
             if baseline == "zeros":
                 return np.zeros((1, *shape), np.float32)
-            raise UserError(f"unknown baseline '{baseline}'; accepted: 'black', 'zeros' or an array")
-        array = np.asarray(baseline, dtype=np.float32)
+            raise UserError(f"unknown baseline {baseline!r}; accepted: 'black', 'zeros' or an array")
+        try:
+            array = np.asarray(baseline, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"a baseline must be 'black', 'zeros' or an array of numbers, got {type(baseline).__name__}"
+                            ) from None
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or tuple(array.shape[1:]) != shape or len(array) not in (1, batch):
             raise UserError(f"a baseline array must be [{', '.join(map(str, shape))}], [1, ...] or [B, ...]; got {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise UserError("the baseline contains NaN or infinite values (in float32)")
         return np.ascontiguousarray(array)
+
+
+def path_nodes(method="igcam", variant="official", rule=None, steps=50, subtract_baseline=None):
+    """(alphas, weights, subtract the baseline's activations) for explain's options, each checked."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    if method == "gradcam":
+        return np.ones(1), np.ones(1), False
+    default_rule, subtract = _variant(variant, subtract_baseline)
+    alphas, weights = quadrature(default_rule if rule is None else rule, steps)
+    return alphas, weights, subtract
+
+
+def adaptive_options(method="igcam", variant="official", rule=None, tolerance=0.01, max_steps=129,
+                     subtract_baseline=None):
+    """(the refined rule, subtract the baseline's activations) for steps="auto", each option checked."""
+    if method != "igcam":
+        raise UserError(f"steps='auto' refines the IG-CAM path integral; method must be 'igcam', got {method!r}")
+    rule = "trapezoid" if rule is None else rule
+    if rule not in REFINEMENTS:
+        raise UserError(f"steps='auto' refines {' or '.join(REFINEMENTS)} grids, not {rule!r}")
+    if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise UserError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
+        raise UserError(f"max_steps must be an integer >= 2, got {max_steps!r}")
+    return rule, _variant(variant, subtract_baseline)[1]
+
+
+def _variant(variant, subtract_baseline):
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    rule, subtract = VARIANTS[variant]
+    return rule, subtract if subtract_baseline is None else _flag(subtract_baseline, "subtract_baseline")
+
+
+def _flag(value, name: str) -> bool:
+    """A yes/no option: a bool, or 0 or 1 (a string such as "false" would otherwise read as true)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise UserError(f"{name} must be True or False (or 1/0), got {value!r}")
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    """The engine's results, which must be finite: inputs far outside the model's range overflow float32."""
+    if not np.isfinite(values).all():
+        raise UserError(f"the model's {what} overflowed float32 (NaN or infinite) for these inputs: images and "
+                        "baselines must be in model input space (after the bundle's preprocessing)")
+    return values
+
+
+def _session(manifest: dict, graph: str, providers):
+    """An ONNX Runtime session of a bundle graph; a graph ONNX Runtime refuses is a bundle error, in one line."""
+    import onnxruntime as ort  # present: resolve_providers said so
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the one-line error below says what went wrong
+    try:
+        return ort.InferenceSession(graph_path(manifest, graph), options, providers=providers)
+    except Exception as e:  # onnxruntime's errors have no common base class
+        raise UserError(f"bundle '{manifest['root']}': {graph}.onnx cannot be loaded by ONNX Runtime: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+
+
+def _check_graphs(manifest: dict, sessions: dict) -> None:
+    """The graphs' own inputs and outputs must agree with the manifest's shapes and classes."""
+    def dims(info):
+        return [d if isinstance(d, int) else None for d in info.shape]
+
+    forward, gradient = sessions["forward"], sessions["gradient"]
+    found = {
+        "input.shape": ({i.name: dims(i) for i in forward.get_inputs()}.get("images", [None] * 4)[1:],
+                        manifest["input"]["shape"]),
+        "target_layer.shape": ({o.name: dims(o) for o in forward.get_outputs()}.get("activations", [None] * 4)[1:],
+                               manifest["target_layer"]["shape"]),
+        "num_classes": ({o.name: dims(o) for o in gradient.get_outputs()}.get("logits", [None, None])[1:],
+                        [manifest["num_classes"]]),
+    }
+    for field, (graph, claimed) in found.items():
+        if graph != claimed:
+            raise UserError(f"bundle '{manifest['root']}': manifest field '{field}' says {claimed}, the graphs "
+                            f"have {graph}")
 
 
 @dataclass

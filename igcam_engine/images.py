@@ -1,26 +1,67 @@
-"""Images in and out with Pillow: files or bytes -> model input per the bundle's preprocessing; maps -> overlays."""
+"""Images in and out with Pillow: files or bytes -> model input per the bundle's preprocessing; maps -> overlays.
+
+Images come from users: decoding is bounded (MAX_PIXELS, checked from the header before any pixel is decoded),
+EXIF orientation is applied (the model sees the photo as it is displayed), and every mode becomes 8-bit RGB with
+its values scaled, not clipped (16-bit pictures would otherwise turn white).
+"""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from igcam_engine.errors import UserError
 
+MAX_PIXELS = 40_000_000  # the default bound on an image's width x height
+MAX_OVERLAY_SIDE = 2048  # overlays of larger photos are drawn on the photo scaled down to this longest side
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-def load_image(source) -> Image.Image:
-    """An RGB image from a path or encoded bytes (any format Pillow reads: PNG, JPEG, BMP, WebP, ...)."""
+
+def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image from a path or encoded bytes (any format Pillow reads: PNG, JPEG, BMP, WebP, TIFF...), turned
+    upright per its EXIF orientation; at most `max_pixels` pixels."""
+    name = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image = Image.open(io.BytesIO(bytes(source)) if name == "image bytes" else source)
+        if image.width * image.height > max_pixels:
+            raise UserError(f"{name} is {image.width}x{image.height} pixels, more than the limit of {max_pixels} "
+                            "(--max-pixels raises it)")
         image.load()
+        image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise UserError(f"no such image file: '{source}'") from None
-    except (UnidentifiedImageError, OSError) as e:
-        name = "image bytes" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
-        raise UserError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, ...): {e}") from None
-    return image.convert("RGB")
+        raise UserError(f"no such image file: {name}") from None
+    except IsADirectoryError:
+        raise UserError(f"{name} is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:  # Pillow's own, far larger, bound: raised before our check
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise UserError(f"{name} claims {claimed.group(1) + ' ' if claimed else ''}pixels, more than the limit of "
+                        f"{max_pixels} (--max-pixels raises it)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
+        raise UserError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...): {detail}"
+                        ) from None
+    return _rgb(image, name)
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    """8-bit RGB: 16- and 32-bit integer pictures scaled from 0..65535, float pictures from 0..1 (values above 1:
+    already 0..255), everything else by Pillow's own conversion."""
+    if image.mode in SIXTEEN_BIT:
+        eight_bit = np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit, "L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, np.float64)
+        values = values * 255 if np.nanmax(values, initial=0) <= 1 else values
+        return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise UserError(f"cannot convert {name} (mode {image.mode}) to RGB: {e}") from None
 
 
 def fit(image: Image.Image, size, policy: str = "stretch") -> Image.Image:
@@ -34,17 +75,43 @@ def fit(image: Image.Image, size, policy: str = "stretch") -> Image.Image:
     return image.resize((width, height), Image.BILINEAR)
 
 
-def to_model_input(image: Image.Image, input_shape, preprocess):
-    """(model input float32 [C, H, W], the RGB uint8 [H, W, 3] picture the model sees) per a manifest's spec."""
+def to_model_input(image, input_shape, preprocess):
+    """(model input float32 [C, H, W], the RGB uint8 [H, W, 3] picture the model sees) per a manifest's spec.
+
+    `image` is a PIL image or a numpy picture: [H, W] or [H, W, 1] (gray), [H, W, 3] (RGB) or [H, W, 4] (RGBA,
+    alpha ignored), uint8 in 0..255 or floating point in 0..1."""
     channels, height, width = input_shape
     if channels != 3:
         raise UserError(f"image files can only feed 3-channel models; this bundle's input has {channels} channels")
+    if isinstance(image, np.ndarray):
+        image = _from_array(image)
+    elif not isinstance(image, Image.Image):
+        raise UserError(f"an image must be a PIL image or a numpy array, got {type(image).__name__}")
+    else:
+        image = _rgb(image, "the image")
     shown = np.asarray(fit(image, (height, width), preprocess["resize"] if preprocess else "stretch"))
     pixels = shown.astype(np.float32)
     if preprocess:
         mean, std = np.array(preprocess["mean"], np.float32), np.array(preprocess["std"], np.float32)
         pixels = (pixels * np.float32(preprocess["scale"]) - mean) / std
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)), shown
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    picture = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    if picture.ndim == 3 and picture.shape[2] == 4:
+        picture = picture[..., :3]
+    if picture.ndim not in (2, 3) or (picture.ndim == 3 and picture.shape[2] != 3) or min(picture.shape[:2]) < 1:
+        raise UserError(f"a numpy picture must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(array.shape)}")
+    if picture.dtype == np.uint8:
+        eight_bit = picture
+    elif picture.dtype.kind == "f":
+        if not np.isfinite(picture).all() or picture.min() < 0 or picture.max() > 1:
+            raise UserError("a floating-point numpy picture must hold finite values in [0, 1]")
+        eight_bit = (picture * 255).round().astype(np.uint8)
+    else:
+        raise UserError(f"a numpy picture must be uint8 (0..255) or floating point (0..1), got {picture.dtype}")
+    return Image.fromarray(np.ascontiguousarray(eight_bit)).convert("RGB")
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -63,10 +130,13 @@ def overlay(picture: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5) -> I
 
 
 def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess) -> Image.Image:
-    """The overlay at the photo's own size when the model saw the whole photo (resize "stretch"); on the centre
-    crop the model saw otherwise."""
+    """The overlay at the photo's own size (longest side at most MAX_OVERLAY_SIDE) when the model saw the whole photo
+    (resize "stretch"); on the centre crop the model saw otherwise."""
     if preprocess and preprocess["resize"] == "crop":
         return overlay(shown, heatmap)
+    if max(photo.size) > MAX_OVERLAY_SIDE:  # bounded: a huge photo would cost gigabytes of float overlays
+        scale = MAX_OVERLAY_SIDE / max(photo.size)
+        photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
     resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(photo.size, Image.BILINEAR)
     return overlay(np.asarray(photo), np.asarray(resized))
 

@@ -7,6 +7,8 @@ size, then a centre crop), `scale` (multiplies pixel values 0..255) and per-chan
 """
 from __future__ import annotations
 
+import math
+
 from igcam_engine.errors import UserError
 
 RESIZE_POLICIES = ("stretch", "crop")
@@ -17,8 +19,9 @@ PRESETS = {
 }
 
 
-def resolve_preprocess(spec, channels: int = 3):
-    """Validates a preset name or dict and returns the dict stored in the manifest (or None)."""
+def resolve_preprocess(spec, channels: int = 3, *, strict: bool = False):
+    """Validates a preset name or dict and returns the dict stored in the manifest (or None). `strict` (a manifest
+    read back) requires every key; otherwise missing keys take their defaults (scale 1/255, mean 0, std 1)."""
     if spec is None or isinstance(spec, str):
         key = "none" if spec is None else spec
         if key not in PRESETS:
@@ -31,19 +34,31 @@ def resolve_preprocess(spec, channels: int = 3):
     unknown = set(spec) - {"resize", "scale", "mean", "std"}
     if unknown:
         raise UserError(f"unknown preprocess keys {sorted(unknown)}; accepted: resize, scale, mean, std")
-    resolved = {
-        "resize": spec.get("resize", "stretch"),
-        "scale": float(spec.get("scale", 1 / 255)),
-        "mean": [float(v) for v in spec.get("mean", [0.0] * channels)],
-        "std": [float(v) for v in spec.get("std", [1.0] * channels)],
-    }
-    if resolved["resize"] not in RESIZE_POLICIES:
-        raise UserError(f"preprocess resize '{resolved['resize']}' is not one of {', '.join(RESIZE_POLICIES)}")
-    if len(resolved["mean"]) != channels or len(resolved["std"]) != channels:
-        raise UserError(f"preprocess mean and std need {channels} values each (one per input channel)")
-    if any(s <= 0 for s in resolved["std"]):
-        raise UserError("preprocess std values must be positive")
-    return resolved
+    missing = {"resize", "scale", "mean", "std"} - set(spec)
+    if strict and missing:
+        raise UserError(f"preprocess lacks {sorted(missing)}")
+    resize = spec.get("resize", "stretch")
+    if resize not in RESIZE_POLICIES:
+        raise UserError(f"preprocess resize {resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+    scale = _number(spec.get("scale", 1 / 255), "scale")
+    mean = _numbers(spec.get("mean", [0.0] * channels), "mean", channels)
+    std = _numbers(spec.get("std", [1.0] * channels), "std", channels)
+    if scale <= 0 or any(s <= 0 for s in std):
+        raise UserError("preprocess scale and std values must be positive")
+    return {"resize": resize, "scale": scale, "mean": mean, "std": std}
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"preprocess {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _numbers(values, name: str, channels: int) -> list:
+    if not isinstance(values, (list, tuple)) or len(values) != channels:
+        raise UserError(f"preprocess mean and std need {channels} values each (one per input channel); "
+                        f"{name} is {values!r}")
+    return [_number(v, name) for v in values]
 
 
 def black_input(spec, channels: int = 3):

@@ -62,6 +62,16 @@ class Scope:
                 pids.append(int(entry.name))
         return pids
 
+    def commands(self) -> list[str]:
+        """The command lines of the scope's live processes."""
+        found = []
+        for pid in self.members():
+            try:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        return found
+
     def stop(self, grace: float = 30) -> list[int]:
         """SIGINT to the command (its own clean shutdown), then SIGTERM and SIGKILL to every process still in the
         scope; returns the processes that had to be killed after the grace period."""

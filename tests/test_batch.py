@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -77,3 +79,43 @@ def test_bad_options_are_one_line_errors(folder, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     result = batch(root, bundle, tmp_path / "missing", tmp_path / "o")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
+    root, bundle, images = folder
+    small = tmp_path / "images"
+    small.mkdir()
+    for photo in sorted(images.glob("photo0[0-2].*")):
+        shutil.copyfile(photo, small / photo.name)
+    out = tmp_path / "out"
+    first = batch(root, bundle, small, out)
+    assert first.returncode == 0 and "3 explained" in first.stdout, first.stderr
+    again = batch(root, bundle, small, out, "--target", "3")
+    assert again.returncode == 0 and "3 explained, 0 already done" in again.stdout, again.stderr
+    records = [json.loads(p.read_text()) for p in out.glob("photo*.json")]
+    assert all(r["options"]["target"] == 3 and r["maps"][0]["target"] == 3 for r in records)
+
+
+def test_the_output_folder_may_not_be_the_input_folder(folder):
+    root, bundle, images = folder
+    result = batch(root, bundle, images, images)
+    assert result.returncode == 2 and "the output folder is the input folder" in result.stderr
+
+
+def test_sigterm_stops_a_batch_and_everything_it_started(folder, tmp_path):
+    root, bundle, images = folder
+    scope = Scope(tmp_path / "batch.log")
+    try:
+        process = scope.start(["batch", bundle, images, "-o", tmp_path / "out", "--steps", "64", "--batch-size", "1"],
+                              cwd=root)
+        deadline = time.monotonic() + 120
+        while not any("ray::" in command for command in scope.commands()) and time.monotonic() < deadline:
+            time.sleep(0.5)  # wait until Ray's workers run
+        assert process.poll() is None, scope.output()
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while scope.members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not scope.members(), f"left after SIGTERM: {scope.commands()}"
+    finally:
+        scope.stop()

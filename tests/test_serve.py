@@ -83,7 +83,9 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
         assert json.loads(headers["x-igcam-targets"]) == [target]
         assert_maps_match(np.load(io.BytesIO(body)), maps, 1e-4, 1e-4)
     with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
-        assert max(json.loads(response.read())["batch_sizes"]) > 1, "no two requests were batched together"
+        stats = json.loads(response.read())
+    assert max(map(int, stats["batch_sizes"])) > 1, "no two requests were batched together"
+    assert stats["explained"] >= 64
 
 
 @pytest.mark.parametrize("body,content_type,query,status,message", [

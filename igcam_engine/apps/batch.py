@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine.errors import UserError
+from igcam_engine.images import MAX_PIXELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -22,11 +23,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 class ExplainFiles:
     """A Ray Data actor: one Explainer, one engine call per batch of files."""
 
-    def __init__(self, bundle: str, output: str, options: dict):
+    def __init__(self, bundle: str, output: str, options: dict, providers, max_pixels: int):
         from igcam_engine import Explainer
 
-        self.explainer = Explainer(bundle, providers=options.pop("providers", None))
-        self.output, self.options = Path(output), options
+        self.explainer = Explainer(bundle, providers=providers)
+        self.output, self.options, self.max_pixels = Path(output), options, max_pixels
 
     def __call__(self, batch: dict) -> dict:
         from igcam_engine.apps.outputs import write_explanation
@@ -36,29 +37,30 @@ class ExplainFiles:
         status, messages, loaded = ["ok"] * len(paths), [""] * len(paths), []
         for index, path in enumerate(paths):
             try:
-                picture = load_image(path)
+                picture = load_image(path, self.max_pixels)
                 loaded.append((index, picture, *to_model_input(picture, self.explainer.input_shape,
                                                                  self.explainer.preprocess)))
             except UserError as e:
                 status[index], messages[index] = "failed", str(e)
         if loaded:
             images = np.stack([item[2] for item in loaded])
-            scores = self.explainer.predict(images)
-            target, top_k = self.options.get("target"), self.options.get("top_k") or 1
-            targets = (np.full((len(loaded), 1), target) if target is not None
-                       else np.argsort(-scores, axis=1)[:, :top_k])
             try:
+                scores = self.explainer.predict(images)
+                target, top_k = self.options["target"], self.options["top_k"] or 1
+                targets = (np.full((len(loaded), 1), target) if target is not None
+                           else np.argsort(-scores, axis=1)[:, :top_k])
                 maps = self.explainer.explain(images, targets, method=self.options["method"],
                                               variant=self.options["variant"], steps=self.options["steps"],
-                                              rule=self.options.get("rule"))
+                                              rule=self.options["rule"])
             except UserError as e:
                 for index, *_ in loaded:
                     status[index], messages[index] = "failed", str(e)
                 loaded = []
             for row, (index, picture, _, shown) in enumerate(loaded):
                 stem = Path(paths[index]).stem
-                entry = {"image": paths[index], **write_explanation(self.output, stem, picture, shown, maps[row],
-                                                                     targets[row], scores[row], self.explainer)}
+                entry = {"image": paths[index], "options": self.options,
+                         **write_explanation(self.output, stem, picture, shown, maps[row], targets[row], scores[row],
+                                             self.explainer)}
                 record = self.output / f"{stem}.json"
                 temporary = record.with_suffix(".json.part")
                 temporary.write_text(json.dumps(entry, indent=2) + "\n")
@@ -66,60 +68,68 @@ class ExplainFiles:
         return {"path": np.array(paths), "status": np.array(status), "message": np.array(messages)}
 
 
-def pending(input_dir: Path, output_dir: Path, retry_failed: bool = False):
-    """(images still to explain, images done, images that failed before) in a folder (top level, by suffix)."""
+def pending(input_dir: Path, output_dir: Path, options: dict, retry_failed: bool = False):
+    """(images still to explain, images done, images that failed before) in a folder (top level, by suffix). An
+    image is done when its record exists and was made with the same options; otherwise it is explained again."""
     if not input_dir.is_dir():
         raise UserError(f"input folder '{input_dir}' does not exist or is not a folder")
+    if output_dir.exists() and output_dir.resolve() == input_dir.resolve():
+        raise UserError(f"the output folder is the input folder '{input_dir}': the overlays written would be "
+                        "explained on the next run; choose another output folder")
     images = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     stems = [p.stem for p in images]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise UserError(f"several images share a name ({', '.join(duplicates)}): outputs are named by it; rename them")
-    done = [p for p in images if (output_dir / f"{p.stem}.json").exists()]
-    failed = [p for p in images if not retry_failed and (output_dir / f"{p.stem}.failed.json").exists()]
+    done = [p for p in images if _recorded(output_dir / f"{p.stem}.json", options)]
+    failed = [p for p in images if not retry_failed and _recorded(output_dir / f"{p.stem}.failed.json", options)]
     return [p for p in images if p not in done and p not in failed], done, failed
 
 
-def run_batch(bundle, input_dir, output_dir, *, address=None, actors=1, batch_size=8, steps=50, method="igcam",
-              variant="official", rule=None, target=None, top_k=None, providers=None, retry_failed=False) -> dict:
+def _recorded(record: Path, options: dict) -> bool:
+    """Whether a record exists for these options (a record that cannot be read counts as absent)."""
     try:
-        import ray
-    except ImportError:
-        raise UserError("igcam batch needs Ray Data: pip install 'igcam-engine[scale]'") from None
+        return json.loads(record.read_text()).get("options") == options
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_batch(bundle, input_dir, output_dir, *, address=None, actors=1, batch_size=8, steps=50, method="igcam",
+              variant="official", rule=None, target=None, top_k=None, providers=None, retry_failed=False,
+              max_pixels=MAX_PIXELS) -> dict:
+    from igcam_engine.apps.cluster import start_ray, stop_ray
+    from igcam_engine.apps.outputs import prepare_output
     from igcam_engine.bundle import load_manifest
-    from igcam_engine.explainer import METHODS, VARIANTS
-    from igcam_engine.quadrature import quadrature
+    from igcam_engine.explainer import path_nodes
 
     manifest = load_manifest(bundle)
-    if method not in METHODS or variant not in VARIANTS:
-        raise UserError(f"method must be one of {', '.join(METHODS)} and variant one of {', '.join(VARIANTS)}")
-    quadrature(rule or VARIANTS[variant][0], steps)  # a bad rule or step count is one error, not one per file
+    path_nodes(method, variant, rule, steps)  # a bad option is one error, not one per file
     if target is not None and not 0 <= target < manifest["num_classes"]:
         raise UserError(f"--target must be in [0, {manifest['num_classes'] - 1}], got {target}")
+    options = {"method": method, "variant": variant, "rule": rule, "steps": steps, "target": target, "top_k": top_k}
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    todo, done, failed_before = pending(input_dir, output_dir, retry_failed)
+    todo, done, failed_before = pending(input_dir, output_dir, options, retry_failed)
     summary = {"explained": 0, "already_done": len(done), "failed_before": [str(p) for p in failed_before],
                "failed": []}
     if not todo:
         return summary
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=False,
-             ignore_reinit_error=True)
+    prepare_output(output_dir)
+    ray = start_ray(address, "scale")
     try:
-        options = {"steps": steps, "method": method, "variant": variant, "rule": rule, "target": target,
-                   "top_k": top_k, "providers": providers}
         dataset = ray.data.from_items([{"path": str(p.resolve())} for p in todo]).map_batches(
-            ExplainFiles, fn_constructor_args=(str(Path(bundle).resolve()), str(output_dir.resolve()), options),
-            batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
+            ExplainFiles, fn_constructor_args=(str(Path(bundle).resolve()), str(output_dir.resolve()), options,
+                                               providers, max_pixels),
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, batch_format="numpy")
         for row in dataset.iter_rows():
             if row["status"] == "ok":
                 summary["explained"] += 1
             else:
                 summary["failed"].append({"image": str(row["path"]), "error": str(row["message"])})
     finally:
-        ray.shutdown()
+        stop_ray(ray)
     for failure in summary["failed"]:
-        (output_dir / f"{Path(failure['image']).stem}.failed.json").write_text(json.dumps(failure, indent=2) + "\n")
+        (output_dir / f"{Path(failure['image']).stem}.failed.json").write_text(
+            json.dumps({**failure, "options": options}, indent=2) + "\n")
     if summary["failed"]:
         (output_dir / "failures.json").write_text(json.dumps(summary["failed"], indent=2) + "\n")
     return summary

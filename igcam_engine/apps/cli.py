@@ -9,10 +9,12 @@ import importlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from igcam_engine.errors import UserError
 from igcam_engine.explainer import METHODS, VARIANTS
+from igcam_engine.images import MAX_PIXELS
 from igcam_engine.quadrature import RULES
 
 
@@ -20,13 +22,15 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except UserError as e:
+        if getattr(args, "verbose", False) and e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"igcam: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         "with resize (stretch|crop), scale, mean, std (default: none)")
     export.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
     export.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle directory to write")
+    export.add_argument("--verbose", action="store_true", help="on a failure inside torch's exporter, print its full "
+                        "report")
     triton = export.add_argument_group("Triton model repository (explain.onnx with the quadrature fixed)")
     triton.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here")
     triton.add_argument("--triton-steps", type=int, default=50, help="interpolation steps (default: 50)")
@@ -104,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long a request waits for others to batch with (default: 10)")
     serve.add_argument("--providers", type=_providers, default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
     serve.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
+    serve.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
+                       help=f"refuse images of more pixels with 413 (default: {MAX_PIXELS})")
     serve.set_defaults(run=_serve)
 
     batch = commands.add_parser("batch", help="explain every image of a folder with Ray Data (resumable)")
@@ -122,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--steps", type=int, default=50)
     batch.add_argument("--providers", type=_providers, default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
     batch.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
+    batch.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
+                       help=f"refuse images of more pixels (default: {MAX_PIXELS})")
     batch.set_defaults(run=_batch)
 
     demo = commands.add_parser("demo", help="explain the sample photos with pretrained EfficientNet-Lite0")
@@ -139,8 +149,10 @@ def _add_method_options(parser):
     parser.add_argument("--rule", choices=RULES, help="quadrature rule (overrides the variant's)")
     parser.add_argument("--steps", type=_steps, default=50,
                         help="number of interpolation points, or 'auto' to refine until the maps settle (default: 50)")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="with --steps auto: largest change accepted, "
+    parser.add_argument("--tolerance", type=float, help="with --steps auto: largest change accepted, "
                         "relative to each map's range (default: 0.01)")
+    parser.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images of more pixels (default: {MAX_PIXELS})")
     parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
     parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
     parser.add_argument("--providers", type=_providers, default="auto",
@@ -162,6 +174,16 @@ def _providers(text: str):
     if "," in text or text.endswith("ExecutionProvider"):
         return text.split(",")
     return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
 
 
 def _steps(text: str):
@@ -265,43 +287,71 @@ def _layers(args):
         if not args.input_shape:
             raise UserError("--torch needs --input-shape C,H,W to report output shapes")
         rows = _torch_layers(_torch_factory(args.torch), args.input_shape)
-        print(f"{'module':40s} {'type':24s} output")
-        for name, kind, shape in rows:
-            print(f"{name:40s} {kind:24s} {shape}")
+        print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
+        for name, kind, shape, calls in rows:
+            print(f"{name:40s} {kind:24s} {str(shape):20s} {_usable(shape, calls=calls)}")
         return
     if not args.onnx:
         raise UserError("give an ONNX file or --torch MODULE:FACTORY")
     layers = _exporter().layers
-    print(f"{'tensor':48s} {'op':20s} {'shape':18s} target?")
+    print(f"{'tensor':48s} {'op':20s} {'shape':18s} --tensor?")
     for row in layers(args.onnx, args.input_shape):
-        usable = "yes" if row["cut"] else "no (bypassed by a skip path)"
-        print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {usable}")
+        print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {_usable(row['shape'], cut=row['cut'])}")
+
+
+def _usable(shape, cut=True, calls=1) -> str:
+    """Whether a layer can be the target, and why not."""
+    if calls != 1:
+        return f"no (runs {calls} times per forward pass)"
+    if not cut:
+        return "no (bypassed by a skip path)"
+    if shape[1] * shape[2] == 1:
+        return "no (1x1: after global pooling, a map of one pixel)"
+    return "yes"
 
 
 def _torch_layers(model, input_shape):
-    """(module path, type, output shape) for every module producing a 4-D tensor."""
+    """(module path, type, output shape, calls per forward pass) for every module producing a 4-D tensor, once each
+    (a reused module reports the number of times it ran). The model is run in eval mode and handed back as it was."""
     import torch
 
-    rows, handles = [], []
+    found, handles = {}, []
+
+    def record(module, args, output, name):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            kind, shape, calls = found.get(name, (type(module).__name__, list(output.shape[1:]), 0))
+            found[name] = (kind, shape, calls + 1)
+
     for name, module in model.named_modules():
         if name:
             handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: rows.append((name, type(m).__name__, list(o.shape[1:])))
-                if isinstance(o, torch.Tensor) and o.dim() == 4 else None))
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *input_shape))
-    for handle in handles:
-        handle.remove()
-    return rows
+                lambda module, args, output, name=name: record(module, args, output, name)))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as e:  # the user's model: its failure in one line
+        raise UserError(f"the model fails on an input of shape [1, {', '.join(map(str, input_shape))}]: "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return [(name, kind, shape, calls) for name, (kind, shape, calls) in found.items()]
 
 
 def _explain(args):
     from igcam_engine.apps.explain import explain_files
 
-    explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
+    if args.tolerance is not None and args.steps != "auto":
+        raise UserError("--tolerance is for --steps auto (the refinement stops when maps change by less)")
+    results = explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
                   batch_size=args.batch_size, providers=args.providers, fp16=args.fp16, tf32=args.tf32,
-                  engine_cache=args.engine_cache, placement=args.placement, tolerance=args.tolerance)
+                  engine_cache=args.engine_cache, placement=args.placement,
+                  tolerance=0.01 if args.tolerance is None else args.tolerance, max_pixels=args.max_pixels)
+    return 2 if any("error" in entry for entry in results) else 0
 
 
 def _ints(text: str, option: str) -> tuple:
@@ -343,7 +393,7 @@ def _serve(args):
         raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
     run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
                batch_wait_ms=args.batch_wait_ms, providers=args.providers,
-               address=args.address)
+               address=args.address, max_pixels=args.max_pixels)
 
 
 def _batch(args):
@@ -354,7 +404,7 @@ def _batch(args):
     summary = run_batch(args.bundle, args.input, args.output, address=args.address, actors=args.actors,
                         batch_size=args.batch_size, steps=args.steps, method=args.method, variant=args.variant,
                         rule=args.rule, target=args.target, top_k=args.top_k, providers=args.providers,
-                        retry_failed=args.retry_failed)
+                        retry_failed=args.retry_failed, max_pixels=args.max_pixels)
     print(f"{summary['explained']} explained, {summary['already_done']} already done, "
           f"{len(summary['failed'])} failed; outputs in {args.output}/")
     if summary["failed_before"]:

@@ -1,11 +1,14 @@
 """The files an explanation leaves behind, shared by `igcam explain` and `igcam batch`: per class an overlay
-(<stem>.class<C>.png) and the raw map (<stem>.class<C>.npy, float32 H x W), and a summary entry."""
+(<name>.class<C>.png) and the raw map (<name>.class<C>.npy, float32 H x W), and a summary entry; and the checks
+made on the output folder before any model runs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
+from igcam_engine.errors import UserError
 from igcam_engine.images import overlay_on_photo, save_png
 
 
@@ -15,7 +18,34 @@ def class_probabilities(scores: np.ndarray) -> np.ndarray:
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
-def write_explanation(output: Path, stem: str, picture, shown, maps, targets, scores, explainer) -> dict:
+def prepare_output(output) -> Path:
+    """The output folder, created if needed; one line when it cannot be (a file, under a file, not writable)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output '{output}' exists and is not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{output}': {e.strerror or e}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UserError(f"the output folder '{output}' is not writable")
+    return output
+
+
+def unique_names(paths) -> list[str]:
+    """An output name per input file: its stem, with -2, -3... where stems collide (never another input's stem)."""
+    stems = [Path(p).stem for p in paths]
+    reserved, taken, names = set(stems), set(), []
+    for stem in stems:
+        name, counter = stem, 2
+        while name in taken or (name != stem and name in reserved):
+            name, counter = f"{stem}-{counter}", counter + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def write_explanation(output: Path, name: str, picture, shown, maps, targets, scores, explainer) -> dict:
     """Writes the overlays and maps of one image; returns its summary (prediction, probability, files)."""
     order = np.argsort(-scores)
     probabilities = class_probabilities(scores)
@@ -24,8 +54,9 @@ def write_explanation(output: Path, stem: str, picture, shown, maps, targets, sc
     for class_index, heatmap in zip(targets, maps):
         class_index = int(class_index)
         png = save_png(overlay_on_photo(picture, shown, heatmap, explainer.preprocess),
-                       output / f"{stem}.class{class_index}.png")
-        np.save(output / f"{stem}.class{class_index}.npy", heatmap)
-        entry["maps"].append({"target": class_index, "label": explainer.label(class_index), "overlay": str(png),
-                              "map": str(output / f"{stem}.class{class_index}.npy")})
+                       output / f"{name}.class{class_index}.png")
+        np.save(output / f"{name}.class{class_index}.npy", heatmap)
+        entry["maps"].append({"target": class_index, "label": explainer.label(class_index),
+                              "probability": float(probabilities[class_index]), "overlay": str(png),
+                              "map": str(output / f"{name}.class{class_index}.npy")})
     return entry

@@ -5,30 +5,41 @@
                     variant, steps, rule, output = png | npy | json.
                     png: the overlay (the predicted classes in the X-Igcam-Predictions header); npy: the maps,
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
-    GET  /healthz   200 while the process answers.
+    GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
     GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
-    GET  /stats     the sizes of the batches the engine ran (how much batching happened).
+    GET  /stats     how many requests were answered and the sizes of the batches the engine ran (bounded).
 
-Bad requests get a 4xx with a one-line JSON message and never stop the server.
+Untrusted input stays cheap to refuse: a body is read with a size limit while it streams (chunked or not) and a
+deadline (a stalled upload gets 408 instead of holding a slot); image decoding, multipart parsing and PNG encoding
+run off the event loop; requests beyond the replica's queue get 503 with Retry-After. Bad requests get a 4xx with
+a one-line JSON message and never stop the server.
 """
 from __future__ import annotations
 
 import asyncio
+import email.message
 import email.parser
 import email.policy
 import io
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from igcam_engine.apps.cluster import serve_replica_on_loopback
 from igcam_engine.errors import UserError
+from igcam_engine.images import MAX_PIXELS
 
 MAX_BODY_BYTES = 20 << 20
+BODY_TIMEOUT_S = 15.0  # the whole body must arrive within this after the headers
+MAX_PARTS = 16  # multipart fields
 MAX_STEPS = 256
 MAX_TOP_K = 10
 OUTPUTS = ("png", "npy", "json")
+PARAMETERS = ("target", "top_k", "method", "variant", "steps", "rule", "output")
+RETRY_AFTER_S = 1
 
 
 class HTTPError(Exception):
@@ -62,7 +73,7 @@ def _int(params, name, default, low, high):
     try:
         value = int(text)
     except ValueError:
-        raise HTTPError(400, f"{name} must be an integer, got '{text}'") from None
+        raise HTTPError(400, f"{name} must be an integer, got {text!r}") from None
     if not low <= value <= high:
         raise HTTPError(400, f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -70,13 +81,21 @@ def _int(params, name, default, low, high):
 
 def _choice(params, name, default, accepted):
     value = params.get(name, default)
-    if value not in accepted:
-        raise HTTPError(400, f"{name} must be one of {', '.join(accepted)}, got '{value}'")
+    if value != default and value not in accepted:
+        raise HTTPError(400, f"{name} must be one of {', '.join(accepted)}, got {value!r}")
     return value
 
 
 def _multipart(body: bytes, content_type: str):
-    """(image bytes, form fields) from a multipart/form-data body, with the standard library's MIME parser."""
+    """(image bytes, form fields) from a multipart/form-data body, with the standard library's MIME parser, after
+    bounding the number of parts (a body of many tiny parts would otherwise cost seconds to parse)."""
+    boundary = email.message.Message()
+    boundary["content-type"] = content_type
+    marker = boundary.get_param("boundary")
+    if not marker:
+        raise HTTPError(400, "multipart/form-data without a boundary")
+    if body.count(b"--" + str(marker).encode()) > MAX_PARTS + 1:
+        raise HTTPError(400, f"a multipart body may hold at most {MAX_PARTS} fields")
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     if not message.is_multipart():
@@ -95,13 +114,16 @@ def _multipart(body: bytes, content_type: str):
 
 
 class ExplainService:
-    """One replica: an Explainer plus request parsing; `serve_application` wraps it in a Ray Serve deployment."""
+    """One replica's engine: an Explainer plus request parsing and responses (all synchronous, CPU-bound work that
+    the deployment runs off the event loop); `serve_application` wraps it in Ray Serve deployments."""
 
-    def __init__(self, bundle: str, providers=None):
+    def __init__(self, bundle: str, providers=None, max_pixels: int = MAX_PIXELS):
         from igcam_engine import Explainer
 
         self.explainer = Explainer(bundle, providers=providers)
-        self.batch_sizes: list[int] = []
+        self.max_pixels = max_pixels
+        self.batch_sizes: Counter = Counter()
+        self.explained = 0
         # Warm the sessions: Ray Serve routes no request here before this constructor returns.
         self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))
 
@@ -110,8 +132,6 @@ class ExplainService:
         from igcam_engine.images import load_image, to_model_input
         from igcam_engine.quadrature import RULES
 
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPError(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
         kind = content_type.split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             body, fields = _multipart(body, content_type)
@@ -119,6 +139,10 @@ class ExplainService:
         elif not kind.startswith("image/") and kind != "application/octet-stream":
             raise HTTPError(415, f"content type '{kind}' is not accepted; send an image (image/png, image/jpeg, ...) "
                                  "or multipart/form-data with an 'image' field")
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise HTTPError(400, f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: "
+                                 f"{', '.join(PARAMETERS)}")
         if not body:
             raise HTTPError(400, "the request has no image")
         classes = self.explainer.num_classes
@@ -126,23 +150,23 @@ class ExplainService:
         top_k = _int(params, "top_k", 1, 1, min(MAX_TOP_K, classes))
         if target is not None and "top_k" in params:
             raise HTTPError(400, "give target or top_k, not both")
+        job = dict(method=_choice(params, "method", "igcam", METHODS),
+                   variant=_choice(params, "variant", "official", tuple(VARIANTS)),
+                   steps=_int(params, "steps", 50, 1, MAX_STEPS),
+                   rule=_choice(params, "rule", None, RULES),
+                   output=_choice(params, "output", "png", OUTPUTS))
         try:
-            picture = load_image(bytes(body))
+            picture = load_image(bytes(body), self.max_pixels)
         except UserError as e:
-            raise HTTPError(422, str(e)) from None
+            raise HTTPError(413 if "more than the limit" in str(e) else 422, str(e)) from None
         image, shown = to_model_input(picture, self.explainer.input_shape, self.explainer.preprocess)
-        return Job(image, picture, shown, target, top_k,
-                   _choice(params, "method", "igcam", METHODS),
-                   _choice(params, "variant", "official", tuple(VARIANTS)),
-                   _int(params, "steps", 50, 1, MAX_STEPS),
-                   _choice(params, "rule", None, (None, *RULES)),
-                   _choice(params, "output", "png", OUTPUTS))
+        return Job(image, picture, shown, target, top_k, **job)
 
     def run(self, jobs: list[Job]) -> list:
         """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job."""
         from igcam_engine.apps.outputs import class_probabilities
 
-        self.batch_sizes.append(len(jobs))
+        self.batch_sizes[len(jobs)] += 1
         results = [None] * len(jobs)
         groups = {}
         for index, job in enumerate(jobs):
@@ -150,16 +174,16 @@ class ExplainService:
         for indices in groups.values():
             first = jobs[indices[0]]
             images = np.stack([jobs[i].image for i in indices])
-            scores = self.explainer.predict(images)
-            order = np.argsort(-scores, axis=1)
-            targets = (np.array([[jobs[i].target] for i in indices]) if first.target is not None
-                       else order[:, : first.top_k])
             try:
+                scores = self.explainer.predict(images)
+                order = np.argsort(-scores, axis=1)
+                targets = (np.array([[jobs[i].target] for i in indices]) if first.target is not None
+                           else order[:, : first.top_k])
                 maps = self.explainer.explain(images, targets, method=first.method, variant=first.variant,
                                               steps=first.steps, rule=first.rule)
             except UserError as e:  # e.g. trapezoid with steps=1: the whole group was asked the same
                 for i in indices:
-                    results[i] = HTTPError(400, str(e))
+                    results[i] = HTTPError(400 if "trapezoid" in str(e) else 422, str(e))
                 continue
             probabilities = class_probabilities(scores)
             for row, i in enumerate(indices):
@@ -172,6 +196,7 @@ class ExplainService:
         """(status, content type, body bytes, extra headers)."""
         from igcam_engine.images import overlay_on_photo
 
+        self.explained += 1
         if isinstance(result, HTTPError):
             return _error(result)
         predictions, targets, maps = result
@@ -188,22 +213,59 @@ class ExplainService:
         overlay_on_photo(job.picture, job.shown, maps[0], self.explainer.preprocess).save(buffer, format="PNG")
         return 200, "image/png", buffer.getvalue(), headers
 
+    def stats(self) -> dict:
+        return {"explained": self.explained,
+                "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
+
 
 def _error(error: HTTPError):
     return error.status, "application/json", json.dumps({"error": str(error)}).encode(), {}
 
 
+async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body, read as it streams: 413 once it passes `limit` (chunked or not; the rest is drained,
+    not kept, so that the client reads the answer), 408 when it has not all arrived within `timeout` seconds."""
+    declared = request.headers.get("content-length", "")
+    oversized = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+
+    async def receive():
+        nonlocal size, oversized
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                oversized = True
+            if not oversized:
+                chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {timeout:g} s") from None
+    if oversized:
+        raise HTTPError(413, f"the request body exceeds the limit of {limit} bytes")
+    return b"".join(chunks)
+
+
 def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                      providers=None, cpus_per_replica: float = 1.0):
-    """The Ray Serve application (deployment bound to its arguments)."""
+                      providers=None, cpus_per_replica: float = 1.0, max_pixels: int = MAX_PIXELS,
+                      max_queued: int | None = None):
+    """The Ray Serve application (its ingress deployment bound to its arguments). A replica takes up to
+    4 x max_batch requests at once (at least 16) and queues up to `max_queued` more (default: as many); beyond,
+    Ray Serve answers 503 with Retry-After."""
     from ray import serve
+    from ray.serve.config import BackpressureConfig
     from starlette.responses import JSONResponse, Response
 
+    ongoing = max(4 * max_batch, 16)
+
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                      max_ongoing_requests=max(4 * max_batch, 16))
+                      max_ongoing_requests=ongoing, max_queued_requests=max_queued or ongoing,
+                      backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S))
     class Explain:
         def __init__(self):
-            self.service = ExplainService(bundle, providers)
+            serve_replica_on_loopback()
+            self.service = ExplainService(bundle, providers, max_pixels)
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
@@ -214,59 +276,68 @@ def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, bat
 
         async def __call__(self, request):
             path = request.url.path.rstrip("/")
-            if request.method == "GET" and path == "/healthz":
-                return JSONResponse({"status": "ok"})
             if request.method == "GET" and path == "/ready":  # reachable only once the sessions are warm
                 return JSONResponse({"ready": True})
             if request.method == "GET" and path == "/stats":
-                return JSONResponse({"batch_sizes": self.service.batch_sizes})
+                return JSONResponse(self.service.stats())
             if path != "/explain":
                 return JSONResponse({"error": f"no route {request.method} {path or '/'}; see GET /healthz, "
                                               "/ready, /stats, POST /explain"}, status_code=404)
             if request.method != "POST":
                 return JSONResponse({"error": "POST an image to /explain"}, status_code=405)
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > MAX_BODY_BYTES:
-                async for _ in request.stream():  # drain, never hold: answering mid-upload resets the connection
-                    pass
-                status, kind, body, headers = _error(HTTPError(413, f"body of {declared} bytes exceeds the limit "
-                                                                    f"of {MAX_BODY_BYTES}"))
-                return Response(body, status_code=status, media_type=kind)
+            loop = asyncio.get_running_loop()
             try:
-                job = self.service.parse(await request.body(), request.headers.get("content-type", ""),
-                                         dict(request.query_params))
+                body = await read_body(request)
+                job = await loop.run_in_executor(None, self.service.parse, body,
+                                                 request.headers.get("content-type", ""), dict(request.query_params))
+                result = await self.explain_batch(job)
+                status, kind, body, headers = await loop.run_in_executor(None, self.service.respond, job, result)
             except HTTPError as e:
                 status, kind, body, headers = _error(e)
-                return Response(body, status_code=status, media_type=kind)
-            result = await self.explain_batch(job)
-            status, kind, body, headers = self.service.respond(job, result)
             return Response(body, status_code=status, media_type=kind, headers=headers)
 
     return Explain.bind()
 
 
+def health_application():
+    """/healthz: a deployment of its own, so that its answer never waits behind explanations."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    class Health:
+        def __init__(self):
+            serve_replica_on_loopback()
+
+        async def __call__(self, request):
+            return JSONResponse({"status": "ok"})
+
+    return Health.bind()
+
+
 def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, *, replicas=1, max_batch=8, batch_wait_ms=10.0,
-               providers=None, address=None):
-    """Starts Ray (or joins `address`), deploys the application and serves until interrupted."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise UserError("igcam serve needs Ray Serve: pip install 'igcam-engine[serve]'") from None
+               providers=None, address=None, max_pixels: int = MAX_PIXELS):
+    """Starts Ray (loopback only) or joins `address`, deploys the applications and serves until interrupted
+    (Ctrl-C, SIGTERM); everything started here is stopped on the way out."""
+    from igcam_engine.apps.cluster import start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
 
     load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(serve_application(str(bundle), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                                providers=providers), name="igcam", route_prefix="/", blocking=False)
-    print(f"igcam serve: http://{host}:{port}/explain (POST an image), /healthz, /ready, /stats; Ctrl-C stops",
-          flush=True)
+    ray = start_ray(address, "serve")
+    from ray import serve
+
     try:
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": 5})
+        serve.run(health_application(), name="igcam-health", route_prefix="/healthz", blocking=False)
+        serve.run(serve_application(str(bundle), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                                    providers=providers, max_pixels=max_pixels),
+                  name="igcam", route_prefix="/", blocking=False)
+        print(f"igcam serve: http://{host}:{port}/explain (POST an image), /healthz, /ready, /stats; Ctrl-C stops",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
         serve.shutdown()
-        ray.shutdown()
+        stop_ray(ray)
