@@ -11,23 +11,27 @@ for the plots; the runtime itself never imports either. One module per study:
   memory and latency against the number of images;
 - quadrature: map error against Gauss-Legendre 256 per rule and number of passes, and steps="auto";
 - targets: k classes per image in one call against k calls;
+- methods: every CAM method against pytorch-grad-cam, and IG-CAM against pytorch-grad-cam looped over the path
+  (needs grad-cam: the corpus tier's virtualenv);
 - gpu: the GPU latency table (`python -m igcam_engine.benchmarks.gpu`, see gpu_session.sh);
 - serve_load: load for `igcam serve` (`python -m igcam_engine.benchmarks.serve_load URL`).
 """
+from igcam_engine.benchmarks.methods import METHOD_MODELS
 from igcam_engine.benchmarks.models import LATENCY_MODELS
 from igcam_engine.benchmarks.quadrature import QUADRATURE_STEPS
 
-STUDIES = ("latency", "quadrature", "adaptive", "targets")
+STUDIES = ("latency", "quadrature", "adaptive", "targets")  # `all`: what runs with the bench extra alone
+EXTRA_STUDIES = ("methods",)  # needs grad-cam
 
-__all__ = ["LATENCY_MODELS", "QUADRATURE_STEPS", "STUDIES", "run"]
+__all__ = ["LATENCY_MODELS", "METHOD_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
 
 
-def run(kinds, output, *, models=LATENCY_MODELS, steps=(8, 16, 32, 50), peer_steps=32, batches=(1, 2, 4),
+def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, batches=(1, 2, 4),
         repeats=5, warmup=1, providers=None, small=False, quadrature_steps=QUADRATURE_STEPS, reference_steps=256,
         log=print) -> list[str]:
     """Runs the studies `kinds` (a subset of STUDIES, in order) and writes KIND.json, KIND.md and KIND.png into
-    `output`; returns the Markdown tables."""
-    from igcam_engine.benchmarks import latency, quadrature, targets
+    `output`; returns the Markdown tables. models None: each study's own (LATENCY_MODELS, METHOD_MODELS)."""
+    from igcam_engine.benchmarks import latency, methods, quadrature, targets
     from igcam_engine.benchmarks.measure import write
 
     cases, tables = None, []
@@ -35,8 +39,12 @@ def run(kinds, output, *, models=LATENCY_MODELS, steps=(8, 16, 32, 50), peer_ste
         log(f"igcam bench {kind} ...")
         plot = None
         if kind == "latency":
-            report = latency.latency(models, steps, peer_steps, batches, repeats, warmup, providers, small, log)
+            report = latency.latency(models or LATENCY_MODELS, steps, peer_steps, batches, repeats, warmup, providers,
+                                     small, log)
             markdown, plot = latency.markdown(report), latency.plot
+        elif kind == "methods":
+            report = methods.methods_study(models or METHOD_MODELS, max(steps), repeats, warmup, providers, small, log)
+            markdown = methods.markdown(report)
         elif kind == "targets":
             report = targets.targets_study(steps=peer_steps, repeats=repeats, warmup=warmup, small=small, log=log)
             markdown = targets.markdown(report)

@@ -3,8 +3,8 @@ activations or gradients.
 
 Images are uploaded once per call; forward.onnx and gradient.onnx read and write device buffers through
 IOBinding (chunks are views into the uploaded batch; the activation and gradient buffers are reused across chunks,
-one set per thread); the fused kernel (kernels/igcam.cu) reduces them into device maps, which are upsampled on the
-device. Only the final maps (and, for `predict`, the logits) come back to the host.
+one set per thread); the fused kernel (kernels/igcam.cu, a form per gradient method) reduces them into device maps,
+which are upsampled on the device. Only the final maps (and, for `predict`, the logits) come back to the host.
 
 Ordering: ONNX Runtime synchronizes its compute stream at the end of each run, so its outputs are complete when
 the kernel is launched; the kernel's stream is synchronized before the next run may overwrite a buffer.
@@ -128,7 +128,7 @@ class DeviceStages(Stages):
         return DeviceArray(allocation, int(allocation), shape, np.float32)
 
     def accumulate(self, maps: DeviceArray, first: int, last: int, target: int, activations: DeviceArray,
-                   grads: DeviceArray, base_activations, weights: DeviceArray, start: int, stop: int) -> None:
+                   grads: DeviceArray, base_activations, weights: DeviceArray, start: int, stop: int, method) -> None:
         _, targets, h, w = maps.shape
         channels, pixels = activations.shape[1], h * w
         base_pointer, per_image = 0, 0
@@ -141,8 +141,8 @@ class DeviceStages(Stages):
                 np.uintp(activations.pointer), np.uintp(grads.pointer), np.uintp(base_pointer), np.int32(per_image),
                 np.uintp(weights.row(start)), np.uintp(maps.pointer + (first * targets + target) * pixels * 4),
                 np.int64(targets * pixels), np.int32(stop - start), np.int32(channels), np.int32(pixels),
-                block=(THREADS, 1, 1), grid=((last - first) * (stop - start), 1), shared=(channels + THREADS) * 4,
-                stream=stream,
+                np.int32(method.kernel), block=(THREADS, 1, 1), grid=((last - first) * (stop - start), 1),
+                shared=(channels + THREADS) * 4, stream=stream,
             )
             stream.synchronize()  # ONNX Runtime may overwrite these buffers in the next run
 
@@ -153,10 +153,10 @@ class DeviceStages(Stages):
             stream = self._local.stream = self._cuda.Stream()
         return stream
 
-    def to_host(self, maps: DeviceArray) -> np.ndarray:
-        host = np.empty(maps.shape, np.float32)
+    def to_host(self, array: DeviceArray) -> np.ndarray:
+        host = np.empty(array.shape, array.dtype)
         with self._context():
-            self._cuda.memcpy_dtoh(host, maps.pointer)
+            self._cuda.memcpy_dtoh(host, array.pointer)
         return host
 
     def finish(self, maps: DeviceArray, size) -> np.ndarray:

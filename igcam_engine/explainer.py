@@ -1,9 +1,10 @@
-"""The runtime: IG-CAM and Grad-CAM maps from a bundle with ONNX Runtime, no torch.
+"""The runtime: IG-CAM and the CAM family's maps from a bundle with ONNX Runtime, no torch.
 
 One path for a batch of images: interpolate (inside forward.onnx) -> backbone (forward.onnx) -> gradient of the
 tail (gradient.onnx) -> reduce -> upsample. The stages (igcam_engine.stages) run on the host (host.HostStages:
 numpy) or, with the CUDA or TensorRT provider, on the device (device.DeviceStages: IOBinding and the fused
-kernel, no host copies).
+kernel, no host copies). Methods differ only in the reduction (igcam_engine.methods); the gradient-free ones
+replace the gradient by passes of their own (masked images for Score-CAM, ablated channels for Ablation-CAM).
 """
 from __future__ import annotations
 
@@ -16,13 +17,22 @@ from igcam_engine.bundle import graph_path, load_manifest
 from igcam_engine.errors import UserError
 from igcam_engine.maps import normalize as normalize_maps
 from igcam_engine.maps import upsample
+from igcam_engine.methods import (
+    SCORECAM_EPS,
+    ablation_value,
+    ablation_weights,
+    channel_mass,
+    check_channels,
+    combine,
+    resolve_method,
+    scorecam_weights,
+)
 from igcam_engine.preprocess import black_input
 from igcam_engine.providers import on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
 
 # variant -> (quadrature rule, subtract the baseline's activations)
 VARIANTS = {"official": ("left", False), "paper": ("right", True)}
-METHODS = ("igcam", "gradcam")
 DEFAULT_ROWS = 64  # interpolated images per ONNX Runtime call when batch_size is not given
 # Bytes one ONNX Runtime call may use: rows per call are capped so that a batch_size of any size stays within it.
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -114,44 +124,51 @@ class Explainer:
                 report[graph] = node_placement(session.end_profiling())
         return report
 
-    def explain(self, images, targets, *, method="igcam", variant="official", steps=50, rule=None, baseline="black",
-                subtract_baseline=None, batch_size=None, normalize=False, tolerance=0.01, max_steps=129) -> np.ndarray:
+    def explain(self, images, targets, *, method="igcam", integrate=None, variant="official", steps=50, rule=None,
+                baseline="black", subtract_baseline=None, batch_size=None, normalize=False, tolerance=0.01,
+                max_steps=129, channels=None) -> np.ndarray:
         """Maps float32 [B, H, W] (or [B, T, H, W] for targets of shape [B, T]) for images [B, C, H, W] or [C, H, W]
-        in model input space. See README "The method" for the definition of each option; steps="auto" refines
-        until the maps change by less than `tolerance` (see explain_adaptive, which also reports the passes)."""
+        in model input space. See README "The method" and "Methods" for the definition of each option;
+        steps="auto" refines until the maps change by less than `tolerance` (see explain_adaptive, which also
+        reports the passes)."""
         if steps == "auto":
-            return self.explain_adaptive(images, targets, method=method, tolerance=tolerance, max_steps=max_steps,
-                                         rule=rule, variant=variant, baseline=baseline,
+            return self.explain_adaptive(images, targets, method=method, integrate=integrate, tolerance=tolerance,
+                                         max_steps=max_steps, rule=rule, variant=variant, baseline=baseline,
                                          subtract_baseline=subtract_baseline, batch_size=batch_size,
                                          normalize=normalize).maps
-        alphas, weights, subtract = path_nodes(method, variant, rule, steps, subtract_baseline)
+        row, alphas, weights, subtract = path_nodes(method, variant, rule, steps, subtract_baseline, integrate)
         normalize = _flag(normalize, "normalize")
+        channels = check_channels(channels, row, self.manifest["target_layer"]["shape"][0])
         call = self._call(images, targets, baseline, subtract, batch_size)
-        maps = self._stages.finish(self._integrate(call, alphas, weights), self.input_shape[1:])
+        if row.needs == "gradients":
+            maps = self._stages.finish(self._integrate(call, alphas, weights, row), self.input_shape[1:])
+        else:
+            maps = upsample(self._without_gradients(call, row, channels), self.input_shape[1:])
         return call.shape_result(normalize_maps(_finite(maps, "maps")) if normalize else _finite(maps, "maps"))
 
     def explain_adaptive(self, images, targets, *, tolerance=0.01, max_steps=129, rule=None, variant="official",
                          baseline="black", subtract_baseline=None, batch_size=None, normalize=False,
-                         method="igcam", steps="auto") -> "Adaptive":
-        """IG-CAM with as many passes as the maps need: refines a trapezoid grid by halving its spacing (2, 3, 5, 9,
-        ... nodes) or a midpoint grid by thirds (1, 3, 9, 27, ...), each level reusing every pass already made,
-        until no map changes by more than `tolerance` (max |change| over the map's range) or the next level would
-        exceed `max_steps` passes. The variant decides baseline subtraction; its rule is replaced by `rule`
-        ("trapezoid", the default, or "midpoint"). Takes explain's arguments: `method` must be "igcam" and `steps`
-        "auto"."""
+                         method="igcam", integrate=None, steps="auto") -> "Adaptive":
+        """An integrated method with as many passes as the maps need: refines a trapezoid grid by halving its
+        spacing (2, 3, 5, 9, ... nodes) or a midpoint grid by thirds (1, 3, 9, 27, ...), each level reusing every
+        pass already made, until no map changes by more than `tolerance` (max |change| over the map's range) or the
+        next level would exceed `max_steps` passes. The variant decides baseline subtraction; its rule is replaced
+        by `rule` ("trapezoid", the default, or "midpoint"). Takes explain's arguments: `method` must be "igcam" or
+        a gradient method with integrate=True, and `steps` "auto"."""
         if steps != "auto":
             raise UserError(f"explain_adaptive chooses the steps itself: steps must be 'auto', got {steps!r}")
-        rule, subtract = adaptive_options(method, variant, rule, tolerance, max_steps, subtract_baseline)
+        row, rule, subtract = adaptive_options(method, variant, rule, tolerance, max_steps, subtract_baseline,
+                                               integrate)
         normalize = _flag(normalize, "normalize")
         call = self._call(images, targets, baseline, subtract, batch_size)
         levels = REFINEMENTS[rule]()
         alphas, weights, _ = next(levels)
-        coarse = self._stages.to_host(self._integrate(call, alphas, weights))
+        coarse = self._stages.to_host(self._integrate(call, alphas, weights, row))
         passes, change = len(alphas), None
         for alphas, weights, keep in levels:
             if passes + len(alphas) > max_steps:
                 break
-            refined = keep * coarse + self._stages.to_host(self._integrate(call, alphas, weights))
+            refined = keep * coarse + self._stages.to_host(self._integrate(call, alphas, weights, row))
             change = _largest_change(coarse, refined)
             coarse, passes = refined, passes + len(alphas)
             if change <= tolerance:
@@ -169,11 +186,12 @@ class Explainer:
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         base_activations = self._base_activations(baseline, base) if subtract else None
-        return _Call(self._stages.put(images), len(images), targets, multi, self._stages.put(base),
+        return _Call(self._stages.put(images), images, len(images), targets, multi, self._stages.put(base),
                      base_activations, min(int(rows), self._max_rows))
 
-    def _integrate(self, call: "_Call", alphas, weights):
-        """sum_i weights[i] * S(alphas[i]) at layer resolution, [B, T, h, w], where the stages keep data."""
+    def _integrate(self, call: "_Call", alphas, weights, method):
+        """sum_i weights[i] * ReLU(method's reduction at alphas[i]) at layer resolution, [B, T, h, w], where the
+        stages keep data."""
         _, h, w = self.manifest["target_layer"]["shape"]
         stages = self._stages
         coarse = stages.maps(call.count, call.targets.shape[1], (h, w))
@@ -183,8 +201,55 @@ class Explainer:
             for t in range(call.targets.shape[1]):
                 grads = stages.gradient(activations, np.repeat(call.targets[first:last, t], stop - start))
                 stages.accumulate(coarse, first, last, t, activations, grads, call.base_activations, placed_weights,
-                                  start, stop)
+                                  start, stop, method)
         return coarse
+
+    def _without_gradients(self, call: "_Call", method, channels) -> np.ndarray:
+        """Maps [B, T, h, w] on the host of a method that needs no gradient: it reduces each image's activations
+        (EigenCAM), or weighs its channels by the target's scores when each channel masks the image (Score-CAM) or
+        is ablated (Ablation-CAM), the chosen `channels` (or all) in chunks of `call.rows` rows per pass."""
+        k, h, w = self.manifest["target_layer"]["shape"]
+        maps = np.zeros((call.count, call.targets.shape[1], h, w), np.float32)
+        for first in range(0, call.count, call.rows):
+            last = min(first + call.rows, call.count)
+            rows = self._stages.forward(call.images, first, last, call.images, np.ones(1))
+            activations = self._stages.to_host(rows).astype(np.float32)
+            for n, a in zip(range(first, last), activations):
+                if method.needs == "activations":
+                    maps[n] = np.maximum(method.reduce(a.reshape(1, k, h * w), None), 0).reshape(1, h, w)
+                    continue
+                kept = np.arange(k) if channels is None else np.argsort(-channel_mass(a), kind="stable")[:channels]
+                targets = call.targets[n]
+                if method.needs == "masked images":
+                    weights = scorecam_weights(self._masked_scores(call, call.host_images[n], a, kept)[:, targets])
+                else:
+                    original = self._stages.logits(self._stages.put(a[None]), np.zeros(1, np.int64))[0, targets]
+                    weights = ablation_weights(original, self._ablated_scores(call, a, kept)[:, targets])
+                maps[n] = combine(weights, a[kept])
+        return maps
+
+    def _masked_scores(self, call: "_Call", image: np.ndarray, activations: np.ndarray, kept) -> np.ndarray:
+        """Class scores [len(kept), classes] of the image multiplied by each kept channel, upsampled (corners
+        aligned) and min-max scaled to [0, 1]: Score-CAM's masks."""
+        size, scores = self.input_shape[1:], []
+        for start in range(0, len(kept), call.rows):
+            masks = upsample(activations[kept[start:start + call.rows]], size, align_corners=True)
+            low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
+            masks = (masks - low) / (high - low + SCORECAM_EPS)
+            batch = self._stages.put(np.ascontiguousarray(image[None] * masks[:, None], dtype=np.float32))
+            rows = self._stages.forward(batch, 0, len(masks), batch, np.ones(1))
+            scores.append(self._stages.logits(rows, np.zeros(len(masks), np.int64)))
+        return np.concatenate(scores)
+
+    def _ablated_scores(self, call: "_Call", activations: np.ndarray, kept) -> np.ndarray:
+        """Class scores [len(kept), classes] from the layers after the target, each kept channel ablated in turn."""
+        value, scores = ablation_value(activations), []
+        for start in range(0, len(kept), call.rows):
+            chunk = kept[start:start + call.rows]
+            batch = np.repeat(activations[None], len(chunk), axis=0)
+            batch[np.arange(len(chunk)), chunk] = value
+            scores.append(self._stages.logits(self._stages.put(batch), np.zeros(len(chunk), np.int64)))
+        return np.concatenate(scores)
 
     def _base_activations(self, baseline, base):
         """A(baseline), computed once per Explainer for the named baselines (kept where the stages keep data)."""
@@ -263,22 +328,24 @@ class Explainer:
         return np.ascontiguousarray(array)
 
 
-def path_nodes(method="igcam", variant="official", rule=None, steps=50, subtract_baseline=None):
-    """(alphas, weights, subtract the baseline's activations) for explain's options, each checked."""
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
-    if method == "gradcam":
-        return np.ones(1), np.ones(1), False
+def path_nodes(method="igcam", variant="official", rule=None, steps=50, subtract_baseline=None, integrate=None):
+    """(the method's row, alphas, weights, subtract the baseline's activations) for explain's options, each
+    checked; a method that is not integrated makes one pass at alpha 1."""
+    row, integrated = resolve_method(method, integrate)
+    if not integrated:
+        return row, np.ones(1), np.ones(1), False
     default_rule, subtract = _variant(variant, subtract_baseline)
     alphas, weights = quadrature(default_rule if rule is None else rule, steps)
-    return alphas, weights, subtract
+    return row, alphas, weights, subtract
 
 
 def adaptive_options(method="igcam", variant="official", rule=None, tolerance=0.01, max_steps=129,
-                     subtract_baseline=None):
-    """(the refined rule, subtract the baseline's activations) for steps="auto", each option checked."""
-    if method != "igcam":
-        raise UserError(f"steps='auto' refines the IG-CAM path integral; method must be 'igcam', got {method!r}")
+                     subtract_baseline=None, integrate=None):
+    """(the method's row, the refined rule, subtract the baseline's activations) for steps="auto", each checked."""
+    row, integrated = resolve_method(method, integrate)
+    if not integrated:
+        raise UserError(f"steps='auto' refines a path integral: method must be 'igcam' or a gradient method with "
+                        f"integrate=True, got {method!r}" + ("" if integrate is None else f", integrate={integrate!r}"))
     rule = "trapezoid" if rule is None else rule
     if rule not in REFINEMENTS:
         raise UserError(f"steps='auto' refines {' or '.join(REFINEMENTS)} grids, not {rule!r}")
@@ -286,7 +353,7 @@ def adaptive_options(method="igcam", variant="official", rule=None, tolerance=0.
         raise UserError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
         raise UserError(f"max_steps must be an integer >= 2, got {max_steps!r}")
-    return rule, _variant(variant, subtract_baseline)[1]
+    return row, rule, _variant(variant, subtract_baseline)[1]
 
 
 def _variant(variant, subtract_baseline):
@@ -349,6 +416,7 @@ class _Call:
     """One explain call's checked inputs, placed where the stages work."""
 
     images: object
+    host_images: np.ndarray
     count: int
     targets: np.ndarray  # [B, T]
     multi: bool  # targets were given as [B, T]

@@ -1,10 +1,11 @@
 """The host implementation of the stages (see igcam_engine.stages): ONNX Runtime returns numpy arrays, numpy
-reduces them (igcam_engine.maps)."""
+reduces them (igcam_engine.methods, igcam_engine.maps)."""
 from __future__ import annotations
 
 import numpy as np
 
-from igcam_engine.maps import accumulate, upsample
+from igcam_engine.maps import upsample
+from igcam_engine.methods import accumulate
 from igcam_engine.stages import Stages
 
 
@@ -30,13 +31,13 @@ class HostStages(Stages):
         return np.zeros((images, targets, *size), np.float32)
 
     def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights,
-                   start: int, stop: int):
+                   start: int, stop: int, method):
         if base_activations is not None and len(base_activations) > 1:
             base_activations = base_activations[first:last]
-        accumulate(maps[first:last, target], activations, grads, base_activations, weights[start:stop])
+        accumulate(maps[first:last, target], activations, grads, base_activations, weights[start:stop], method)
 
-    def to_host(self, maps) -> np.ndarray:
-        return maps
+    def to_host(self, array) -> np.ndarray:
+        return array
 
     def finish(self, maps, size) -> np.ndarray:
         return upsample(maps, size)

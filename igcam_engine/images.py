@@ -129,6 +129,22 @@ def overlay(picture: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5) -> I
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
+def show_cam_on_image(image, mask: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """image_weight * image + (1 - image_weight) * jet(mask), called as pytorch-grad-cam's helper of this name:
+    `image` a PIL image or a numpy picture (as to_model_input takes: uint8, or float in [0, 1]), `mask` [h, w] of
+    any range (min-max scaled; resized bilinearly to the image when its size differs). Returns uint8 RGB [H, W, 3]
+    (not divided by its maximum, as theirs is)."""
+    if not 0 <= image_weight <= 1:
+        raise UserError(f"image_weight must be in [0, 1], got {image_weight}")
+    picture = _from_array(image) if isinstance(image, np.ndarray) else _rgb(image, "the image")
+    heatmap = np.asarray(mask, np.float32)
+    if heatmap.ndim != 2 or not np.isfinite(heatmap).all():
+        raise UserError(f"a mask must be one finite map [h, w], got shape {list(heatmap.shape)}")
+    if heatmap.shape != (picture.height, picture.width):
+        heatmap = np.asarray(Image.fromarray(heatmap, mode="F").resize(picture.size, Image.BILINEAR))
+    return np.asarray(overlay(np.asarray(picture), heatmap, opacity=1 - image_weight))
+
+
 def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess) -> Image.Image:
     """The overlay at the photo's own size (longest side at most MAX_OVERLAY_SIDE) when the model saw the whole photo
     (resize "stretch"); on the centre crop the model saw otherwise."""

@@ -1,27 +1,17 @@
-"""The reduce and upsample stages on the host: activations and their gradients -> maps, vectorised numpy."""
+"""Maps on the host: bilinear resampling (as torch and OpenCV do it) and min-max normalisation, vectorised numpy.
+The reductions from activations and gradients to maps are igcam_engine.methods'."""
 from __future__ import annotations
 
 import numpy as np
 
 
-def accumulate(out: np.ndarray, activations: np.ndarray, grads: np.ndarray, base, weights: np.ndarray) -> None:
-    """out[n] += sum_i weights[i] * ReLU(sum_k mean_uv(grads[n,i,k]) * (activations[n,i,k] - base[n,k])).
-
-    out: [N, h, w]; activations, grads: [N*M, K, h, w] image-major rows; base: [N or 1, K, h, w] or None.
-    """
-    n, (k, h, w), m = out.shape[0], activations.shape[1:], len(weights)
-    acts = activations.reshape(n, m, k, h * w)
-    channel_weights = grads.reshape(n, m, k, h * w).mean(axis=3, dtype=np.float32)
-    if base is not None:
-        acts = acts - base.reshape(-1, 1, k, h * w)
-    step_maps = np.matmul(channel_weights[:, :, None, :], acts)[:, :, 0]
-    np.maximum(step_maps, 0, out=step_maps)
-    out += np.einsum("nip,i->np", step_maps, weights.astype(np.float32)).reshape(n, h, w)
-
-
-def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
-    """[dst, src] weights of half-pixel bilinear resampling, edges clamped (torch align_corners=False, cv2)."""
-    position = np.maximum((np.arange(dst) + 0.5) * src / dst - 0.5, 0)
+def _bilinear_matrix(src: int, dst: int, align_corners: bool = False) -> np.ndarray:
+    """[dst, src] weights of bilinear resampling: half-pixel, edges clamped (torch align_corners=False, cv2), or
+    corner-aligned (torch align_corners=True: the first and last pixels map onto each other)."""
+    if align_corners:
+        position = np.arange(dst) * ((src - 1) / (dst - 1) if dst > 1 else 0.0)
+    else:
+        position = np.maximum((np.arange(dst) + 0.5) * src / dst - 0.5, 0)
     low = np.floor(position).astype(np.int64)
     high = np.minimum(low + 1, src - 1)
     frac = position - low
@@ -31,10 +21,10 @@ def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def upsample(maps: np.ndarray, size) -> np.ndarray:
+def upsample(maps: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
     """Resizes the last two axes of `maps` to `size` (H, W)."""
-    rows = _bilinear_matrix(maps.shape[-2], size[0])
-    cols = _bilinear_matrix(maps.shape[-1], size[1])
+    rows = _bilinear_matrix(maps.shape[-2], size[0], align_corners)
+    cols = _bilinear_matrix(maps.shape[-1], size[1], align_corners)
     return rows @ maps @ cols.T
 
 

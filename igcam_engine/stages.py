@@ -39,14 +39,15 @@ class Stages(ABC):
 
     @abstractmethod
     def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights,
-                   start: int, stop: int) -> None:
-        """maps[first:last, target] += sum_i weights[start + i] * ReLU(sum_k mean(grads) * (activations - base)),
-        the reduction of README "The method", for the steps start:stop of the quadrature whose float32 weights
-        `put` placed (once per call); base_activations None: no subtraction."""
+                   start: int, stop: int, method) -> None:
+        """maps[first:last, target] += sum_i weights[start + i] * ReLU(method.reduce(activations - base, grads)),
+        a gradient method's reduction (igcam_engine.methods; Grad-CAM's is README "The method"), for the steps
+        start:stop of the quadrature whose float32 weights `put` placed (once per call); base_activations None: no
+        subtraction."""
 
     @abstractmethod
-    def to_host(self, maps) -> np.ndarray:
-        """Maps at layer resolution as a host array."""
+    def to_host(self, array) -> np.ndarray:
+        """A result of the stages (maps at layer resolution, activations) as a host array."""
 
     @abstractmethod
     def finish(self, maps, size) -> np.ndarray:

@@ -1,18 +1,42 @@
-// Fused IG-CAM reduction and bilinear upsampling, launched by igcam_engine/gpu.py on ONNX Runtime's buffers.
+// Fused reductions of the gradient CAM methods and bilinear upsampling, launched by igcam_engine/device.py on ONNX
+// Runtime's buffers.
 //
-// igcam_accumulate_{f32,f16}: one block per interpolated image (row = image * steps + step). The block forms the
-// channel weights g[k] = mean over pixels of dA[row, k] in shared memory, then the weighted channel sum
-// s[p] = sum_k g[k] (A[row, k, p] - A0[k, p]), the ReLU, and adds weights[step] * s[p] into the image's map with
-// atomics. A and dA are each read once; no per-row map ever reaches global memory. Accumulation is float32.
+// igcam_accumulate_{f32,f16}: one block per interpolated image (row = image * steps + step). With V = A[row] - A0
+// (A0 = 0 without a baseline), the block forms s[p] = sum_k c[k, p] V[k, p], rectifies it and adds
+// weights[step] * s[p] into the image's map with atomics. `form` chooses c (igcam_engine/methods.py's table, whose
+// numpy reductions define them):
+//   FORM_GRADCAM    c[k]    = mean_p dA[k, p]
+//   FORM_GRADCAMPP  c[k]    = sum_p ReLU(dA) alpha, alpha = dA^2 / (2 dA^2 + sum_p V[k] dA^3 + 1e-6), 0 where dA = 0
+//   FORM_XGRADCAM   c[k]    = sum_p dA[k, p] V[k, p] / (sum_p V[k, p] + 1e-7)
+//   FORM_HIRESCAM   c[k, p] = dA[k, p]
+//   FORM_LAYERCAM   c[k, p] = ReLU(dA[k, p])
+// The channel forms keep c[k] in shared memory (one warp per channel); the elementwise forms read dA beside V.
+// No per-row map ever reaches global memory. Accumulation is float32.
 #include <cuda_fp16.h>
+
+enum Form { FORM_GRADCAM = 0, FORM_GRADCAMPP = 1, FORM_XGRADCAM = 2, FORM_HIRESCAM = 3, FORM_LAYERCAM = 4 };
+#define GRADCAM_PLUSPLUS_EPS 1e-6f
+#define XGRADCAM_EPS 1e-7f
 
 __device__ __forceinline__ float as_float(float v) { return v; }
 __device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
 
+// The warp's sum of `value`, in every lane.
+__device__ __forceinline__ float warp_sum(float value) {
+    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+template <typename T>
+__device__ __forceinline__ float centred(const T* a, const T* a0, size_t index) {
+    return a0 == nullptr ? as_float(a[index]) : as_float(a[index]) - as_float(a0[index]);
+}
+
 template <typename T>
 __device__ void accumulate(const T* __restrict__ activations, const T* __restrict__ grads,
                            const T* __restrict__ base, int base_per_image, const float* __restrict__ weights,
-                           float* __restrict__ maps, long long map_stride, int steps, int channels, int pixels) {
+                           float* __restrict__ maps, long long map_stride, int steps, int channels, int pixels,
+                           int form) {
     extern __shared__ float shared[];
     float* channel_weight = shared;            // [channels]
     float* partial = shared + channels;        // [tile]
@@ -23,13 +47,36 @@ __device__ void accumulate(const T* __restrict__ activations, const T* __restric
     const T* g = grads + (size_t)row * plane;
     const T* a0 = base == nullptr ? nullptr : base + (base_per_image ? (size_t)image * plane : 0);
 
-    // Channel weights: one warp per channel, lanes stride over the pixels.
+    // Channel weights of the channel forms: one warp per channel, lanes stride over the pixels.
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int k = warp; k < channels; k += warps) {
-        float sum = 0.f;
-        for (int p = lane; p < pixels; p += 32) sum += as_float(g[(size_t)k * pixels + p]);
-        for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-        if (lane == 0) channel_weight[k] = sum / pixels;
+    const bool elementwise = form == FORM_HIRESCAM || form == FORM_LAYERCAM;
+    for (int k = elementwise ? channels : warp; k < channels; k += warps) {
+        const size_t channel = (size_t)k * pixels;
+        float weight;
+        if (form == FORM_GRADCAM) {
+            float sum = 0.f;
+            for (int p = lane; p < pixels; p += 32) sum += as_float(g[channel + p]);
+            weight = warp_sum(sum) / pixels;
+        } else if (form == FORM_XGRADCAM) {
+            float product = 0.f, mass = 0.f;
+            for (int p = lane; p < pixels; p += 32) {
+                const float v = centred(a, a0, channel + p);
+                product += as_float(g[channel + p]) * v;
+                mass += v;
+            }
+            weight = warp_sum(product) / (warp_sum(mass) + XGRADCAM_EPS);
+        } else {  // FORM_GRADCAMPP
+            float mass = 0.f;
+            for (int p = lane; p < pixels; p += 32) mass += centred(a, a0, channel + p);
+            mass = warp_sum(mass);
+            float sum = 0.f;
+            for (int p = lane; p < pixels; p += 32) {
+                const float d = as_float(g[channel + p]), d2 = d * d;
+                if (d > 0.f) sum += d * (d2 / (2.f * d2 + mass * (d2 * d) + GRADCAM_PLUSPLUS_EPS));
+            }
+            weight = warp_sum(sum);
+        }
+        if (lane == 0) channel_weight[k] = weight;
     }
     __syncthreads();
 
@@ -47,9 +94,12 @@ __device__ void accumulate(const T* __restrict__ activations, const T* __restric
         if (slice < slices && p < pixels) {
             float s = 0.f;
             for (int k = slice; k < channels; k += slices) {
-                float v = as_float(a[(size_t)k * pixels + p]);
-                if (a0 != nullptr) v -= as_float(a0[(size_t)k * pixels + p]);
-                s += channel_weight[k] * v;
+                const size_t index = (size_t)k * pixels + p;
+                float c;
+                if (!elementwise) c = channel_weight[k];
+                else if (form == FORM_HIRESCAM) c = as_float(g[index]);
+                else c = fmaxf(as_float(g[index]), 0.f);
+                s += c * centred(a, a0, index);
             }
             atomicAdd(&partial[local], s);
         }
@@ -64,14 +114,18 @@ __device__ void accumulate(const T* __restrict__ activations, const T* __restric
 
 extern "C" __global__ void igcam_accumulate_f32(const float* activations, const float* grads, const float* base,
                                                 int base_per_image, const float* weights, float* maps,
-                                                long long map_stride, int steps, int channels, int pixels) {
-    accumulate<float>(activations, grads, base, base_per_image, weights, maps, map_stride, steps, channels, pixels);
+                                                long long map_stride, int steps, int channels, int pixels,
+                                                int form) {
+    accumulate<float>(activations, grads, base, base_per_image, weights, maps, map_stride, steps, channels, pixels,
+                   form);
 }
 
 extern "C" __global__ void igcam_accumulate_f16(const __half* activations, const __half* grads, const __half* base,
                                                 int base_per_image, const float* weights, float* maps,
-                                                long long map_stride, int steps, int channels, int pixels) {
-    accumulate<__half>(activations, grads, base, base_per_image, weights, maps, map_stride, steps, channels, pixels);
+                                                long long map_stride, int steps, int channels, int pixels,
+                                                int form) {
+    accumulate<__half>(activations, grads, base, base_per_image, weights, maps, map_stride, steps, channels, pixels,
+                   form);
 }
 
 // Half-pixel bilinear resampling with clamped edges (torch align_corners=False), one thread per output pixel.

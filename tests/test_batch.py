@@ -13,10 +13,11 @@ import torch
 from comparisons import assert_maps_match
 from processes import Scope
 
-from igcam_engine import zoo
+from igcam_engine import Explainer, zoo
 from igcam_engine.apps.cli import main
 from igcam_engine.data import sample_images
 from igcam_engine.export import from_torch
+from igcam_engine.images import load_image, to_model_input
 
 HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
 pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")
@@ -90,10 +91,17 @@ def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
     out = tmp_path / "out"
     first = batch(root, bundle, small, out)
     assert first.returncode == 0 and "3 explained" in first.stdout, first.stderr
-    again = batch(root, bundle, small, out, "--target", "3")
+    again = batch(root, bundle, small, out, "--target", "3", "--method", "layercam", "--integrate")
     assert again.returncode == 0 and "3 explained, 0 already done" in again.stdout, again.stderr
     records = [json.loads(p.read_text()) for p in out.glob("photo*.json")]
     assert all(r["options"]["target"] == 3 and r["maps"][0]["target"] == 3 for r in records)
+    assert all(r["options"]["method"] == "layercam" and r["options"]["integrate"] for r in records)
+    # the maps are the API's for those options (the API's against float64 torch: tests/test_methods.py)
+    explainer = Explainer(bundle, "cpu")
+    for photo in sorted(small.iterdir()):
+        image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
+        expected = explainer.explain(image, 3, method="layercam", integrate=True, steps=4)
+        assert_maps_match(np.load(out / f"{photo.stem}.class3.npy")[None], expected, 1e-5, 1e-5)
 
 
 def test_the_output_folder_may_not_be_the_input_folder(folder):

@@ -89,6 +89,9 @@ def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
     (["export", "--torch", "tiny_models:small", "--layer", "layer4", "-o", "b"], "needs --layer NAME and --input-shape"),
     (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64",
       "--preprocess", "vgg", "-o", "b2"], "unknown preprocess preset"),
+    (["explain", "bundle", "x.png", "--method", "eigencam", "--integrate", "-o", "o"], "no gradient to integrate"),
+    (["explain", "bundle", "x.png", "--method", "gradcam", "--channels", "3", "-o", "o"],
+     "channels applies to scorecam and ablationcam"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(bundle, args, message):
     root, _ = bundle
@@ -149,3 +152,20 @@ def test_explain_with_adaptive_steps(bundle, tmp_path):
     assert entry["passes"] in (3, 5, 9, 17, 33, 65, 129) and "passes]" in result.stdout
     bad = _run(root, "explain", str(out), str(sample_images()[0]), "--steps", "many", "-o", str(tmp_path))
     assert bad.returncode == 2 and "expected a positive integer or 'auto'" in bad.stderr
+
+
+@pytest.mark.parametrize("options", [["--method", "layercam", "--integrate", "--steps", "3"],
+                                     ["--method", "scorecam", "--channels", "5"], ["--method", "gradcam++"]])
+def test_explain_takes_every_method(bundle, tmp_path, options):
+    """The CLI's maps are the API's for the same options (the API's against float64 torch: tests/test_methods.py)."""
+    root, out = bundle
+    photo = sample_images()[1]
+    result = _run(root, "explain", str(out), str(photo), "--target", "2", *options, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    explainer = Explainer(out)
+    image, _ = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)
+    keys = {"--method": "method", "--steps": "steps", "--channels": "channels"}
+    kwargs = {keys[a]: (int(b) if a != "--method" else b) for a, b in zip(options, options[1:]) if a in keys}
+    expected = explainer.explain(image, 2, integrate=True if "--integrate" in options else None, **kwargs)
+    np.testing.assert_allclose(np.load(tmp_path / f"{photo.stem}.class2.npy"), expected[0], rtol=1e-5,
+                               atol=1e-6 * float(np.abs(expected).max()))

@@ -8,7 +8,8 @@ import pytest
 from comparisons import assert_maps_match, normalized
 
 from igcam_engine import Explainer
-from igcam_engine.maps import accumulate, upsample
+from igcam_engine.maps import upsample
+from igcam_engine.methods import METHOD_TABLE, accumulate
 from igcam_engine.providers import CUDA, TENSORRT, resolve_providers
 
 
@@ -59,24 +60,33 @@ KERNEL_CASES = [(1, 1, 3, 1, 1), (2, 3, 33, 7, 7), (16, 2, 100, 14, 14), (1, 128
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("base_rows", [0, 1, "per-image"])
 @pytest.mark.parametrize("offsets", [(0, 0), (2, 3)], ids=["chunk at 0", "chunk at image 2, step 3"])
-def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows, offsets):
+@pytest.mark.parametrize("method", [name for name, row in METHOD_TABLE.items() if row.kernel is not None])
+def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows, offsets, method):
     """One chunk: images first..first+n of a batch of first+n+1, quadrature steps start..start+m of start+m+2,
-    so that the image, baseline-row and weight offsets all matter."""
+    so that the image, baseline-row and weight offsets all matter; each gradient method's form of the kernel.
+    Grad-CAM++ and XGrad-CAM divide by a channel's activation mass: their activations are rectified (as after a
+    ReLU) and the baseline small, so that no channel's mass is near 0 (where float32 rounding decides the sign)."""
+    method = METHOD_TABLE[method]
     n, m, k, h, w = case
     first, start = offsets
     total = first + n + 1
     rng = np.random.default_rng(sum(case))
-    acts = rng.standard_normal((n * m, k, h, w)).astype(dtype)
+    acts = rng.standard_normal((n * m, k, h, w))
     grads = rng.standard_normal((n * m, k, h, w)).astype(dtype)
-    base = None if base_rows == 0 else rng.standard_normal((total if base_rows == "per-image" else 1, k, h, w)).astype(dtype)
+    base = None if base_rows == 0 else rng.standard_normal((total if base_rows == "per-image" else 1, k, h, w))
+    if method.name in ("gradcam++", "xgradcam"):
+        acts = np.abs(acts) + 0.5
+        base = None if base is None else 0.1 * np.abs(base)
+    acts = acts.astype(dtype)
+    base = None if base is None else base.astype(dtype)
     weights = rng.random(start + m + 2).astype(np.float32)
     expected = np.zeros((total, 2, h, w), np.float32)
     chunk_base = None if base is None else (base[first:first + n] if len(base) > 1 else base)
     accumulate(expected[first:first + n, 1], acts.astype(np.float32), grads.astype(np.float32),
-               None if chunk_base is None else chunk_base.astype(np.float32), weights[start:start + m])
+               None if chunk_base is None else chunk_base.astype(np.float32), weights[start:start + m], method)
     maps = stages.maps(total, 2, (h, w))
     stages.accumulate(maps, first, first + n, 1, stages.put(acts), stages.put(grads),
-                      None if base is None else stages.put(base), stages.put(weights), start, start + m)
+                      None if base is None else stages.put(base), stages.put(weights), start, start + m, method)
     got = stages.finish(maps, (h, w))
     np.testing.assert_array_equal(got[:, 0], 0)  # the other target's maps stay untouched
     np.testing.assert_array_equal(got[:first], 0)  # and so do the images outside the chunk
@@ -117,6 +127,11 @@ CASES = {
     "gradcam": dict(method="gradcam"),
     "gauss-legendre chunks": dict(rule="gauss-legendre", steps=9, subtract_baseline=True, batch_size=4),
     "per-image baselines, chunks": dict(variant="paper", steps=7, baseline=PER_IMAGE_BASELINE, batch_size=5),
+    **{method: dict(method=method) for method in ("gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")},
+    "scorecam, 64 channels": dict(method="scorecam", channels=64, batch_size=16),
+    "ablationcam, 64 channels": dict(method="ablationcam", channels=64, batch_size=16),
+    "integrated gradcam++, chunks": dict(method="gradcam++", integrate=True, variant="paper", steps=6, batch_size=4),
+    "integrated layercam": dict(method="layercam", integrate=True, steps=8),
 }
 
 
@@ -150,9 +165,11 @@ def test_several_targets_and_chunks_on_gpu(bundle):
         np.testing.assert_allclose(both[:, t], single, rtol=1e-4, atol=1e-5 * np.abs(single).max())
 
 
-def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch):
-    """Only maps (and logits for predict) leave the device: every device-to-host copy is recorded, and every output
-    of every run is bound to device memory (an output bound to the host would be copied inside ONNX Runtime)."""
+@pytest.mark.parametrize("method", [name for name, row in METHOD_TABLE.items() if row.kernel is not None])
+def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch, method):
+    """Only maps (and logits for predict) leave the device, for every gradient method integrated along the path:
+    every device-to-host copy is recorded, and every output of every run is bound to device memory (an output
+    bound to the host would be copied inside ONNX Runtime)."""
     explainer = Explainer(bundle, providers="cuda")
     copies, outputs = [], []
     original_numpy = ort.OrtValue.numpy
@@ -169,7 +186,7 @@ def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch):
         return original_bind(self, name, device_type, *args, **kwargs)
 
     monkeypatch.setattr(binding, "bind_output", record_output)
-    maps = explainer.explain(IMAGES, [1, 2, 3], steps=8, variant="paper", batch_size=5)
+    maps = explainer.explain(IMAGES, [1, 2, 3], method=method, integrate=True, steps=8, variant="paper", batch_size=5)
     assert copies == [(3, 1, 128, 160)] and maps.shape == (3, 128, 160)
     assert outputs and all(device == "cuda" for _, device in outputs), outputs
     for by_provider in explainer.placement().values():

@@ -4,6 +4,7 @@ Every import statement of every module (those inside functions too) is read from
 layer by its name, and each layer may import only the layers below it:
 
     core (igcam_engine.*)  <-  export, zoo  <-  benchmarks  <-  apps
+    core, export  <-  notebook (igcam_engine.notebook: torch model to maps in one call)
     kernels (the CUDA sources, used by the core's device stages)
 
 The core additionally imports none of torch, onnx, Ray, matplotlib or the web stack: the runtime installs with numpy,
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package name -> folder in the checkout
 FOLDERS = {"igcam_engine": "igcam_engine", "igcam_engine.export": "export", "igcam_engine.kernels": "kernels",
            "igcam_engine.benchmarks": "benchmarks", "igcam_engine.zoo": "zoo"}
-LAYERS = ("apps", "benchmarks", "export", "zoo", "kernels")  # the core is everything else under igcam_engine
+LAYERS = ("apps", "notebook", "benchmarks", "export", "zoo", "kernels")  # the core is everything else under igcam_engine
 ALLOWED = {
     "core": {"core", "kernels"},
     "kernels": {"kernels"},
@@ -26,6 +27,7 @@ ALLOWED = {
     "zoo": {"zoo"},
     "benchmarks": {"benchmarks", "export", "zoo", "core"},
     "apps": {"apps", "benchmarks", "export", "zoo", "core"},
+    "notebook": {"notebook", "export", "core"},
 }
 CORE_FORBIDDEN = {"torch", "onnx", "onnxscript", "ray", "matplotlib", "starlette", "fastapi", "pycuda"}
 # The device stages need pycuda; they are the core's GPU implementation and import it only when constructed.

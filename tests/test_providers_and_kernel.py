@@ -128,3 +128,17 @@ def test_shipped_ptx_defines_every_kernel():
     ptx = (ROOT / "kernels" / "igcam.ptx").read_text()
     for kernel in ("igcam_accumulate_f32", "igcam_accumulate_f16", "igcam_upsample_bilinear"):
         assert f".entry {kernel}" in ptx
+
+
+def test_each_gradient_method_has_its_form_in_the_kernel():
+    """methods.py's `kernel` numbers are the FORM_* constants of igcam.cu, each form's comment names its method."""
+    from igcam_engine.methods import METHOD_TABLE
+
+    source = (ROOT / "kernels" / "igcam.cu").read_text()
+    enum = dict((name, int(value)) for name, value in re.findall(r"FORM_(\w+) = (\d+)", source))
+    forms = {name.replace("++", "PP").upper(): row.kernel for name, row in METHOD_TABLE.items() if row.kernel is not None}
+    assert forms == enum
+    assert {name for name, row in METHOD_TABLE.items() if row.needs == "gradients"} == \
+        {name for name, row in METHOD_TABLE.items() if row.kernel is not None}
+    for name in enum:
+        assert re.search(rf"^//\s+FORM_{name}\s", source, re.M), f"FORM_{name} is not described in igcam.cu's header"

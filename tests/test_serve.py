@@ -96,6 +96,10 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
     (None, "image/png", "?steps=5000", 400, "steps must be in [1, 256]"),
     (None, "image/png", "?output=gif", 400, "output must be one of png, npy, json"),
     (b"", "image/png", "", 400, "the request has no image"),
+    (None, "image/png", "?integrate=maybe", 400, "integrate must be one of 1, 0, true, false"),
+    (None, "image/png", "?method=eigencam&integrate=1", 400, "eigencam has no gradient to integrate"),
+    (None, "image/png", "?method=scorecam&channels=257", 400, "channels must be in [1, 256]"),
+    (None, "image/png", "?method=gradcam&channels=4", 400, "channels applies to scorecam and ablationcam"),
     (b"\x00" * (21 << 20), "image/png", "", 413, "exceeds the limit"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, content_type, query, status, message):
@@ -119,3 +123,20 @@ def test_multipart_upload_with_json_output(server):
     assert status == 200
     result = json.loads(reply)
     assert len(result["targets"]) == 2 and result["shape"] == [2, 96, 128] and len(result["predictions"]) == 5
+
+
+@pytest.mark.parametrize("query,options", [
+    ("method=layercam&integrate=1&steps=3", dict(method="layercam", integrate=True, steps=3)),
+    ("method=scorecam&channels=6", dict(method="scorecam", channels=6)),
+    ("method=ablationcam", dict(method="ablationcam", channels=256)),  # the service's default bound
+    ("method=eigencam", dict(method="eigencam")),
+])
+def test_every_method_is_served(server, query, options):
+    """The service's maps are the API's for the same options (the API's against float64 torch: test_methods.py)."""
+    base, bundle = server
+    photo = sample_images()[1]
+    status, body, _, _ = serve_load.post(f"{base}/explain?target=3&output=npy&{query}", photo.read_bytes(), "image/png")
+    assert status == 200, body
+    explainer = Explainer(bundle)
+    image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
+    assert_maps_match(np.load(io.BytesIO(body)), explainer.explain(image[None], np.array([[3]]), **options)[0], 1e-4, 1e-4)

@@ -18,6 +18,7 @@ from igcam_engine.errors import UserError
 from igcam_engine.images import MAX_PIXELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+METHOD_OPTIONS = ("method", "integrate", "channels", "variant", "rule", "steps")  # the record's options explain() takes
 
 
 class ExplainFiles:
@@ -49,9 +50,8 @@ class ExplainFiles:
                 target, top_k = self.options["target"], self.options["top_k"] or 1
                 targets = (np.full((len(loaded), 1), target) if target is not None
                            else np.argsort(-scores, axis=1)[:, :top_k])
-                maps = self.explainer.explain(images, targets, method=self.options["method"],
-                                              variant=self.options["variant"], steps=self.options["steps"],
-                                              rule=self.options["rule"])
+                method_options = {key: self.options[key] for key in METHOD_OPTIONS}
+                maps = self.explainer.explain(images, targets, **method_options)
             except UserError as e:
                 for index, *_ in loaded:
                     status[index], messages[index] = "failed", str(e)
@@ -95,18 +95,21 @@ def _recorded(record: Path, options: dict) -> bool:
 
 
 def run_batch(bundle, input_dir, output_dir, *, address=None, actors=1, batch_size=8, steps=50, method="igcam",
-              variant="official", rule=None, target=None, top_k=None, providers=None, retry_failed=False,
-              max_pixels=MAX_PIXELS) -> dict:
+              integrate=None, channels=None, variant="official", rule=None, target=None, top_k=None, providers=None,
+              retry_failed=False, max_pixels=MAX_PIXELS) -> dict:
     from igcam_engine.apps.cluster import start_ray, stop_ray
     from igcam_engine.apps.outputs import prepare_output
     from igcam_engine.bundle import load_manifest
     from igcam_engine.explainer import path_nodes
+    from igcam_engine.methods import check_channels
 
     manifest = load_manifest(bundle)
-    path_nodes(method, variant, rule, steps)  # a bad option is one error, not one per file
+    row = path_nodes(method, variant, rule, steps, integrate=integrate)[0]  # one error, not one per file
+    check_channels(channels, row, manifest["target_layer"]["shape"][0])
     if target is not None and not 0 <= target < manifest["num_classes"]:
         raise UserError(f"--target must be in [0, {manifest['num_classes'] - 1}], got {target}")
-    options = {"method": method, "variant": variant, "rule": rule, "steps": steps, "target": target, "top_k": top_k}
+    options = {"method": method, "integrate": integrate, "channels": channels, "variant": variant, "rule": rule,
+               "steps": steps, "target": target, "top_k": top_k}
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     todo, done, failed_before = pending(input_dir, output_dir, options, retry_failed)
     summary = {"explained": 0, "already_done": len(done), "failed_before": [str(p) for p in failed_before],

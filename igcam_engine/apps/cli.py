@@ -13,8 +13,9 @@ import traceback
 from pathlib import Path
 
 from igcam_engine.errors import UserError
-from igcam_engine.explainer import METHODS, VARIANTS
+from igcam_engine.explainer import VARIANTS
 from igcam_engine.images import MAX_PIXELS
+from igcam_engine.methods import METHODS
 from igcam_engine.quadrature import RULES
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from igcam_engine.benchmarks import LATENCY_MODELS, QUADRATURE_STEPS, STUDIES
+    from igcam_engine.benchmarks import EXTRA_STUDIES, LATENCY_MODELS, METHOD_MODELS, QUADRATURE_STEPS, STUDIES
 
     parser = argparse.ArgumentParser(prog="igcam", description="Integrated Grad-CAM with ONNX Runtime.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         "(error vs passes per rule against Gauss-Legendre 256), adaptive steps, and several targets per image. "
         "Writes KIND.json (every sample), KIND.md (tables) and KIND.png (plots) into the output directory. "
         "`igcam bench all -o benchmarks/results` reproduces every table of benchmarks/RESULTS.md.")
-    bench.add_argument("kind", choices=[*STUDIES, "all"])
-    bench.add_argument("--models", default=",".join(LATENCY_MODELS),
-                       help=f"latency: comma-separated models (default: all of {', '.join(LATENCY_MODELS)})")
+    bench.add_argument("kind", choices=[*STUDIES, *EXTRA_STUDIES, "all"],
+                       help=f"a study, or all ({', '.join(STUDIES)}; methods needs grad-cam)")
+    bench.add_argument("--models", help=f"latency, methods: comma-separated models among {', '.join(LATENCY_MODELS)} "
+                       f"(default: all for latency; {', '.join(METHOD_MODELS)} for methods)")
     bench.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
     bench.add_argument("--peer-steps", type=int, default=32, help="latency: m for the peers and ratios (default: 32)")
     bench.add_argument("--batches", default="1,2,4", help="latency: image counts for latency vs images")
@@ -124,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     target = batch.add_mutually_exclusive_group()
     target.add_argument("--target", type=int, metavar="C", help="class to explain (default: the predicted class)")
     target.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes")
-    batch.add_argument("--method", choices=METHODS, default="igcam")
+    _add_method_choice(batch)
     batch.add_argument("--variant", choices=list(VARIANTS), default="official")
     batch.add_argument("--rule", choices=RULES)
     batch.add_argument("--steps", type=int, default=50)
@@ -142,8 +144,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_method_choice(parser):
+    parser.add_argument("--method", choices=METHODS, default="igcam",
+                        help="CAM method (default: igcam, integrated Grad-CAM; see README \"Methods\")")
+    parser.add_argument("--integrate", action="store_true", help="average a gradient method's step maps over the "
+                        "IG-CAM path (--steps, --variant, --rule apply): integrated Grad-CAM++, LayerCAM, ...")
+    parser.add_argument("--channels", type=_positive, metavar="N", help="scorecam, ablationcam: only the N channels "
+                        "of largest activation mass (one pass each; default: all)")
+
+
 def _add_method_options(parser):
-    parser.add_argument("--method", choices=METHODS, default="igcam")
+    _add_method_choice(parser)
     parser.add_argument("--variant", choices=list(VARIANTS), default="official",
                         help="official: left rule, no baseline subtraction; paper: right rule with subtraction")
     parser.add_argument("--rule", choices=RULES, help="quadrature rule (overrides the variant's)")
@@ -347,6 +358,7 @@ def _explain(args):
     if args.tolerance is not None and args.steps != "auto":
         raise UserError("--tolerance is for --steps auto (the refinement stops when maps change by less)")
     results = explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
+                  integrate=args.integrate or None, channels=args.channels,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
                   batch_size=args.batch_size, providers=args.providers, fp16=args.fp16, tf32=args.tf32,
                   engine_cache=args.engine_cache, placement=args.placement,
@@ -371,8 +383,8 @@ def _bench(args):
         raise UserError(f"igcam bench needs the export extra (torch): pip install 'igcam-engine[export,bench]' ({e})") from None
     if args.repeats < 1 or args.warmup < 0:
         raise UserError("--repeats must be >= 1 and --warmup >= 0")
-    models = tuple(args.models.split(","))
-    unknown = [m for m in models if m not in benchmarks.LATENCY_MODELS]
+    models = tuple(args.models.split(",")) if args.models else None
+    unknown = [m for m in models or () if m not in benchmarks.LATENCY_MODELS]
     if unknown:
         raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmarks.LATENCY_MODELS)}")
     kinds = benchmarks.STUDIES if args.kind == "all" else (args.kind,)
@@ -402,7 +414,8 @@ def _batch(args):
     if args.actors < 1 or args.batch_size < 1 or (args.top_k is not None and args.top_k < 1):
         raise UserError("--actors, --batch-size and --top-k must be >= 1")
     summary = run_batch(args.bundle, args.input, args.output, address=args.address, actors=args.actors,
-                        batch_size=args.batch_size, steps=args.steps, method=args.method, variant=args.variant,
+                        batch_size=args.batch_size, steps=args.steps, method=args.method,
+                        integrate=args.integrate or None, channels=args.channels, variant=args.variant,
                         rule=args.rule, target=args.target, top_k=args.top_k, providers=args.providers,
                         retry_failed=args.retry_failed, max_pixels=args.max_pixels)
     print(f"{summary['explained']} explained, {summary['already_done']} already done, "

@@ -17,6 +17,7 @@ from igcam_engine.apps.outputs import prepare_output, unique_names, write_explan
 from igcam_engine.errors import UserError
 from igcam_engine.explainer import adaptive_options, path_nodes
 from igcam_engine.images import MAX_PIXELS, load_image, to_model_input
+from igcam_engine.methods import check_channels
 
 
 class Progress:
@@ -50,18 +51,22 @@ class Progress:
         self._clear()
 
 
-def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", variant="official",
-                  rule=None, steps=50, baseline="black", batch_size=None, providers=None, fp16=False, tf32=False,
-                  engine_cache=None, placement=False, tolerance=0.01, max_pixels=MAX_PIXELS) -> list[dict]:
+def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", integrate=None,
+                  variant="official", rule=None, steps=50, channels=None, baseline="black", batch_size=None,
+                  providers=None, fp16=False, tf32=False, engine_cache=None, placement=False, tolerance=0.01,
+                  max_pixels=MAX_PIXELS) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json
     (an entry per image: its prediction and maps, or its error)."""
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if steps == "auto":
-        adaptive_options(method, variant, rule, tolerance)
+        row = adaptive_options(method, variant, rule, tolerance, integrate=integrate)[0]
     else:
-        path_nodes(method, variant, rule, steps)
+        row = path_nodes(method, variant, rule, steps, integrate=integrate)[0]
     explainer = Explainer(bundle, providers=providers, fp16=fp16, tf32=tf32, engine_cache=engine_cache)
+    check_channels(channels, row, explainer.manifest["target_layer"]["shape"][0])
+    options = dict(method=method, integrate=integrate, variant=variant, rule=rule, steps=steps, channels=channels,
+                   baseline=baseline, batch_size=batch_size, tolerance=tolerance)
     output = prepare_output(output)
     if target is not None and not 0 <= target < explainer.num_classes:  # one error, not one per image
         raise UserError(f"--target must be a class index in [0, {explainer.num_classes - 1}], got {target}")
@@ -75,8 +80,7 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     try:
         for path, name in zip(image_paths, unique_names(image_paths)):
             try:
-                entry = _explain_one(explainer, path, name, output, target, top_k, method, variant, rule, steps,
-                                     baseline, batch_size, tolerance, max_pixels)
+                entry = _explain_one(explainer, path, name, output, target, top_k, options, max_pixels)
             except UserError as e:
                 results.append({"image": str(path), "error": str(e)})
                 progress.say(f"igcam: error: {e}", error=True)
@@ -94,21 +98,20 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     return results
 
 
-def _explain_one(explainer, path, name, output, target, top_k, method, variant, rule, steps, baseline, batch_size,
-                 tolerance, max_pixels) -> dict:
+def _explain_one(explainer, path, name, output, target, top_k, options, max_pixels) -> dict:
     picture = load_image(path, max_pixels)
     image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
     started = time.perf_counter()
     scores = explainer.predict(image)[0]
     targets = [target] if target is not None else list(np.argsort(-scores)[: top_k or 1])
-    if steps == "auto":
-        result = explainer.explain_adaptive(image[None], np.array([targets]), tolerance=tolerance, rule=rule,
-                                            variant=variant, baseline=baseline, batch_size=batch_size)
+    if options["steps"] == "auto":
+        adaptive = {key: value for key, value in options.items() if key not in ("steps", "channels")}
+        result = explainer.explain_adaptive(image[None], np.array([targets]), **adaptive)
         maps, passes = result.maps[0], result.passes
     else:
-        maps = explainer.explain(image[None], np.array([targets]), method=method, variant=variant, rule=rule,
-                                 steps=steps, baseline=baseline, batch_size=batch_size)[0]
-        passes = 1 if method == "gradcam" else steps
+        maps = explainer.explain(image[None], np.array([targets]), **options)[0]
+        passes = len(path_nodes(options["method"], options["variant"], options["rule"], options["steps"],
+                                integrate=options["integrate"])[1])
     elapsed = time.perf_counter() - started
     return {"image": str(path), "seconds": elapsed, "passes": passes,
             **write_explanation(output, name, picture, shown, maps, targets, scores, explainer)}

@@ -2,7 +2,8 @@
 
     POST /explain   an image (PNG/JPEG/... as a raw body with its image/* content type, or the field "image" of a
                     multipart/form-data body) and parameters (query string or form fields): target or top_k, method,
-                    variant, steps, rule, output = png | npy | json.
+                    integrate, channels (scorecam, ablationcam: at most 256), variant, steps, rule,
+                    output = png | npy | json.
                     png: the overlay (the predicted classes in the X-Igcam-Predictions header); npy: the maps,
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
     GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
@@ -37,8 +38,11 @@ BODY_TIMEOUT_S = 15.0  # the whole body must arrive within this after the header
 MAX_PARTS = 16  # multipart fields
 MAX_STEPS = 256
 MAX_TOP_K = 10
+# Score-CAM and Ablation-CAM make one pass per channel: a request uses the channels of largest activation mass, at
+# most this many (its `channels` parameter chooses fewer), so that one request cannot hold a replica for minutes.
+MAX_CHANNELS = 256
 OUTPUTS = ("png", "npy", "json")
-PARAMETERS = ("target", "top_k", "method", "variant", "steps", "rule", "output")
+PARAMETERS = ("target", "top_k", "method", "integrate", "channels", "variant", "steps", "rule", "output")
 RETRY_AFTER_S = 1
 
 
@@ -56,6 +60,8 @@ class Job:
     target: int | None
     top_k: int
     method: str
+    integrate: bool | None
+    channels: int | None
     variant: str
     steps: int
     rule: str | None
@@ -63,7 +69,13 @@ class Job:
 
     def group(self):
         """Jobs with the same key run as one engine call."""
-        return (self.method, self.variant, self.steps, self.rule, self.target is None, self.top_k)
+        return (self.method, self.integrate, self.channels, self.variant, self.steps, self.rule, self.target is None,
+                self.top_k)
+
+    def options(self) -> dict:
+        """explain()'s method options."""
+        return dict(method=self.method, integrate=self.integrate, channels=self.channels, variant=self.variant,
+                    steps=self.steps, rule=self.rule)
 
 
 def _int(params, name, default, low, high):
@@ -128,8 +140,9 @@ class ExplainService:
         self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))
 
     def parse(self, body: bytes, content_type: str, params: dict) -> Job:
-        from igcam_engine.explainer import METHODS, VARIANTS
+        from igcam_engine.explainer import VARIANTS, path_nodes
         from igcam_engine.images import load_image, to_model_input
+        from igcam_engine.methods import METHODS, check_channels
         from igcam_engine.quadrature import RULES
 
         kind = content_type.split(";")[0].strip().lower()
@@ -150,11 +163,22 @@ class ExplainService:
         top_k = _int(params, "top_k", 1, 1, min(MAX_TOP_K, classes))
         if target is not None and "top_k" in params:
             raise HTTPError(400, "give target or top_k, not both")
+        integrate = _choice(params, "integrate", None, ("1", "0", "true", "false"))
         job = dict(method=_choice(params, "method", "igcam", METHODS),
+                   integrate=None if integrate is None else integrate in ("1", "true"),
                    variant=_choice(params, "variant", "official", tuple(VARIANTS)),
                    steps=_int(params, "steps", 50, 1, MAX_STEPS),
                    rule=_choice(params, "rule", None, RULES),
                    output=_choice(params, "output", "png", OUTPUTS))
+        layer_channels = self.explainer.manifest["target_layer"]["shape"][0]
+        channels = _int(params, "channels", None, 1, min(MAX_CHANNELS, layer_channels))
+        try:
+            row = path_nodes(job["method"], job["variant"], job["rule"], job["steps"], integrate=job["integrate"])[0]
+            job["channels"] = check_channels(channels, row, layer_channels)
+        except UserError as e:
+            raise HTTPError(400, str(e)) from None
+        if job["channels"] is None and not row.integrable and row.needs != "activations":
+            job["channels"] = min(MAX_CHANNELS, layer_channels)
         try:
             picture = load_image(bytes(body), self.max_pixels)
         except UserError as e:
@@ -179,8 +203,7 @@ class ExplainService:
                 order = np.argsort(-scores, axis=1)
                 targets = (np.array([[jobs[i].target] for i in indices]) if first.target is not None
                            else order[:, : first.top_k])
-                maps = self.explainer.explain(images, targets, method=first.method, variant=first.variant,
-                                              steps=first.steps, rule=first.rule)
+                maps = self.explainer.explain(images, targets, **first.options())
             except UserError as e:  # e.g. trapezoid with steps=1: the whole group was asked the same
                 for i in indices:
                     results[i] = HTTPError(400 if "trapezoid" in str(e) else 422, str(e))
