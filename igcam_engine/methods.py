@@ -73,6 +73,11 @@ class Method:
     def integrable(self) -> bool:
         return self.needs == "gradients"
 
+    @property
+    def per_channel(self) -> bool:
+        """It makes one pass per channel of the target layer (Score-CAM, Ablation-CAM): `channels` bounds them."""
+        return self.needs in ("masked images", "ablated activations")
+
 
 METHOD_TABLE = {m.name: m for m in (
     Method("gradcam", "gradients", _gradcam, kernel=0),
@@ -111,7 +116,7 @@ def check_channels(channels, method: Method, layer_channels: int):
     """`channels`: Score-CAM's and Ablation-CAM's top-N channels by activation mass (None: all of them)."""
     if channels is None:
         return None
-    if method.needs not in ("masked images", "ablated activations"):
+    if not method.per_channel:
         raise UserError(f"channels applies to scorecam and ablationcam (one pass per channel), not {method.name}")
     if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= layer_channels:
         raise UserError(f"channels must be an integer in [1, {layer_channels}] (the target layer's channels), "

@@ -53,9 +53,14 @@ def model_key(model, layer: str, input_shape, preprocess) -> str:
 
 def bundle_for(model, layer: str, input_shape, *, preprocess=None, cache_dir=None) -> Path:
     """The model's bundle in the cache, exported on the first call for this key."""
+    key = model_key(model, layer, input_shape, preprocess)
+    return _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key)
+
+
+def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str) -> Path:
+    """The bundle stored under `key` (the model's model_key), exported there when it is missing."""
     from igcam_engine.export import from_torch
 
-    key = model_key(model, layer, input_shape, preprocess)
     path = Path(cache_dir or default_cache()) / key[:24]
     if not (path / "manifest.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,12 +78,12 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
     if array.ndim not in (3, 4):
         raise UserError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")
     input_shape = tuple(array.shape[-3:])
-    key = (model_key(model, layer, input_shape, preprocess), repr(providers))
+    key = model_key(model, layer, input_shape, preprocess)  # hashes every weight: once per call
     with _lock:
-        explainer = _explainers.get(key)
+        explainer = _explainers.get((key, repr(providers)))
         if explainer is None:
-            bundle = bundle_for(model, layer, input_shape, preprocess=preprocess, cache_dir=cache_dir)
-            explainer = _explainers[key] = Explainer(bundle, providers=providers)
+            bundle = _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key)
+            explainer = _explainers[(key, repr(providers))] = Explainer(bundle, providers=providers)
     array = array.astype(np.float32, copy=False)
     if targets is None:
         targets = explainer.predict(array).argmax(axis=1)

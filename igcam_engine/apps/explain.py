@@ -60,9 +60,10 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if steps == "auto":
-        row = adaptive_options(method, variant, rule, tolerance, integrate=integrate)[0]
+        row, passes = adaptive_options(method, variant, rule, tolerance, integrate=integrate)[0], None
     else:
-        row = path_nodes(method, variant, rule, steps, integrate=integrate)[0]
+        row, alphas = path_nodes(method, variant, rule, steps, integrate=integrate)[:2]
+        passes = len(alphas)
     explainer = Explainer(bundle, providers=providers, fp16=fp16, tf32=tf32, engine_cache=engine_cache)
     check_channels(channels, row, explainer.manifest["target_layer"]["shape"][0])
     options = dict(method=method, integrate=integrate, variant=variant, rule=rule, steps=steps, channels=channels,
@@ -80,7 +81,7 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     try:
         for path, name in zip(image_paths, unique_names(image_paths)):
             try:
-                entry = _explain_one(explainer, path, name, output, target, top_k, options, max_pixels)
+                entry = _explain_one(explainer, path, name, output, target, top_k, options, passes, max_pixels)
             except UserError as e:
                 results.append({"image": str(path), "error": str(e)})
                 progress.say(f"igcam: error: {e}", error=True)
@@ -98,7 +99,9 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     return results
 
 
-def _explain_one(explainer, path, name, output, target, top_k, options, max_pixels) -> dict:
+def _explain_one(explainer, path, name, output, target, top_k, options, passes, max_pixels) -> dict:
+    """One image's files and summary entry; `passes` is the fixed number of path nodes (None: steps="auto",
+    reported by the refinement)."""
     picture = load_image(path, max_pixels)
     image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
     started = time.perf_counter()
@@ -110,8 +113,6 @@ def _explain_one(explainer, path, name, output, target, top_k, options, max_pixe
         maps, passes = result.maps[0], result.passes
     else:
         maps = explainer.explain(image[None], np.array([targets]), **options)[0]
-        passes = len(path_nodes(options["method"], options["variant"], options["rule"], options["steps"],
-                                integrate=options["integrate"])[1])
     elapsed = time.perf_counter() - started
     return {"image": str(path), "seconds": elapsed, "passes": passes,
             **write_explanation(output, name, picture, shown, maps, targets, scores, explainer)}

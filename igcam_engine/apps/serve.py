@@ -177,7 +177,7 @@ class ExplainService:
             job["channels"] = check_channels(channels, row, layer_channels)
         except UserError as e:
             raise HTTPError(400, str(e)) from None
-        if job["channels"] is None and not row.integrable and row.needs != "activations":
+        if job["channels"] is None and row.per_channel:
             job["channels"] = min(MAX_CHANNELS, layer_channels)
         try:
             picture = load_image(bytes(body), self.max_pixels)
