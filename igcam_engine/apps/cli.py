@@ -1,4 +1,4 @@
-"""The `igcam` command: export, layers, explain, bench, serve, batch, demo.
+"""The `igcam` command: export, layers, explain, evaluate, bench, serve, batch, demo.
 
 User errors (bad arguments, unreadable files, unsupported models) print one line and exit with status 2.
 """
@@ -13,6 +13,8 @@ import traceback
 from pathlib import Path
 
 from igcam_engine.errors import UserError
+from igcam_engine.evaluate import DEFAULT_METHODS as EVALUATE_DEFAULTS
+from igcam_engine.evaluate import METHOD_NAMES as EVALUATE_METHODS
 from igcam_engine.explainer import VARIANTS
 from igcam_engine.images import MAX_PIXELS
 from igcam_engine.methods import METHODS
@@ -78,6 +80,35 @@ def _parser() -> argparse.ArgumentParser:
     _add_method_options(explain)
     explain.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output directory")
     explain.set_defaults(run=_explain)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="faithfulness, localisation and sanity metrics of the methods on annotated images",
+        description="Deletion/insertion AUC, Average Drop, Increase in Confidence, EBPG, Bbox, pointing game, mIoU "
+        "and the randomised-head sanity check, per image and with 95 % bootstrap intervals (README \"Evaluation\").")
+    evaluate.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
+    evaluate.add_argument("data", help="a folder with manifest.csv or annotations.json (COCO style), such a file, or "
+                          "'shipped' (the shipped localisation set)")
+    evaluate.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="report folder")
+    evaluate.add_argument("--methods", default=",".join(EVALUATE_DEFAULTS),
+                          help=f"comma-separated, among {', '.join(EVALUATE_METHODS)} (default: %(default)s)")
+    evaluate.add_argument("--steps", default="50", type=_steps_list,
+                          help="m of the integrated methods, comma-separated integers or auto (default: 50)")
+    evaluate.add_argument("--perturbation-steps", type=_positive, default=16,
+                          help="deletion/insertion: points of each curve after the first (default: 16)")
+    evaluate.add_argument("--deletion", choices=("black", "blur"), default="black", help="deleted pixels become (default: black)")
+    evaluate.add_argument("--insertion", choices=("black", "blur"), default="blur", help="insertion starts from (default: blur)")
+    evaluate.add_argument("--no-sanity", action="store_true", help="skip the randomised-head sanity check")
+    evaluate.add_argument("--sanity-images", type=_positive, metavar="N", help="sanity check on the first N images only")
+    evaluate.add_argument("--only-correct", action="store_true", help="evaluate only images the model classifies "
+                          "correctly (top class among the annotated ones)")
+    evaluate.add_argument("--limit", type=_positive, metavar="N", help="the first N entries of the manifest only")
+    evaluate.add_argument("--channels", type=_positive, metavar="N", help="scorecam, ablationcam: the N channels of "
+                          "largest activation mass (default: all)")
+    evaluate.add_argument("--batch-size", type=_positive, help="interpolated images per engine call")
+    evaluate.add_argument("--providers", type=_providers, default="cpu", help="engine providers (default: cpu)")
+    evaluate.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
+                          help=f"refuse images of more pixels (default: {MAX_PIXELS})")
+    evaluate.set_defaults(run=_evaluate)
 
     bench = commands.add_parser(
         "bench", help="measure the engine against PyTorch recipes and ONNX Runtime; the quadrature study",
@@ -364,6 +395,29 @@ def _explain(args):
                   engine_cache=args.engine_cache, placement=args.placement,
                   tolerance=0.01 if args.tolerance is None else args.tolerance, max_pixels=args.max_pixels)
     return 2 if any("error" in entry for entry in results) else 0
+
+
+def _evaluate(args):
+    from igcam_engine.apps.evaluate import run_evaluation
+
+    run_evaluation(args.bundle, args.data, args.output, methods=args.methods, steps=args.steps,
+                   perturbation_steps=args.perturbation_steps, deletion=args.deletion, insertion=args.insertion,
+                   sanity=not args.no_sanity, sanity_images=args.sanity_images, only_correct=args.only_correct,
+                   limit=args.limit, channels=args.channels, batch_size=args.batch_size, providers=args.providers,
+                   max_pixels=args.max_pixels)
+
+
+def _steps_list(text: str) -> tuple:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "auto":
+            values.append(part)
+        elif part.isdigit() and int(part) >= 1:
+            values.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"steps are positive integers or auto, comma-separated; got '{text}'")
+    return tuple(values)
 
 
 def _ints(text: str, option: str) -> tuple:

@@ -9,13 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine.errors import UserError
+from igcam_engine.explainer import class_probabilities
 from igcam_engine.images import overlay_on_photo, save_png
-
-
-def class_probabilities(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis of class scores."""
-    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
 def prepare_output(output) -> Path:

@@ -188,7 +188,7 @@ class ExplainService:
 
     def run(self, jobs: list[Job]) -> list:
         """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job."""
-        from igcam_engine.apps.outputs import class_probabilities
+        from igcam_engine.explainer import class_probabilities
 
         self.batch_sizes[len(jobs)] += 1
         results = [None] * len(jobs)

@@ -1,5 +1,6 @@
-"""Data shipped with the package: sample photos and the ImageNet class names (sources and licences in
-ATTRIBUTION.md)."""
+"""Data shipped with the package: sample photos, the ImageNet class names, and the localisation set's photo, textures
+and hand-checked boxes (localisation/, read by igcam_engine.evaluate.annotations); sources and licences in
+ATTRIBUTION.md."""
 from __future__ import annotations
 
 from importlib import resources

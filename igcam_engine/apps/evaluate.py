@@ -1,0 +1,110 @@
+"""`igcam evaluate`: runs igcam_engine.evaluate and writes its report into a folder: results.json (options, per
+image metrics or errors, per method means with 95 % intervals, mean curves, timings), report.md (the table),
+curves.png (mean deletion and insertion curves) and overlays.png (a grid: images x methods). The files are written
+under temporary names and renamed when complete, so a failed run leaves no half-written report."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from igcam_engine.apps.outputs import prepare_output
+from igcam_engine.errors import UserError
+from igcam_engine.evaluate import evaluate, summary_table
+from igcam_engine.images import colormap
+
+
+def run_evaluation(bundle, data, output, log=print, **options) -> dict:
+    """Evaluates and writes the report; progress on stdout, each entry that cannot be evaluated on stderr."""
+    output = prepare_output(output)
+    report = evaluate(bundle, data, log=log, warn=lambda line: print(f"igcam evaluate: {line}", file=sys.stderr), **options)
+    if report["counts"]["evaluated"] == 0:
+        raise UserError(f"no image of '{data}' could be evaluated ({report['counts']['errors']} errors, "
+                        f"{report['counts']['skipped']} skipped); see the lines above")
+    kept = report.pop("kept")
+    _atomic(output / "results.json", json.dumps(report, indent=1) + "\n")
+    _atomic(output / "report.md", markdown(report) + "\n")
+    written = ["results.json", "report.md"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        log("igcam evaluate: matplotlib is not installed, so no plots (pip install 'igcam-engine[evaluate]')")
+    else:
+        _plot_curves(report, output / "curves.png")
+        _plot_overlays(kept, output / "overlays.png")
+        written += ["curves.png", "overlays.png"]
+    log(markdown(report))
+    log(f"\n{report['counts']['evaluated']} images evaluated, {report['counts']['skipped']} skipped, "
+        f"{report['counts']['errors']} errors in {report['seconds']['total']:.1f} s; wrote {', '.join(written)} "
+        f"in {output}/")
+    return report
+
+
+def _atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def markdown(report: dict) -> str:
+    """The table: one row per method, each metric's mean and its 95 % bootstrap interval (↑: higher is better)."""
+    lines = summary_table(report["summary"])
+    counts = report["counts"]
+    sanity_n = max((s["sanity"]["n"] for s in report["summary"].values()), default=0)
+    lines += ["", f"{counts['evaluated']} images ({counts['skipped']} skipped, {counts['errors']} errors); "
+              f"{report['options']['perturbation_steps']} perturbation steps, deletion to "
+              f"{report['options']['deletion_substitute']}, insertion from {report['options']['insertion_substitute']}; "
+              f"sanity on {sanity_n} images; 95 % percentile bootstrap intervals over images "
+              f"({report['options']['bootstrap_resamples']} resamples)."]
+    return "\n".join(lines)
+
+
+def _plot_curves(report: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for label, curves in report["curves"].items():
+            curve = curves[kind]
+            if curve:
+                auc = report["summary"][label][kind]["mean"]
+                ax.plot(np.linspace(0, 1, len(curve)), curve, label=f"{label} ({auc:.3f})")
+        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("mean class probability")
+        ax.set_title(f"{kind} (AUC {'↓' if kind == 'deletion' else '↑'})")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path.with_name(f".{path.name}.partial.png"), dpi=110)
+    plt.close(figure)
+    os.replace(path.with_name(f".{path.name}.partial.png"), path)
+
+
+def _plot_overlays(kept: list, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    if not kept:
+        return
+    labels = list(kept[0]["maps"])
+    figure, axes = plt.subplots(len(kept), len(labels), figsize=(2 * len(labels), 2.1 * len(kept)), squeeze=False)
+    for r, (row, image) in enumerate(zip(axes, kept)):
+        for c, (ax, label) in enumerate(zip(row, labels)):
+            saliency = image["maps"][label]
+            span = saliency.max() - saliency.min()
+            heat = colormap((saliency - saliency.min()) / span if span > 0 else np.zeros_like(saliency))
+            ax.imshow((0.5 * image["picture"] + 0.5 * heat).astype(np.uint8))
+            ax.contour(image["mask"], levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(f"{image['file']}\nclass {image['target']}", fontsize=7)
+            if r == 0:
+                ax.set_title(label, fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path.with_name(f".{path.name}.partial.png"), dpi=100)
+    plt.close(figure)
+    os.replace(path.with_name(f".{path.name}.partial.png"), path)
