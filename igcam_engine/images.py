@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -155,10 +154,3 @@ def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray,
         photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
     resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(photo.size, Image.BILINEAR)
     return overlay(np.asarray(photo), np.asarray(resized))
-
-
-def save_png(image: Image.Image, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path

@@ -23,17 +23,23 @@ HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.fi
 pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
+def bundle_and_photos(root, count):
+    """A small MobileNetV2 bundle (random weights, 64 x 80) and a folder of `count` copies of the sample photos."""
     torch.manual_seed(0)
     model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
     bundle = from_torch(model, "features.18", (3, 64, 80), root / "bundle", preprocess="imagenet")
     images = root / "images"
     images.mkdir()
     photos = sample_images()
-    for i in range(20):
+    for i in range(count):
         shutil.copyfile(photos[i % len(photos)], images / f"photo{i:02d}{photos[i % len(photos)].suffix}")
+    return bundle, images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    bundle, images = bundle_and_photos(root, 20)
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not")
     return root, bundle, images
 

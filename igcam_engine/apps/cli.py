@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     serve = commands.add_parser("serve", help="serve explanations over HTTP (Ray Serve, dynamic batching)")
-    serve.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
+    serve.add_argument("bundle", type=Path, nargs="?", help="bundle directory (from `igcam export`)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
@@ -142,17 +142,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
                        help="how long a request waits for others to batch with (default: 10)")
     serve.add_argument("--providers", type=_providers, default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
-    serve.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
+    _add_cluster_options(serve, "ray://HOST:PORT (Ray Client)")
+    serve.add_argument("--name", default="igcam", help="the Serve application's name (default: igcam; its health "
+                       "check is NAME-health)")
+    serve.add_argument("--route-prefix", default="/", help="where the application's paths start (default: /)")
+    serve.add_argument("--stop", action="store_true", help="remove the application NAME from the cluster at "
+                       "--address (after an igcam serve that could not clean up) and exit")
     serve.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
                        help=f"refuse images of more pixels with 413 (default: {MAX_PIXELS})")
     serve.set_defaults(run=_serve)
 
     batch = commands.add_parser("batch", help="explain every image of a folder with Ray Data (resumable)")
     batch.add_argument("bundle", type=Path, help="bundle directory (from `igcam export`)")
-    batch.add_argument("input", type=Path, metavar="INPUT_DIR", help="folder of images (top level)")
-    batch.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR")
-    batch.add_argument("--address", help="an existing Ray cluster (ray://host:port); default: start Ray here")
-    batch.add_argument("--actors", type=int, default=1, help="Explainer actors (default: 1)")
+    batch.add_argument("input", metavar="INPUT", help="folder of images (top level): a path, or a URI (s3://, gs://, "
+                       "abfs://, hdfs://, file://)")
+    batch.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output folder: a path or a URI")
+    _add_cluster_options(batch, "")
+    batch.add_argument("--actors", type=int, help="Explainer actors at most (default: one per CPU of the cluster)")
     batch.add_argument("--batch-size", type=int, default=8, help="images per engine call (default: 8)")
     target = batch.add_mutually_exclusive_group()
     target.add_argument("--target", type=int, metavar="C", help="class to explain (default: the predicted class)")
@@ -173,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=50, help="interpolation steps (default: 50)")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _add_cluster_options(parser, client: str):
+    parser.add_argument("--address", help="join a Ray cluster: auto (this machine is a node), HOST:PORT (the GCS "
+                        f"address){', ' + client if client else ''}; default: start a Ray of its own on this machine, "
+                        "on loopback, whatever RAY_ADDRESS says")
+    parser.add_argument("--runtime-env", metavar="JSON", help="Ray runtime environment for the actors or replicas, a "
+                        "JSON object or @FILE (e.g. '{\"pip\": [\"onnxruntime\"]}'); see README \"Cluster\"")
 
 
 def _add_method_choice(parser):
@@ -453,34 +467,46 @@ def _bench(args):
 
 
 def _serve(args):
-    from igcam_engine.apps.serve import run_server
+    from igcam_engine.apps.cluster import parse_runtime_env
+    from igcam_engine.apps.serve import run_server, stop_application
 
+    if args.stop:
+        removed = stop_application(args.address, args.name)
+        print(f"removed {', '.join(removed)}" if removed else f"no application '{args.name}' is running there")
+        return
+    if args.bundle is None:
+        raise UserError("give the bundle to serve (or --stop with --address to remove a running one)")
     if args.replicas < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
     run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
-               batch_wait_ms=args.batch_wait_ms, providers=args.providers,
-               address=args.address, max_pixels=args.max_pixels)
+               batch_wait_ms=args.batch_wait_ms, providers=args.providers, address=args.address,
+               max_pixels=args.max_pixels, name=args.name, route_prefix=args.route_prefix,
+               runtime_env=parse_runtime_env(args.runtime_env))
 
 
 def _batch(args):
     from igcam_engine.apps.batch import run_batch
+    from igcam_engine.apps.cluster import parse_runtime_env
 
-    if args.actors < 1 or args.batch_size < 1 or (args.top_k is not None and args.top_k < 1):
+    if (args.actors is not None and args.actors < 1) or args.batch_size < 1 or (args.top_k is not None and args.top_k < 1):
         raise UserError("--actors, --batch-size and --top-k must be >= 1")
     summary = run_batch(args.bundle, args.input, args.output, address=args.address, actors=args.actors,
+                        runtime_env=parse_runtime_env(args.runtime_env),
                         batch_size=args.batch_size, steps=args.steps, method=args.method,
                         integrate=args.integrate or None, channels=args.channels, variant=args.variant,
                         rule=args.rule, target=args.target, top_k=args.top_k, providers=args.providers,
                         retry_failed=args.retry_failed, max_pixels=args.max_pixels)
     print(f"{summary['explained']} explained, {summary['already_done']} already done, "
-          f"{len(summary['failed'])} failed; outputs in {args.output}/")
+          f"{len(summary['failed'])} failed; outputs in {summary['output']}/")
+    if summary["nodes"]:
+        print("explained on " + ", ".join(f"{node}: {count}" for node, count in summary["nodes"].items()))
     if summary["failed_before"]:
         print(f"{len(summary['failed_before'])} image(s) failed in an earlier run and were skipped "
               "(--retry-failed tries them again)")
     for failure in summary["failed"]:
         print(f"failed: {failure['image']}: {failure['error']}", file=sys.stderr)
     if summary["failed"]:
-        print(f"failures listed in {args.output / 'failures.json'}", file=sys.stderr)
+        print(f"failures listed in {summary['output']}/failures.json", file=sys.stderr)
         sys.exit(1)
 
 

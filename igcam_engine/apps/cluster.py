@@ -1,12 +1,18 @@
-"""Ray for `igcam serve` and `igcam batch`: a Ray started here listens on loopback only (its GCS, raylet and agents
-bound to 127.0.0.1, whatever address the service itself binds), or the command joins a cluster's address; SIGTERM
-stops a command as Ctrl-C does, through its clean-up, so nothing it started is left running."""
+"""Ray for `igcam serve` and `igcam batch`: without an address a Ray is started here, listening on loopback only (its
+GCS, raylet and agents bound to 127.0.0.1, whatever address the service itself binds), and never a cluster found
+through RAY_ADDRESS or a running `ray start`; with --address the command joins that cluster (`auto`, `host:port`
+the GCS address, or `ray://host:port` Ray Client where the workload supports it). The bundle travels through the
+object store (`ship_bundle`), so it need exist only where igcam runs. SIGTERM stops a command as Ctrl-C does,
+through its clean-up, so nothing it started is left running."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,11 +22,58 @@ PR_SET_CHILD_SUBREAPER = 36
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # 0: Ray runs as on a laptop, on 127.0.0.1
 
 
-def start_ray(address, extra: str) -> object:
-    """ray, initialised: a local instance on loopback (address None) or the cluster at `address`."""
-    if not address:
+def check_address(address, workload: str) -> str | None:
+    """The --address forms Ray accepts for a driver of `workload` ("batch" or "serve"), in one line otherwise."""
+    if address is None:
+        return None
+    forms = "auto (a cluster this machine belongs to), HOST:PORT (the cluster's GCS address, port 6379 by default)"
+    if address.startswith("ray://"):
+        if workload == "batch":
+            raise UserError("--address ray://... is Ray Client, which Ray Data does not run through: give the GCS "
+                            "address HOST:PORT (from a machine that reaches the cluster), auto on a cluster node, or "
+                            "run igcam batch as a Ray job (ray job submit --address http://HEAD:8265 -- igcam batch ...)")
+        if not re.fullmatch(r"ray://[^/:\s]+:\d{1,5}", address):
+            raise UserError(f"--address {address!r}: a Ray Client address is ray://HOST:PORT (port 10001 by default)")
+        return address
+    if address == "auto" or re.fullmatch(r"[^/:\s]+:\d{1,5}", address):
+        return address
+    extra = ", or ray://HOST:PORT (Ray Client)" if workload == "serve" else ""
+    raise UserError(f"--address {address!r} is not a Ray address; accepted: {forms}{extra}")
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0]
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def parse_runtime_env(text):
+    """--runtime-env: a JSON object (or @FILE holding one) passed to Ray as the job's runtime environment."""
+    if text is None:
+        return None
+    source = text
+    if text.startswith("@"):
+        try:
+            source = Path(text[1:]).read_text()
+        except OSError as e:
+            raise UserError(f"--runtime-env {text}: cannot read the file: {e.strerror or e}") from None
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--runtime-env must be a JSON object (or @FILE), e.g. '{{\"pip\": [\"onnxruntime\"]}}': {e}"
+                        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"--runtime-env must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
+    """ray, initialised: a new local instance on loopback (address None) or the cluster at `address`."""
+    address = check_address(address, workload)
+    if not address or _on_loopback(address):
         # Ray's single-node mode: its node address is the loopback one, and its servers (GCS, raylet, workers,
-        # agents) listen there only. Read when ray is imported, and inherited by every process Ray starts.
+        # agents) listen there only. Read when ray is imported, and inherited by every process Ray starts. A driver
+        # joining a cluster on this machine's loopback needs it too, or Ray would swap 127.0.0.1 for the address
+        # of the machine's network interface, where that cluster does not listen.
         os.environ[SINGLE_NODE] = "0"
     try:
         import ray
@@ -32,12 +85,41 @@ def start_ray(address, extra: str) -> object:
     _become_subreaper()
     stop_on_sigterm()
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+        # "local": a new instance even where RAY_ADDRESS or a `ray start` on this machine names a cluster
+        ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", configure_logging=False,
+                 runtime_env=runtime_env)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        stop_ray(ray)
+        raise UserError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     except BaseException:  # stopped while starting (Ray's own SIGTERM handler exits then): what started stops too
         stop_ray(ray)
         raise
     stop_on_sigterm()
     return ray
+
+
+def ship_bundle(ray, bundle) -> list:
+    """The bundle's files (checked against the manifest first) put in the object store: [ref] for actors and
+    replicas on any node to materialise with `materialise_bundle` (a list, so that Ray passes the reference
+    itself, not its value, through deployment arguments)."""
+    from igcam_engine.bundle import MANIFEST, load_manifest
+
+    manifest = load_manifest(bundle)
+    root = Path(manifest["root"])
+    names = [MANIFEST, manifest["weights"]["file"], *(entry["file"] for entry in manifest["graphs"].values())]
+    return [ray.put({name: (root / name).read_bytes() for name in dict.fromkeys(names)})]
+
+
+def materialise_bundle(shipped: list) -> tempfile.TemporaryDirectory:
+    """A private folder on this node holding the shipped bundle (removed with the returned object)."""
+    import ray
+
+    files = ray.get(shipped[0])
+    folder = tempfile.TemporaryDirectory(prefix="igcam-bundle-")
+    for name, data in files.items():
+        (Path(folder.name) / name).write_bytes(data)
+    return folder
 
 
 def stop_ray(ray) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from igcam_engine.errors import UserError
 from igcam_engine.explainer import class_probabilities
-from igcam_engine.images import overlay_on_photo, save_png
+from igcam_engine.images import overlay_on_photo
 
 
 def prepare_output(output) -> Path:
@@ -40,18 +40,35 @@ def unique_names(paths) -> list[str]:
     return names
 
 
-def write_explanation(output: Path, name: str, picture, shown, maps, targets, scores, explainer) -> dict:
-    """Writes the overlays and maps of one image; returns its summary (prediction, probability, files)."""
+def render_explanation(name: str, picture, shown, maps, targets, scores, explainer, folder: str):
+    """(the summary entry of one image: prediction, probability and per class its files, named under `folder`;
+    {file name: bytes} of its overlays and raw maps). The bytes are written by the caller: into a local folder
+    (write_explanation), or wherever `igcam batch` keeps its output."""
+    import io
+
     order = np.argsort(-scores)
     probabilities = class_probabilities(scores)
     entry = {"predicted": int(order[0]), "label": explainer.label(int(order[0])),
              "probability": float(probabilities[order[0]]), "maps": []}
+    files = {}
     for class_index, heatmap in zip(targets, maps):
         class_index = int(class_index)
-        png = save_png(overlay_on_photo(picture, shown, heatmap, explainer.preprocess),
-                       output / f"{name}.class{class_index}.png")
-        np.save(output / f"{name}.class{class_index}.npy", heatmap)
+        png, npy = f"{name}.class{class_index}.png", f"{name}.class{class_index}.npy"
+        buffer = io.BytesIO()
+        overlay_on_photo(picture, shown, heatmap, explainer.preprocess).save(buffer, format="PNG")
+        files[png] = buffer.getvalue()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(heatmap, np.float32))
+        files[npy] = buffer.getvalue()
         entry["maps"].append({"target": class_index, "label": explainer.label(class_index),
-                              "probability": float(probabilities[class_index]), "overlay": str(png),
-                              "map": str(output / f"{name}.class{class_index}.npy")})
+                              "probability": float(probabilities[class_index]), "overlay": f"{folder}/{png}",
+                              "map": f"{folder}/{npy}"})
+    return entry, files
+
+
+def write_explanation(output: Path, name: str, picture, shown, maps, targets, scores, explainer) -> dict:
+    """Writes the overlays and maps of one image into the folder `output`; returns its summary entry."""
+    entry, files = render_explanation(name, picture, shown, maps, targets, scores, explainer, str(output))
+    for file, data in files.items():
+        (output / file).write_bytes(data)
     return entry

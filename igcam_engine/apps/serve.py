@@ -8,7 +8,11 @@
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
     GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
     GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
-    GET  /stats     how many requests were answered and the sizes of the batches the engine ran (bounded).
+    GET  /stats     how many requests this replica answered, the sizes of the batches its engine ran (bounded) and
+                    the Ray node it runs on.
+
+The paths are under the application's route prefix (--route-prefix, default /). The bundle is shipped to the
+replicas through Ray's object store, so it need exist only where `igcam serve` runs.
 
 Untrusted input stays cheap to refuse: a body is read with a size limit while it streams (chunked or not) and a
 deadline (a stalled upload gets 408 instead of holding a slot); image decoding, multipart parsing and PNG encoding
@@ -23,6 +27,7 @@ import email.parser
 import email.policy
 import io
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -241,6 +246,15 @@ class ExplainService:
                 "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
 
 
+def _inside_prefix(request) -> str:
+    """The request's path below the application's route prefix (Ray Serve passes the prefix as the ASGI root
+    path), without a trailing slash."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/")
+
+
 def _error(error: HTTPError):
     return error.status, "application/json", json.dumps({"error": str(error)}).encode(), {}
 
@@ -270,12 +284,12 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_
     return b"".join(chunks)
 
 
-def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
+def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
                       providers=None, cpus_per_replica: float = 1.0, max_pixels: int = MAX_PIXELS,
                       max_queued: int | None = None):
-    """The Ray Serve application (its ingress deployment bound to its arguments). A replica takes up to
-    4 x max_batch requests at once (at least 16) and queues up to `max_queued` more (default: as many); beyond,
-    Ray Serve answers 503 with Retry-After."""
+    """The Ray Serve application (its ingress deployment bound to its arguments) for a bundle shipped with
+    cluster.ship_bundle. A replica takes up to 4 x max_batch requests at once (at least 16) and queues up to
+    `max_queued` more (default: as many); beyond, Ray Serve answers 503 with Retry-After."""
     from ray import serve
     from ray.serve.config import BackpressureConfig
     from starlette.responses import JSONResponse, Response
@@ -287,8 +301,14 @@ def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, bat
                       backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S))
     class Explain:
         def __init__(self):
+            import ray
+
+            from igcam_engine.apps.cluster import materialise_bundle
+
             serve_replica_on_loopback()
-            self.service = ExplainService(bundle, providers, max_pixels)
+            self.folder = materialise_bundle(shipped)
+            self.service = ExplainService(self.folder.name, providers, max_pixels)
+            self.node = ray.get_runtime_context().get_node_id()
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
@@ -298,11 +318,11 @@ def serve_application(bundle: str, *, replicas: int = 1, max_batch: int = 8, bat
             return await asyncio.get_running_loop().run_in_executor(None, self.service.run, jobs)
 
         async def __call__(self, request):
-            path = request.url.path.rstrip("/")
+            path = _inside_prefix(request)
             if request.method == "GET" and path == "/ready":  # reachable only once the sessions are warm
                 return JSONResponse({"ready": True})
             if request.method == "GET" and path == "/stats":
-                return JSONResponse(self.service.stats())
+                return JSONResponse({**self.service.stats(), "node": self.node})
             if path != "/explain":
                 return JSONResponse({"error": f"no route {request.method} {path or '/'}; see GET /healthz, "
                                               "/ready, /stats, POST /explain"}, status_code=404)
@@ -339,28 +359,85 @@ def health_application():
 
 
 def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, *, replicas=1, max_batch=8, batch_wait_ms=10.0,
-               providers=None, address=None, max_pixels: int = MAX_PIXELS):
-    """Starts Ray (loopback only) or joins `address`, deploys the applications and serves until interrupted
-    (Ctrl-C, SIGTERM); everything started here is stopped on the way out."""
-    from igcam_engine.apps.cluster import start_ray, stop_ray
+               providers=None, address=None, max_pixels: int = MAX_PIXELS, name: str = "igcam", route_prefix: str = "/",
+               runtime_env=None):
+    """Starts Ray (loopback only) or joins `address`, deploys the applications `name` (at `route_prefix`) and
+    `name`-health (at `route_prefix`/healthz) and serves until interrupted (Ctrl-C, SIGTERM). On the way out it
+    removes its own applications only (on a cluster, other users' stay) and stops everything it started."""
+    from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
 
+    check_address(address, "serve")
+    prefix = check_route(name, route_prefix)
     load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
-    ray = start_ray(address, "serve")
+    ray = start_ray(address, "serve", "serve", runtime_env)
     from ray import serve
 
     try:
-        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": 5})
-        serve.run(health_application(), name="igcam-health", route_prefix="/healthz", blocking=False)
-        serve.run(serve_application(str(bundle), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                                    providers=providers, max_pixels=max_pixels),
-                  name="igcam", route_prefix="/", blocking=False)
-        print(f"igcam serve: http://{host}:{port}/explain (POST an image), /healthz, /ready, /stats; Ctrl-C stops",
-              flush=True)
+        # One HTTP proxy, on the head node: on a cluster whose nodes share a machine (or a port range) a proxy per
+        # node would contend for the port; a load balancer in front of several heads is the way to scale it.
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port, "keep_alive_timeout_s": 5})
+        host, port = _proxy_address(host, port)
+        serve.run(health_application(), name=f"{name}-health", route_prefix=f"{prefix.rstrip('/')}/healthz",
+                  blocking=False)
+        serve.run(serve_application(ship_bundle(ray, bundle), replicas=replicas, max_batch=max_batch,
+                                    batch_wait_ms=batch_wait_ms, providers=providers, max_pixels=max_pixels),
+                  name=name, route_prefix=prefix, blocking=False)
+        base = f"http://{host}:{port}{prefix.rstrip('/')}"
+        print(f"igcam serve: {base}/explain (POST an image), {base}/healthz, /ready, /stats; application '{name}'; "
+              "Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        try:
+            if address:
+                for application in (name, f"{name}-health"):
+                    serve.delete(application)
+            else:
+                serve.shutdown()  # this Ray, and its Serve, are this command's own
+        finally:
+            stop_ray(ray)
+
+
+def _proxy_address(host: str, port: int):
+    """Where Serve's HTTP proxy really listens: a cluster where Serve already runs keeps its own proxy, and the
+    requested --host/--port are then not applied (said in one line, not left to a surprised client)."""
+    from ray.serve.context import _get_global_client
+
+    config = _get_global_client().http_config
+    if (config.host, config.port) != (host, port):
+        print(f"igcam serve: Serve already runs on this cluster with its HTTP proxy on {config.host}:{config.port}; "
+              f"--host/--port ({host}:{port}) do not apply to it", flush=True)
+    return config.host, config.port
+
+
+def check_route(name, route_prefix) -> str:
+    """The application name (letters, digits, - and _) and route prefix ("/" or "/a/b") checked; the prefix."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name or ""):
+        raise UserError(f"--name must be 1 to 64 letters, digits, '-' or '_', got {name!r}")
+    if not re.fullmatch(r"/|(/[A-Za-z0-9._~-]+)+", route_prefix or ""):
+        raise UserError(f"--route-prefix must be '/' or a path such as /igcam (no trailing slash), got {route_prefix!r}")
+    return route_prefix
+
+
+def stop_application(address, name: str = "igcam") -> list[str]:
+    """Removes the applications `name` and `name`-health from the cluster at `address` (after an `igcam serve` that
+    could not clean up, e.g. killed with SIGKILL); returns those it found."""
+    from igcam_engine.apps.cluster import start_ray, stop_ray
+
+    check_route(name, "/")
+    if not address:
+        raise UserError("--stop removes an application from a running cluster: give its --address")
+    ray = start_ray(address, "serve", "serve")
+    try:
+        from ray import serve
+
+        running = set(serve.status().applications)
+        removed = [a for a in (name, f"{name}-health") if a in running]
+        for application in removed:
+            serve.delete(application)
+        return removed
+    finally:
         stop_ray(ray)
