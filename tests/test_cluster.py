@@ -214,6 +214,7 @@ def test_serve_killed_is_removed_by_stop(work, cluster, tmp_path):
 @pytest.mark.parametrize("address, message", [
     ("ray://127.0.0.1:10001", "Ray Client, which Ray Data does not run through"),
     ("head-node", "is not a Ray address"),
+    ("auto", "--address auto: no Ray cluster runs on this machine"),
 ])
 def test_batch_address_forms(work, tmp_path, address, message):
     root, bundle, images = work

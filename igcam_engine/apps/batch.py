@@ -148,9 +148,9 @@ def run_batch(bundle, input_dir, output_dir, *, address=None, actors=None, batch
         nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
         print(f"igcam batch: {len(todo)} images, {summary['actors']} actors on a cluster of {len(nodes)} node(s) "
               f"({int(ray.cluster_resources().get('CPU', 0))} CPUs)", flush=True)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the command prints its own summary; Ray Data's would flood logs
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # the command prints its own summary; Ray Data's progress reports would flood a log
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        ray.data.DataContext.get_current().enable_progress_bars = False
         # Reading takes no CPU slot, so that the actors may hold every one without starving the readers.
         dataset = ray.data.read_binary_files(source.reader_paths(todo), include_paths=True,
                                              filesystem=source.reader_filesystem(), num_cpus=0)

@@ -41,6 +41,21 @@ def check_address(address, workload: str) -> str | None:
     raise UserError(f"--address {address!r} is not a Ray address; accepted: {forms}{extra}")
 
 
+def _this_machines_cluster() -> str:
+    """--address auto: the cluster RAY_ADDRESS names, or the one `ray start` last started on this machine (the
+    address file Ray keeps in its temporary folder), as Ray would find it: read here because whether that address
+    is on loopback decides how Ray must be imported."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        return record.read_text().strip() or "auto"
+    except OSError:
+        raise UserError("--address auto: no Ray cluster runs on this machine (no RAY_ADDRESS, no `ray start` here); "
+                        "start one with `ray start --head`, give HOST:PORT, or leave --address out to start Ray here"
+                        ) from None
+
+
 def _on_loopback(address: str) -> bool:
     host = address.removeprefix("ray://").rsplit(":", 1)[0]
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
@@ -69,6 +84,8 @@ def parse_runtime_env(text):
 def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
     """ray, initialised: a new local instance on loopback (address None) or the cluster at `address`."""
     address = check_address(address, workload)
+    if address == "auto":
+        address = _this_machines_cluster()
     if not address or _on_loopback(address):
         # Ray's single-node mode: its node address is the loopback one, and its servers (GCS, raylet, workers,
         # agents) listen there only. Read when ray is imported, and inherited by every process Ray starts. A driver
@@ -90,8 +107,11 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
                  runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as e:
         stop_ray(ray)
+        hint = ("; if the cluster uses token authentication (`ray start` turns it on by default since Ray 2.59), set "
+                "RAY_AUTH_MODE=token here too, see README \"On a Ray cluster\"") if address and \
+            os.environ.get("RAY_AUTH_MODE") != "token" else ""
         raise UserError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
     except BaseException:  # stopped while starting (Ray's own SIGTERM handler exits then): what started stops too
         stop_ray(ray)
         raise
