@@ -23,7 +23,7 @@ from igcam_engine.benchmarks.models import LATENCY_MODELS
 from igcam_engine.benchmarks.quadrature import QUADRATURE_STEPS
 
 STUDIES = ("latency", "quadrature", "adaptive", "targets")  # `all`: what runs with the bench extra alone
-EXTRA_STUDIES = ("methods", "evaluation")  # methods needs grad-cam; evaluation runs for about an hour
+EXTRA_STUDIES = ("methods", "evaluation")  # methods needs grad-cam; evaluation takes 75 min on 2 cores
 
 __all__ = ["LATENCY_MODELS", "METHOD_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
 
