@@ -4,6 +4,7 @@ curves.png (mean deletion and insertion curves) and overlays.png (a grid: images
 under temporary names and renamed when complete, so a failed run leaves no half-written report."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 from igcam_engine.apps.outputs import prepare_output
 from igcam_engine.errors import UserError
 from igcam_engine.evaluate import evaluate, summary_table
-from igcam_engine.images import colormap
+from igcam_engine.images import overlay
 
 
 def run_evaluation(bundle, data, output, log=print, **options) -> dict:
@@ -25,8 +26,8 @@ def run_evaluation(bundle, data, output, log=print, **options) -> dict:
         raise UserError(f"no image of '{data}' could be evaluated ({report['counts']['errors']} errors, "
                         f"{report['counts']['skipped']} skipped); see the lines above")
     kept = report.pop("kept")
-    _atomic(output / "results.json", json.dumps(report, indent=1) + "\n")
-    _atomic(output / "report.md", markdown(report) + "\n")
+    _atomic(output / "results.json", (json.dumps(report, indent=1) + "\n").encode())
+    _atomic(output / "report.md", (markdown(report) + "\n").encode())
     written = ["results.json", "report.md"]
     try:
         import matplotlib
@@ -45,9 +46,11 @@ def run_evaluation(bundle, data, output, log=print, **options) -> dict:
     return report
 
 
-def _atomic(path: Path, text: str) -> None:
+def _atomic(path: Path, data: bytes) -> None:
+    """Writes a report file whole: under a temporary name, renamed when complete. (Not storage.Location.write,
+    which needs pyarrow: the report is written by the torch-free install too.)"""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    partial.write_bytes(data)
     os.replace(partial, path)
 
 
@@ -64,6 +67,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(figure, path: Path, dpi: int) -> None:
+    """The figure as PNG, written whole as every report file."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    _atomic(path, buffer.getvalue())
+
+
 def _plot_curves(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -78,10 +92,7 @@ def _plot_curves(report: dict, path: Path) -> None:
         ax.set_ylabel("mean class probability")
         ax.set_title(f"{kind} (AUC {'↓' if kind == 'deletion' else '↑'})")
         ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path.with_name(f".{path.name}.partial.png"), dpi=110)
-    plt.close(figure)
-    os.replace(path.with_name(f".{path.name}.partial.png"), path)
+    _save_figure(figure, path, dpi=110)
 
 
 def _plot_overlays(kept: list, path: Path) -> None:
@@ -93,10 +104,7 @@ def _plot_overlays(kept: list, path: Path) -> None:
     figure, axes = plt.subplots(len(kept), len(labels), figsize=(2 * len(labels), 2.1 * len(kept)), squeeze=False)
     for r, (row, image) in enumerate(zip(axes, kept)):
         for c, (ax, label) in enumerate(zip(row, labels)):
-            saliency = image["maps"][label]
-            span = saliency.max() - saliency.min()
-            heat = colormap((saliency - saliency.min()) / span if span > 0 else np.zeros_like(saliency))
-            ax.imshow((0.5 * image["picture"] + 0.5 * heat).astype(np.uint8))
+            ax.imshow(overlay(image["picture"], image["maps"][label]))
             ax.contour(image["mask"], levels=[0.5], colors="white", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -104,7 +112,4 @@ def _plot_overlays(kept: list, path: Path) -> None:
                 ax.set_ylabel(f"{image['file']}\nclass {image['target']}", fontsize=7)
             if r == 0:
                 ax.set_title(label, fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path.with_name(f".{path.name}.partial.png"), dpi=100)
-    plt.close(figure)
-    os.replace(path.with_name(f".{path.name}.partial.png"), path)
+    _save_figure(figure, path, dpi=100)

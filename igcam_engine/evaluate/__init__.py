@@ -107,12 +107,12 @@ class Model:
 class EngineModel(Model):
     """A bundle run by the engine (ONNX Runtime)."""
 
-    def __init__(self, bundle, providers=None, batch_size=None, channels=None, explainer=None):
+    def __init__(self, bundle, providers=None, batch_size=None, channels=None):
         from igcam_engine import Explainer
 
         self.bundle = Path(bundle)
         self.providers, self.batch_size, self.channels = providers, batch_size, channels
-        self.explainer = explainer or Explainer(bundle, providers=providers)
+        self.explainer = Explainer(bundle, providers=providers)
         self.input_shape = self.explainer.input_shape
         self.preprocess = self.explainer.preprocess
         self.num_classes = self.explainer.num_classes

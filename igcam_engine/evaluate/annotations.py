@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from igcam_engine.errors import UserError
+from igcam_engine.images import load_image
 
 MANIFEST_NAMES = ("manifest.csv", "annotations.json")
 MAX_MANIFEST_BYTES = 64 << 20
@@ -48,8 +49,6 @@ class Entry:
                                 "image; boxes are x0,y0,x1,y1 pixels with 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height")
             mask[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
         for path in self.masks:
-            from igcam_engine.images import load_image
-
             picture = load_image(path)
             if picture.size != (width, height):
                 raise UserError(f"{self.where}: mask '{path.name}' is {picture.width}x{picture.height}, its image "
