@@ -15,17 +15,21 @@ for the plots; the runtime itself never imports either. One module per study:
   (needs grad-cam: the corpus tier's virtualenv);
 - evaluation: the metrics of igcam_engine.evaluate for every method on the shipped localisation set with the
   pretrained EfficientNet-Lite0/1/2, and the same metrics with PyTorch eager, timed in the same run;
+- precision: the OpenVINO backend in float32 and bfloat16 and an int8 forward graph against the float32 engine,
+  time and map error on the shipped photos (needs the openvino extra);
 - gpu: the GPU latency table (`python -m igcam_engine.benchmarks.gpu`, see gpu_session.sh);
 - serve_load: load for `igcam serve` (`python -m igcam_engine.benchmarks.serve_load URL`).
 """
 from igcam_engine.benchmarks.methods import METHOD_MODELS
 from igcam_engine.benchmarks.models import LATENCY_MODELS
+from igcam_engine.benchmarks.precision import PRECISION_MODELS
 from igcam_engine.benchmarks.quadrature import QUADRATURE_STEPS
 
 STUDIES = ("latency", "quadrature", "adaptive", "targets")  # `all`: what runs with the bench extra alone
-EXTRA_STUDIES = ("methods", "evaluation")  # methods needs grad-cam; evaluation takes 75 min on 2 cores
+# methods needs grad-cam; evaluation takes 75 min on 2 cores; precision needs the openvino extra
+EXTRA_STUDIES = ("methods", "evaluation", "precision")
 
-__all__ = ["LATENCY_MODELS", "METHOD_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
+__all__ = ["LATENCY_MODELS", "METHOD_MODELS", "PRECISION_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
 
 
 def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, batches=(1, 2, 4),
@@ -33,7 +37,7 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         log=print) -> list[str]:
     """Runs the studies `kinds` (a subset of STUDIES, in order) and writes KIND.json, KIND.md and KIND.png into
     `output`; returns the Markdown tables. models None: each study's own (LATENCY_MODELS, METHOD_MODELS)."""
-    from igcam_engine.benchmarks import evaluation, latency, methods, quadrature, targets
+    from igcam_engine.benchmarks import evaluation, latency, methods, precision, quadrature, targets
     from igcam_engine.benchmarks.measure import write
 
     cases, tables = None, []
@@ -50,6 +54,9 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         elif kind == "evaluation":
             report = evaluation.evaluation_study(small, providers, log)
             markdown = evaluation.markdown(report)
+        elif kind == "precision":
+            report = precision.precision_study(models or precision.PRECISION_MODELS, peer_steps, repeats, warmup, small, log)
+            markdown = precision.markdown(report)
         elif kind == "targets":
             report = targets.targets_study(steps=peer_steps, repeats=repeats, warmup=warmup, small=small, log=log)
             markdown = targets.markdown(report)

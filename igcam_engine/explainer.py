@@ -28,11 +28,13 @@ from igcam_engine.methods import (
     scorecam_weights,
 )
 from igcam_engine.preprocess import black_input
-from igcam_engine.providers import on_gpu, resolve_providers
+from igcam_engine.providers import TENSORRT, first_provider, on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
 
 # variant -> (quadrature rule, subtract the baseline's activations)
 VARIANTS = {"official": ("left", False), "paper": ("right", True)}
+GRAPHS = ("forward", "gradient")
+OPENVINO = "openvino"  # the providers value that selects OpenVINO's runtime instead of ONNX Runtime's
 DEFAULT_ROWS = 64  # interpolated images per ONNX Runtime call when batch_size is not given
 # Bytes one ONNX Runtime call may use: rows per call are capped so that a batch_size of any size stays within it.
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -44,24 +46,37 @@ IMAGE_FACTOR, ACTIVATION_FACTOR = 32, 4
 class Explainer:
     """Explains a bundle's model. Sessions are created once; `explain` may be called from several threads."""
 
-    def __init__(self, bundle, providers=None, *, fp16: bool = False, engine_cache=None, workspace_bytes=None,
-                 device_id: int = 0, tf32: bool = False, verify: bool = True,
+    def __init__(self, bundle, providers=None, *, precision=None, fp16: bool = False, engine_cache=None,
+                 workspace_bytes=None, device_id: int = 0, tf32: bool = False, verify: bool = True,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET):
-        """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", or ONNX Runtime's own
-        list of names / (name, options) tuples. fp16, engine_cache (directory) and workspace_bytes configure
-        TensorRT; tf32 lets the CUDA provider use TF32 tensor cores (faster, maps within about 1e-2 instead of
-        float32 precision; see README "GPU"). memory_budget (bytes) caps the rows of one ONNX Runtime call."""
+        """providers: None (best available: TensorRT, CUDA, CPU), "cpu", "cuda", "tensorrt", ONNX Runtime's own
+        list of names / (name, options) tuples, or "openvino" (OpenVINO's runtime on the CPU, the openvino extra).
+        precision: the OpenVINO backend's, "f32" (the default) or "bf16" (README "Reduced precision on CPU");
+        ONNX Runtime computes in float32. fp16, engine_cache (directory) and workspace_bytes configure TensorRT;
+        tf32 lets the CUDA provider use TF32 tensor cores (faster, maps within about 1e-2 instead of float32
+        precision; see README "GPU"). memory_budget (bytes) caps the rows of one ONNX Runtime call.
+        `precision` afterwards says what the graphs are computed in."""
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
             raise UserError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        precision = check_backend(providers, precision, fp16, tf32)
         self.manifest = load_manifest(bundle, verify=verify)
-        self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
-                                           workspace_bytes=workspace_bytes, device_id=device_id, tf32=tf32)
-        self._sessions = {graph: _session(self.manifest, graph, self.providers) for graph in ("forward", "gradient")}
+        if providers == OPENVINO:
+            from igcam_engine.openvino_backend import sessions
+
+            self.providers = []
+            self._sessions = sessions({graph: graph_path(self.manifest, graph) for graph in GRAPHS}, precision,
+                                      self.manifest["root"])
+            self.precision = self._sessions["forward"].precision
+        else:
+            self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
+                                               workspace_bytes=workspace_bytes, device_id=device_id, tf32=tf32)
+            self._sessions = {graph: _session(self.manifest, graph, self.providers) for graph in GRAPHS}
+            self.precision = "fp16" if fp16 and first_provider(self.providers) == TENSORRT else "f32"
         _check_graphs(self.manifest, self._sessions)
         c, h, w = self.input_shape
         k, ah, aw = self.manifest["target_layer"]["shape"]
         self._max_rows = max(1, int(memory_budget) // (4 * (IMAGE_FACTOR * c * h * w + ACTIVATION_FACTOR * k * ah * aw)))
-        if on_gpu(self.providers):
+        if self.providers and on_gpu(self.providers):
             from igcam_engine.device import DeviceStages
 
             self._stages = DeviceStages(self._sessions["forward"], self._sessions["gradient"], device_id)
@@ -102,7 +117,10 @@ class Explainer:
 
     def placement(self) -> dict:
         """Which nodes ran on which provider, per graph: {graph: {provider: {op type: count}}}, from one profiled
-        run of a black image (a debugging aid: TensorRT refuses some ops, which then run on CUDA or the CPU)."""
+        run of a black image (a debugging aid: TensorRT refuses some ops, which then run on CUDA or the CPU).
+        The OpenVINO backend reports its compiled layers by the precision they run in instead."""
+        if not self.providers:
+            return {graph: session.placement() for graph, session in self._sessions.items()}
         import tempfile
 
         import onnxruntime as ort
@@ -116,7 +134,7 @@ class Explainer:
             options.enable_profiling = True
             options.profile_file_prefix = f"{directory}/igcam"
             sessions = {g: ort.InferenceSession(graph_path(self.manifest, g), options, providers=self.providers)
-                        for g in ("forward", "gradient")}
+                        for g in GRAPHS}
             feeds = {"images": image, "baseline": image, "alphas": np.array([0.5, 1.0], np.float32)}
             activations = sessions["forward"].run(["activations"], feeds)[0]
             sessions["gradient"].run(None, {"activations": activations, "targets": np.zeros(2, np.int64)})
@@ -326,6 +344,22 @@ class Explainer:
         if not np.isfinite(array).all():
             raise UserError("the baseline contains NaN or infinite values (in float32)")
         return np.ascontiguousarray(array)
+
+
+def check_backend(providers, precision=None, fp16=False, tf32=False) -> str:
+    """The precision asked of the backend `providers` selects ("f32" for None), checked with its GPU options
+    before anything is loaded (the applications call it first, so that a bad choice is one error, not one per
+    replica)."""
+    if providers == OPENVINO:
+        from igcam_engine.openvino_backend import check_precision
+
+        if fp16 or tf32:
+            raise UserError("fp16 and tf32 are TensorRT's and CUDA's options; the OpenVINO backend takes a precision")
+        return check_precision(precision)
+    if precision not in (None, "f32"):
+        raise UserError(f"precision {precision!r} is the OpenVINO backend's (providers 'openvino'); ONNX Runtime "
+                        "computes in f32 (TensorRT: fp16)")
+    return "f32"
 
 
 def class_probabilities(scores: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ def resolve_providers(providers=None, *, fp16=False, engine_cache=None, workspac
         providers = next((name for name in ("tensorrt", "cuda") if SHORT_NAMES[name] in available), "cpu")
     if isinstance(providers, str):
         if providers not in SHORT_NAMES:
-            raise UserError(f"unknown provider '{providers}'; accepted: cpu, cuda, tensorrt or ONNX Runtime names")
+            raise UserError(f"unknown provider '{providers}'; accepted: cpu, cuda, tensorrt, openvino or ONNX Runtime names")
         chain = {"cpu": [CPU], "cuda": [CUDA, CPU], "tensorrt": [TENSORRT, CUDA, CPU]}[providers]
         if SHORT_NAMES[providers] not in available:
             raise UserError(f"provider '{providers}' is not available here; this onnxruntime offers: {', '.join(available)}"
@@ -85,10 +85,14 @@ def resolve_providers(providers=None, *, fp16=False, engine_cache=None, workspac
     return resolved
 
 
+def first_provider(providers: list) -> str:
+    """The name of the first (preferred) provider."""
+    return providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+
+
 def on_gpu(providers: list) -> bool:
     """Whether the first (preferred) provider computes on an NVIDIA GPU."""
-    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    return first in (CUDA, TENSORRT)
+    return first_provider(providers) in (CUDA, TENSORRT)
 
 
 def node_placement(profile_path: str) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates ./.venv with everything igcam-engine needs on CPU (runtime, exporter, demo weights, benchmark plots,
-# Ray Serve and Ray Data, test tools).
+# Creates ./.venv with everything igcam-engine needs on CPU (runtime, OpenVINO backend, exporter, demo weights,
+# benchmark plots, Ray Serve and Ray Data, test tools).
 # torch: a torch the outer Python already has is reused (the venv then sees system packages); otherwise
 # torch==2.13.0 (CPU build) is installed first, so that no other package pulls a CUDA build of torch.
 set -euo pipefail
@@ -15,5 +15,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[cpu,export,demo,evaluate,bench,serve,scale,dev]"
+.venv/bin/python -m pip install -q -e ".[cpu,openvino,export,demo,evaluate,bench,serve,scale,dev]"
 echo "igcam-engine is installed in .venv (run .venv/bin/igcam --help)"

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match
+from comparisons import assert_maps_match, max_normalized_difference
 from processes import Scope
 
 from igcam_engine import Explainer, zoo
@@ -88,13 +88,17 @@ def test_bad_options_are_one_line_errors(folder, tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def first_photos(images, count: int, folder):
+    """A folder with copies of the first `count` photos of `images`."""
+    folder.mkdir()
+    for photo in sorted(images.glob("photo*"))[:count]:
+        shutil.copyfile(photo, folder / photo.name)
+    return folder
+
+
 def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
     root, bundle, images = folder
-    small = tmp_path / "images"
-    small.mkdir()
-    for photo in sorted(images.glob("photo0[0-2].*")):
-        shutil.copyfile(photo, small / photo.name)
-    out = tmp_path / "out"
+    small, out = first_photos(images, 3, tmp_path / "images"), tmp_path / "out"
     first = batch(root, bundle, small, out)
     assert first.returncode == 0 and "3 explained" in first.stdout, first.stderr
     again = batch(root, bundle, small, out, "--target", "3", "--method", "layercam", "--integrate")
@@ -108,6 +112,34 @@ def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
         image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
         expected = explainer.explain(image, 3, method="layercam", integrate=True, steps=4)
         assert_maps_match(np.load(out / f"{photo.stem}.class3.npy")[None], expected, 1e-5, 1e-5)
+    assert all(r["precision"] == "f32" == r["options"]["precision"] for r in records)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the openvino extra is not installed")
+def test_batch_on_the_openvino_backend(folder, tmp_path):
+    """bf16 where the CPU has it (the precision is part of the options: the f32 outputs are redone), else f32."""
+    import openvino
+
+    root, bundle, images = folder
+    small, out = first_photos(images, 2, tmp_path / "images"), tmp_path / "out"
+    assert batch(root, bundle, small, out).returncode == 0
+    precision = "bf16" if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    again = batch(root, bundle, small, out, "--providers", "openvino", "--precision", precision)
+    done = "2 explained, 0 already done" if precision == "bf16" else "0 explained, 2 already done"
+    assert again.returncode == 0 and done in again.stdout, again.stderr
+    # the in-process backend's maps (tests/test_openvino.py holds those to float64 torch); bf16 on other batch
+    # shapes rounds differently, but stays much closer to itself than to float32 (13 % on this random model)
+    explainer, onnx_runtime = Explainer(bundle, "openvino", precision=precision), Explainer(bundle, "cpu")
+    for photo in sorted(small.iterdir()):
+        record = json.loads((out / f"{photo.stem}.json").read_text())
+        image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
+        target = record["maps"][0]["target"]
+        got = np.load(out / f"{photo.stem}.class{target}.npy")[None]
+        tolerance = 2e-2 if precision == "bf16" else 1e-5
+        assert_maps_match(got, explainer.explain(image, target, steps=4), tolerance, tolerance)
+        if precision == "bf16":
+            assert max_normalized_difference(got, onnx_runtime.explain(image, target, steps=4)) > 1e-3
+        assert record["precision"] == record["options"]["precision"] == precision
 
 
 def test_the_output_folder_may_not_be_the_input_folder(folder):

@@ -33,14 +33,15 @@ class ExplainImages:
     writes where the output lives."""
 
     def __init__(self, shipped: list, output: str, options: dict, providers, max_pixels: int):
-        """output: the output location as records name it (Location.shown)."""
+        """output: the output location as records name it (Location.shown); options: the method's and the
+        precision's (OpenVINO's)."""
         import ray
 
         from igcam_engine import Explainer
         from igcam_engine.apps.cluster import materialise_bundle
 
         self.folder = materialise_bundle(shipped)
-        self.explainer = Explainer(self.folder.name, providers=providers)
+        self.explainer = Explainer(self.folder.name, providers=providers, precision=options["precision"])
         self.output, self.options, self.max_pixels = output, options, max_pixels
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -120,20 +121,21 @@ def actor_count(ray, requested, batches: int) -> int:
 
 def run_batch(bundle, input_dir, output_dir, *, address=None, actors=None, batch_size=8, steps=50, method="igcam",
               integrate=None, channels=None, variant="official", rule=None, target=None, top_k=None, providers=None,
-              retry_failed=False, max_pixels=MAX_PIXELS, runtime_env=None) -> dict:
+              precision=None, retry_failed=False, max_pixels=MAX_PIXELS, runtime_env=None) -> dict:
     from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
-    from igcam_engine.explainer import path_nodes
+    from igcam_engine.explainer import check_backend, path_nodes
     from igcam_engine.methods import check_channels
 
     check_address(address, "batch")
+    precision = check_backend(providers, precision)  # a record names what its maps were computed in
     manifest = load_manifest(bundle)
     row = path_nodes(method, variant, rule, steps, integrate=integrate)[0]  # one error, not one per file
     check_channels(channels, row, manifest["target_layer"]["shape"][0])
     if target is not None and not 0 <= target < manifest["num_classes"]:
         raise UserError(f"--target must be in [0, {manifest['num_classes'] - 1}], got {target}")
     options = {"method": method, "integrate": integrate, "channels": channels, "variant": variant, "rule": rule,
-               "steps": steps, "target": target, "top_k": top_k}
+               "steps": steps, "target": target, "top_k": top_k, "precision": precision}
     source, output = Location.parse(input_dir), Location.parse(output_dir)
     todo, done, failed_before = pending(source, output, options, retry_failed)
     summary = {"explained": 0, "already_done": len(done), "failed_before": failed_before, "failed": [],

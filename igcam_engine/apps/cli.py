@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from igcam_engine.benchmarks import EXTRA_STUDIES, LATENCY_MODELS, METHOD_MODELS, QUADRATURE_STEPS, STUDIES
+    from igcam_engine.benchmarks import EXTRA_STUDIES, LATENCY_MODELS, METHOD_MODELS, PRECISION_MODELS, QUADRATURE_STEPS, STUDIES
 
     parser = argparse.ArgumentParser(prog="igcam", description="Integrated Grad-CAM with ONNX Runtime.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,11 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         "Writes KIND.json (every sample), KIND.md (tables) and KIND.png (plots) into the output directory. "
         "`igcam bench all -o benchmarks/results` reproduces every table of benchmarks/RESULTS.md.")
     bench.add_argument("kind", choices=[*STUDIES, *EXTRA_STUDIES, "all"],
-                       help=f"a study, or all ({', '.join(STUDIES)}; methods needs grad-cam)")
-    bench.add_argument("--models", help=f"latency, methods: comma-separated models among {', '.join(LATENCY_MODELS)} "
-                       f"(default: all for latency; {', '.join(METHOD_MODELS)} for methods)")
+                       help=f"a study, or all ({', '.join(STUDIES)}; methods needs grad-cam, precision openvino)")
+    bench.add_argument("--models", help=f"latency, methods, precision: comma-separated models among "
+                       f"{', '.join(dict.fromkeys([*LATENCY_MODELS, *PRECISION_MODELS]))} (default: all latency models "
+                       f"for latency; {', '.join(METHOD_MODELS)} for methods; {', '.join(PRECISION_MODELS)} for precision)")
     bench.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
-    bench.add_argument("--peer-steps", type=int, default=32, help="latency: m for the peers and ratios (default: 32)")
+    bench.add_argument("--peer-steps", type=int, default=32, help="latency, precision: m for the peers and ratios "
+                       "(default: 32)")
     bench.add_argument("--batches", default="1,2,4", help="latency: image counts for latency vs images")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (default: 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
@@ -141,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="images per engine call at most (default: 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
                        help="how long a request waits for others to batch with (default: 10)")
-    serve.add_argument("--providers", type=_providers, default="auto", help="auto, cpu, cuda or tensorrt (default: auto)")
+    serve.add_argument("--providers", type=_providers, default="auto",
+                       help="auto, cpu, cuda, tensorrt or openvino (default: auto)")
+    _add_precision(serve)
     _add_cluster_options(serve, "ray://HOST:PORT (Ray Client)")
     serve.add_argument("--name", default="igcam", help="the Serve application's name (default: igcam; its health "
                        "check is NAME-health)")
@@ -167,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--variant", choices=list(VARIANTS), default="official")
     batch.add_argument("--rule", choices=RULES)
     batch.add_argument("--steps", type=int, default=50)
-    batch.add_argument("--providers", type=_providers, default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
+    batch.add_argument("--providers", type=_providers, default="cpu", help="cpu, cuda, tensorrt or openvino (default: cpu)")
+    _add_precision(batch)
     batch.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     batch.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
                        help=f"refuse images of more pixels (default: {MAX_PIXELS})")
@@ -212,14 +217,20 @@ def _add_method_options(parser):
     parser.add_argument("--baseline", choices=["black", "zeros"], default="black")
     parser.add_argument("--batch-size", type=int, help="interpolated images per ONNX Runtime call")
     parser.add_argument("--providers", type=_providers, default="auto",
-                        help="auto (best available), cpu, cuda, tensorrt, or ONNX Runtime provider names, comma "
-                             "separated (default: auto)")
+                        help="auto (best available), cpu, cuda, tensorrt, openvino (OpenVINO's runtime on the CPU), "
+                             "or ONNX Runtime provider names, comma separated (default: auto)")
+    _add_precision(parser)
     parser.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
     parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 tensor cores (faster; maps within "
                         "about 1e-2 of float32's, see README)")
     parser.add_argument("--engine-cache", type=Path, metavar="DIR", help="TensorRT engine cache directory "
                         "(default: ~/.cache/igcam/tensorrt)")
     parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
+
+
+def _add_precision(parser):
+    parser.add_argument("--precision", choices=["f32", "bf16"], help="--providers openvino: f32 (the default, exact "
+                        "maps) or bf16 (faster where the CPU has bf16 instructions; maps within a few %%, see README)")
 
 
 def _providers(text: str):
@@ -405,7 +416,7 @@ def _explain(args):
     results = explain_files(args.bundle, args.images, args.output, target=args.target, top_k=args.top_k, method=args.method,
                   integrate=args.integrate or None, channels=args.channels,
                   variant=args.variant, rule=args.rule, steps=args.steps, baseline=args.baseline,
-                  batch_size=args.batch_size, providers=args.providers, fp16=args.fp16, tf32=args.tf32,
+                  batch_size=args.batch_size, providers=args.providers, precision=args.precision, fp16=args.fp16, tf32=args.tf32,
                   engine_cache=args.engine_cache, placement=args.placement,
                   tolerance=0.01 if args.tolerance is None else args.tolerance, max_pixels=args.max_pixels)
     return 2 if any("error" in entry for entry in results) else 0
@@ -452,9 +463,10 @@ def _bench(args):
     if args.repeats < 1 or args.warmup < 0:
         raise UserError("--repeats must be >= 1 and --warmup >= 0")
     models = tuple(args.models.split(",")) if args.models else None
-    unknown = [m for m in models or () if m not in benchmarks.LATENCY_MODELS]
+    known = dict.fromkeys([*benchmarks.LATENCY_MODELS, *benchmarks.PRECISION_MODELS])
+    unknown = [m for m in models or () if m not in known]
     if unknown:
-        raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(benchmarks.LATENCY_MODELS)}")
+        raise UserError(f"unknown model(s) {unknown}; choose from {', '.join(known)}")
     kinds = benchmarks.STUDIES if args.kind == "all" else (args.kind,)
     tables = benchmarks.run(
         kinds, args.output, models=models, steps=_ints(args.steps, "--steps"), peer_steps=args.peer_steps,
@@ -479,7 +491,7 @@ def _serve(args):
     if args.replicas < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise UserError("--replicas and --max-batch must be >= 1, --batch-wait-ms >= 0")
     run_server(str(args.bundle), args.host, args.port, replicas=args.replicas, max_batch=args.max_batch,
-               batch_wait_ms=args.batch_wait_ms, providers=args.providers, address=args.address,
+               batch_wait_ms=args.batch_wait_ms, providers=args.providers, precision=args.precision, address=args.address,
                max_pixels=args.max_pixels, name=args.name, route_prefix=args.route_prefix,
                runtime_env=parse_runtime_env(args.runtime_env))
 
@@ -495,6 +507,7 @@ def _batch(args):
                         batch_size=args.batch_size, steps=args.steps, method=args.method,
                         integrate=args.integrate or None, channels=args.channels, variant=args.variant,
                         rule=args.rule, target=args.target, top_k=args.top_k, providers=args.providers,
+                        precision=args.precision,
                         retry_failed=args.retry_failed, max_pixels=args.max_pixels)
     print(f"{summary['explained']} explained, {summary['already_done']} already done, "
           f"{len(summary['failed'])} failed; outputs in {summary['output']}/")

@@ -53,7 +53,7 @@ class Progress:
 
 def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", integrate=None,
                   variant="official", rule=None, steps=50, channels=None, baseline="black", batch_size=None,
-                  providers=None, fp16=False, tf32=False, engine_cache=None, placement=False, tolerance=0.01,
+                  providers=None, precision=None, fp16=False, tf32=False, engine_cache=None, placement=False, tolerance=0.01,
                   max_pixels=MAX_PIXELS) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json
     (an entry per image: its prediction and maps, or its error)."""
@@ -64,7 +64,8 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     else:
         row, alphas = path_nodes(method, variant, rule, steps, integrate=integrate)[:2]
         passes = len(alphas)
-    explainer = Explainer(bundle, providers=providers, fp16=fp16, tf32=tf32, engine_cache=engine_cache)
+    explainer = Explainer(bundle, providers=providers, precision=precision, fp16=fp16, tf32=tf32,
+                          engine_cache=engine_cache)
     check_channels(channels, row, explainer.manifest["target_layer"]["shape"][0])
     options = dict(method=method, integrate=integrate, variant=variant, rule=rule, steps=steps, channels=channels,
                    baseline=baseline, batch_size=batch_size, tolerance=tolerance)

@@ -49,7 +49,7 @@ def render_explanation(name: str, picture, shown, maps, targets, scores, explain
     order = np.argsort(-scores)
     probabilities = class_probabilities(scores)
     entry = {"predicted": int(order[0]), "label": explainer.label(int(order[0])),
-             "probability": float(probabilities[order[0]]), "maps": []}
+             "probability": float(probabilities[order[0]]), "precision": explainer.precision, "maps": []}
     files = {}
     for class_index, heatmap in zip(targets, maps):
         class_index = int(class_index)

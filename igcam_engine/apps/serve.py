@@ -8,7 +8,8 @@
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
     GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
     GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
-    GET  /stats     how many requests this replica answered, the sizes of the batches its engine ran (bounded) and
+    GET  /stats     how many requests this replica answered, the sizes of the batches its engine ran (bounded), the
+                    precision its engine computes in (f32, or bf16 with --providers openvino --precision bf16) and
                     the Ray node it runs on.
 
 The paths are under the application's route prefix (--route-prefix, default /). The bundle is shipped to the
@@ -134,10 +135,10 @@ class ExplainService:
     """One replica's engine: an Explainer plus request parsing and responses (all synchronous, CPU-bound work that
     the deployment runs off the event loop); `serve_application` wraps it in Ray Serve deployments."""
 
-    def __init__(self, bundle: str, providers=None, max_pixels: int = MAX_PIXELS):
+    def __init__(self, bundle: str, providers=None, max_pixels: int = MAX_PIXELS, precision=None):
         from igcam_engine import Explainer
 
-        self.explainer = Explainer(bundle, providers=providers)
+        self.explainer = Explainer(bundle, providers=providers, precision=precision)
         self.max_pixels = max_pixels
         self.batch_sizes: Counter = Counter()
         self.explained = 0
@@ -242,7 +243,7 @@ class ExplainService:
         return 200, "image/png", buffer.getvalue(), headers
 
     def stats(self) -> dict:
-        return {"explained": self.explained,
+        return {"explained": self.explained, "precision": self.explainer.precision,
                 "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
 
 
@@ -285,7 +286,7 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_
 
 
 def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                      providers=None, cpus_per_replica: float = 1.0, max_pixels: int = MAX_PIXELS,
+                      providers=None, precision=None, cpus_per_replica: float = 1.0, max_pixels: int = MAX_PIXELS,
                       max_queued: int | None = None):
     """The Ray Serve application (its ingress deployment bound to its arguments) for a bundle shipped with
     cluster.ship_bundle. A replica takes up to 4 x max_batch requests at once (at least 16) and queues up to
@@ -307,7 +308,7 @@ def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, b
 
             serve_replica_on_loopback()
             self.folder = materialise_bundle(shipped)
-            self.service = ExplainService(self.folder.name, providers, max_pixels)
+            self.service = ExplainService(self.folder.name, providers, max_pixels, precision)
             self.node = ray.get_runtime_context().get_node_id()
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -359,15 +360,17 @@ def health_application():
 
 
 def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, *, replicas=1, max_batch=8, batch_wait_ms=10.0,
-               providers=None, address=None, max_pixels: int = MAX_PIXELS, name: str = "igcam", route_prefix: str = "/",
-               runtime_env=None):
+               providers=None, precision=None, address=None, max_pixels: int = MAX_PIXELS, name: str = "igcam",
+               route_prefix: str = "/", runtime_env=None):
     """Starts Ray (loopback only) or joins `address`, deploys the applications `name` (at `route_prefix`) and
     `name`-health (at `route_prefix`/healthz) and serves until interrupted (Ctrl-C, SIGTERM). On the way out it
     removes its own applications only (on a cluster, other users' stay) and stops everything it started."""
     from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
+    from igcam_engine.explainer import check_backend
 
     check_address(address, "serve")
+    check_backend(providers, precision)
     prefix = check_route(name, route_prefix)
     load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
     ray = start_ray(address, "serve", "serve", runtime_env)
@@ -381,7 +384,8 @@ def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, *, replic
         serve.run(health_application(), name=f"{name}-health", route_prefix=f"{prefix.rstrip('/')}/healthz",
                   blocking=False)
         serve.run(serve_application(ship_bundle(ray, bundle), replicas=replicas, max_batch=max_batch,
-                                    batch_wait_ms=batch_wait_ms, providers=providers, max_pixels=max_pixels),
+                                    batch_wait_ms=batch_wait_ms, providers=providers, precision=precision,
+                                    max_pixels=max_pixels),
                   name=name, route_prefix=prefix, blocking=False)
         base = f"http://{host}:{port}{prefix.rstrip('/')}"
         print(f"igcam serve: {base}/explain (POST an image), {base}/healthz, /ready, /stats; application '{name}'; "

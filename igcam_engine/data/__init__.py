@@ -3,6 +3,8 @@ and hand-checked boxes (localisation/, read by igcam_engine.evaluate.annotations
 ATTRIBUTION.md."""
 from __future__ import annotations
 
+import csv
+import io
 from importlib import resources
 from pathlib import Path
 
@@ -18,3 +20,15 @@ def sample_images() -> list[Path]:
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet class names, index = class."""
     return (resources.files(__name__) / "imagenet_labels.txt").read_text().splitlines()
+
+
+def localisation_dir() -> Path:
+    """The localisation set's folder: its boxes, photo and textures."""
+    return Path(str(resources.files(__name__))) / "localisation"
+
+
+def localisation_photos() -> list[dict]:
+    """The localisation set's photos (the samples and camera.png) with their hand-checked box: rows of
+    localisation/boxes.csv (file, class, x0, y0, x1, y1), `file` made a path."""
+    rows = list(csv.DictReader(io.StringIO((localisation_dir() / "boxes.csv").read_text())))
+    return [{**row, "file": localisation_dir().parent / row["file"]} for row in rows]

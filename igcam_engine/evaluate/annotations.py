@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from igcam_engine.data import localisation_dir, localisation_photos
 from igcam_engine.errors import UserError
 from igcam_engine.images import load_image
 
@@ -246,26 +247,23 @@ TEXTURES = ("grass.png", "gravel.png", "brick.png")
 def shipped_set(directory, composites: int = 240, seed: int = 0) -> Path:
     """Writes the shipped localisation set into `directory` (the photos, `composites` composites, manifest.csv) and
     returns it; an existing complete set with the same parameters is reused."""
-    from importlib import resources
-
     directory = Path(directory)
     stamp = directory / "built.json"
     wanted = {"composites": composites, "seed": seed, "size": COMPOSITE_SIZE}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    data = Path(str(resources.files("igcam_engine.data")))
-    photos = list(csv.DictReader(io.StringIO((data / "localisation" / "boxes.csv").read_text())))
+    photos = localisation_photos()
     rows = []
     objects = []
     for photo in photos:
-        source = Image.open(data / photo["file"]).convert("RGB")
-        target = f"photo-{Path(photo['file']).stem}.png"
+        source = Image.open(photo["file"]).convert("RGB")
+        target = f"photo-{photo['file'].stem}.png"
         source.save(directory / target)
         box = tuple(int(photo[c]) for c in CSV_COLUMNS[2:])
         rows.append((target, photo["class"], box))
         objects.append((source.crop(box), photo["class"]))
-    textures = [Image.open(data / "localisation" / name).convert("RGB") for name in TEXTURES]
+    textures = [Image.open(localisation_dir() / name).convert("RGB") for name in TEXTURES]
     rng = np.random.default_rng(seed)
     for n in range(composites):
         crop, accepted = objects[n % len(objects)]
