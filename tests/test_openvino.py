@@ -2,6 +2,8 @@
 engine's; bfloat16 maps stay within the tolerance measured on the pretrained EfficientNet-Lite0 and a real photo, and
 are really bf16 (they differ from float32's); threads, chunking and several targets give the maps of one plain call;
 bad choices are one clear error."""
+import importlib.util
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -182,11 +184,58 @@ def test_cli_explain_reports_the_precision(resnet, tmp_path, capsys):
     assert not (tmp_path / "out2").exists()
 
 
-def test_service_and_batch_take_the_backend(resnet, tmp_path):
+def test_batch_checks_the_backend_before_ray_starts(resnet, tmp_path):
     from igcam_engine.apps.batch import run_batch
-    from igcam_engine.apps.serve import ExplainService
 
-    service = ExplainService(str(resnet[1]), "openvino", precision="f32")
-    assert service.stats()["precision"] == "f32"
-    with pytest.raises(UserError, match="precision 'bf16' is the OpenVINO backend's"):  # before Ray starts
+    with pytest.raises(UserError, match="precision 'bf16' is the OpenVINO backend's"):
         run_batch(resnet[1], tmp_path, tmp_path / "out", providers="cpu", precision="bf16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None and not os.environ.get("CI"), reason="ray[serve] is not installed")
+def test_served_on_openvino(resnet, tmp_path):
+    """igcam serve --providers openvino: /stats names the precision and the maps are the backend's."""
+    import io
+    import json
+    import urllib.request
+
+    from PIL import Image
+    from processes import Scope
+    from test_serve import serve_on
+
+    precision = "bf16" if HAS_BF16 else "f32"
+    picture = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    explainer = Explainer(resnet[1], "openvino", precision=precision)
+    image = to_model_input(picture, explainer.input_shape, explainer.preprocess)[0]
+    target = int(explainer.predict(image).argmax())  # a predicted class: its map is not all ReLU-clipped
+    scope = Scope(tmp_path / "serve.log")
+    try:
+        base = serve_on(scope, resnet[1], "--providers", "openvino", "--precision", precision)
+        request = urllib.request.Request(f"{base}/explain?steps=4&target={target}&output=npy", data=buffer.getvalue(),
+                                         headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = np.load(io.BytesIO(response.read()))
+        with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
+            assert json.loads(response.read())["precision"] == precision
+    finally:
+        scope.stop()
+    assert_maps_match(served, explainer.explain(image[None], target, steps=4), 1e-5, 1e-5)
+    assert not scope.members(), "igcam serve left processes behind"
+
+
+def test_bench_precision_runs_every_backend(tmp_path):
+    """The study runs and writes every backend's row: the float32 backends agree, bf16 is off by more than
+    rounding and int8 by more than bf16 (the maps themselves are checked against float64 torch above)."""
+    import json
+
+    assert main(["bench", "precision", "--models", "efficientnet_lite0", "--peer-steps", "2", "--repeats", "1",
+                 "--warmup", "0", "-o", str(tmp_path)]) == 0
+    (entry,) = json.loads((tmp_path / "precision.json").read_text())["results"]
+    rows = entry["backends"]
+    assert list(rows) == ["ort_f32", "openvino_f32", "openvino_bf16", "ort_int8"] and entry["photos"] == 4
+    assert rows["ort_f32"]["normalised_max_delta"] == 0 and rows["openvino_f32"]["normalised_max_delta"] <= 1e-4
+    if HAS_BF16:
+        assert 1e-3 < rows["openvino_bf16"]["normalised_max_delta"] < rows["ort_int8"]["normalised_max_delta"]
+    assert all(row["median_s"] > 0 for row in rows.values() if "skipped" not in row)
+    assert "| efficientnet_lite0 _head_act | openvino_bf16 |" in (tmp_path / "precision.md").read_text()

@@ -171,7 +171,8 @@ def test_stats_stay_bounded(server):
     base, _ = server
     with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
         stats = json.loads(response.read())
-    assert set(stats) == {"explained", "batch_sizes", "node"} and len(stats["batch_sizes"]) <= 4  # one count per size
+    assert set(stats) == {"explained", "batch_sizes", "precision", "node"} and len(stats["batch_sizes"]) <= 4  # one count per size
+    assert stats["precision"] == "f32"
 
 
 def test_sigterm_stops_everything_the_command_started(bundle, tmp_path):
