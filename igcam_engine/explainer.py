@@ -28,7 +28,7 @@ from igcam_engine.methods import (
     scorecam_weights,
 )
 from igcam_engine.preprocess import black_input
-from igcam_engine.providers import TENSORRT, first_provider, on_gpu, resolve_providers
+from igcam_engine.providers import CUDA, TENSORRT, first_provider, on_gpu, resolve_providers
 from igcam_engine.quadrature import quadrature
 
 # variant -> (quadrature rule, subtract the baseline's activations)
@@ -55,7 +55,8 @@ class Explainer:
         ONNX Runtime computes in float32. fp16, engine_cache (directory) and workspace_bytes configure TensorRT;
         tf32 lets the CUDA provider use TF32 tensor cores (faster, maps within about 1e-2 instead of float32
         precision; see README "GPU"). memory_budget (bytes) caps the rows of one ONNX Runtime call.
-        `precision` afterwards says what the graphs are computed in."""
+        Afterwards `precision` says what the graphs compute in ("f32", "bf16", "tf32" or TensorRT's "fp16") and
+        `providers` is ONNX Runtime's provider list (empty with OpenVINO)."""
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
             raise UserError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         precision = check_backend(providers, precision, fp16, tf32)
@@ -71,7 +72,8 @@ class Explainer:
             self.providers = resolve_providers(providers, fp16=fp16, engine_cache=engine_cache,
                                                workspace_bytes=workspace_bytes, device_id=device_id, tf32=tf32)
             self._sessions = {graph: _session(self.manifest, graph, self.providers) for graph in GRAPHS}
-            self.precision = "fp16" if fp16 and first_provider(self.providers) == TENSORRT else "f32"
+            first = first_provider(self.providers)
+            self.precision = "fp16" if fp16 and first == TENSORRT else "tf32" if tf32 and first == CUDA else "f32"
         _check_graphs(self.manifest, self._sessions)
         c, h, w = self.input_shape
         k, ah, aw = self.manifest["target_layer"]["shape"]

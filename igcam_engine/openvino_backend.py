@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from igcam_engine.errors import UserError
 
-PRECISIONS = {"f32": "f32", "bf16": "bf16"}  # igcam's names -> OpenVINO's INFERENCE_PRECISION_HINT values
+PRECISIONS = ("f32", "bf16")  # OpenVINO's own names (INFERENCE_PRECISION_HINT values)
 DEVICE = "CPU"
 
 
@@ -52,7 +52,7 @@ class OpenVINOSession:
         if precision == "bf16" and "BF16" not in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
             raise UserError(f"precision bf16: this CPU ({core.get_property(DEVICE, 'FULL_DEVICE_NAME')}) has no bfloat16 "
                             "instructions (AVX512_BF16 or AMX), so OpenVINO would run float32; use precision f32")
-        self.compiled = core.compile_model(path, DEVICE, {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+        self.compiled = core.compile_model(path, DEVICE, {"INFERENCE_PRECISION_HINT": precision,
                                                           "PERFORMANCE_HINT": "LATENCY"})
         # what OpenVINO will actually compute in, which a caller reports (it may differ from the hint elsewhere)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

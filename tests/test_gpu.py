@@ -151,6 +151,7 @@ def test_tf32_is_off_unless_asked_for(bundle):
     assert options["use_tf32"] == "0"
     fast = Explainer(bundle, providers="cuda", tf32=True)
     assert fast._sessions["forward"].get_provider_options()[CUDA]["use_tf32"] == "1"
+    assert (exact.precision, fast.precision) == ("f32", "tf32")
     targets = exact.predict(IMAGES).argmax(axis=1)
     cpu = Explainer(bundle, providers="cpu").explain(IMAGES, targets, steps=16)
     assert_maps_match(fast.explain(IMAGES, targets, steps=16), cpu, normalized_tolerance=1e-2, raw_tolerance=1e-2)

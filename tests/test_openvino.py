@@ -239,3 +239,8 @@ def test_bench_precision_runs_every_backend(tmp_path):
         assert 1e-3 < rows["openvino_bf16"]["normalised_max_delta"] < rows["ort_int8"]["normalised_max_delta"]
     assert all(row["median_s"] > 0 for row in rows.values() if "skipped" not in row)
     assert "| efficientnet_lite0 _head_act | openvino_bf16 |" in (tmp_path / "precision.md").read_text()
+
+
+def test_onnx_runtime_reports_float32(resnet):
+    explainer = Explainer(resnet[1], "cpu", precision="f32")
+    assert explainer.precision == "f32" and explainer.providers == ["CPUExecutionProvider"]
