@@ -13,7 +13,7 @@ for the plots; the runtime itself never imports either. One module per study:
 - targets: k classes per image in one call against k calls;
 - methods: every CAM method against pytorch-grad-cam, and IG-CAM against pytorch-grad-cam looped over the path
   (needs grad-cam: the corpus tier's virtualenv);
-- evaluation: the metrics of igcam_engine.evaluate for every method on the shipped localisation set with the
+- evaluation: the metrics of igcam_engine.evaluation for every method on the shipped localization set with the
   pretrained EfficientNet-Lite0/1/2, and the same metrics with PyTorch eager, timed in the same run;
 - precision: the OpenVINO backend in float32 and bfloat16 and an int8 forward graph against the float32 engine,
   time and map error on the shipped photos (needs the openvino extra);

@@ -1,5 +1,5 @@
-"""The paper's comparison on the shipped localisation set (`igcam bench evaluation`): every metric of
-igcam_engine.evaluate for IG-CAM (both presets, m = 50 and adaptive), Grad-CAM, Grad-CAM++ and other methods on the
+"""The paper's comparison on the shipped localization set (`igcam bench evaluation`): every metric of
+igcam_engine.evaluation for IG-CAM (both presets, m = 50 and adaptive), Grad-CAM, Grad-CAM++ and other methods on the
 pretrained EfficientNet-Lite0, Lite1 and Lite2, images the model classifies correctly; and the same metrics computed
 with PyTorch eager (the authors' recipe for the maps, torch forward passes for the perturbed images) on the same
 images in the same run, timed against the engine."""
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from igcam_engine.backends import BackendOptions
 from igcam_engine.benchmarks.measure import machine
-from igcam_engine.evaluate import Config, Model, configs, evaluate, summary_table
-from igcam_engine.evaluate.annotations import shipped_set
+from igcam_engine.evaluation import Model, configs, evaluate, summary_table
+from igcam_engine.evaluation.annotations import shipped_set
 from igcam_engine.preprocess import black_input
-from igcam_engine.quadrature import quadrature
 
 EVALUATION_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 METHODS = ("igcam", "igcam-paper", "gradcam", "gradcam++", "layercam", "eigencam", "ablationcam")
@@ -24,7 +24,7 @@ STEPS = (50, "auto")
 COMPOSITES = 300
 SANITY_IMAGES = 40
 EAGER_IMAGES = 20  # images of the engine-vs-eager timing (Lite0, Grad-CAM and IG-CAM m = 50, no sanity check)
-EAGER_CONFIGS = (Config("igcam", "official", 50), Config("gradcam"))
+EAGER_CONFIGS = tuple(configs(("igcam", "gradcam"), (50,)))
 
 
 class EagerModel(Model):
@@ -50,7 +50,7 @@ class EagerModel(Model):
 
         if config not in EAGER_CONFIGS:
             raise ValueError(f"the eager model computes {[c.label for c in EAGER_CONFIGS]}, not {config.label}")
-        alphas = quadrature("left", config.steps)[0] if config.steps else np.ones(1)
+        alphas = config.options.nodes()[0]  # the official variant's left rule, or one node at alpha 1
         black = torch.tensor(black_input(self.preprocess, self.input_shape[0]), dtype=torch.float32)[:, None, None]
         shifted = _shifted(self.model, black)
         alphas = torch.from_numpy(alphas.astype(np.float32))
@@ -58,7 +58,7 @@ class EagerModel(Model):
         return np.stack([official_recipe(shifted, f"model.{self.layer}", torch.from_numpy(image) - black, int(target),
                                          alphas)[0, 0].numpy() for image, target in zip(images, targets)])
 
-    def randomised(self, directory):
+    def randomized(self, directory):
         raise NotImplementedError("the eager timing runs without the sanity check")
 
 
@@ -93,7 +93,7 @@ def evaluation_study(small: bool = False, providers=None, log=print) -> dict:
             log(f"  {name} ({shape[1]}x{shape[2]}, {layer}): evaluating ...")
             started = time.perf_counter()
             report = evaluate(bundle, data, methods=METHODS, steps=STEPS, only_correct=True, limit=8 if small else None,
-                              sanity_images=4 if small else SANITY_IMAGES, providers=providers, keep_maps=0)
+                              sanity_images=4 if small else SANITY_IMAGES, backend=BackendOptions(providers), keep_maps=0)
             report.pop("kept")
             entry = {"model": name, "layer": layer, "input": list(shape), "seconds": time.perf_counter() - started,
                      "counts": report["counts"], "summary": report["summary"], "timing": report["seconds"]}
@@ -113,7 +113,7 @@ def _engine_vs_eager(bundle, data, model, layer, shape, preprocess, images, prov
     for label, subject in (("engine", bundle), ("eager", eager)):
         started = time.perf_counter()
         report = evaluate(subject, data, methods=("igcam", "gradcam"), steps=(50,), only_correct=True,
-                          limit=images, sanity=False, providers=providers, keep_maps=0)
+                          limit=images, sanity=False, backend=BackendOptions(providers), keep_maps=0)
         timings[label] = {"seconds": time.perf_counter() - started, "evaluated": report["counts"]["evaluated"],
                           "summary": report["summary"], "stages": report["seconds"]}
     timings["speedup"] = timings["eager"]["seconds"] / timings["engine"]["seconds"]

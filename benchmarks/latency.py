@@ -33,7 +33,6 @@ def _model_latency(name, workdir, steps, peer_steps, batches, repeats, warmup, p
     import onnxruntime as ort
     import torch
 
-    from igcam_engine.bundle import graph_path
     from igcam_engine.export import from_torch
 
     model, layer, preprocess = build_model(name, small)
@@ -47,7 +46,7 @@ def _model_latency(name, workdir, steps, peer_steps, batches, repeats, warmup, p
         torch.onnx.export(model, (torch.from_numpy(rows),), str(classifier_path), input_names=["x"],
                           dynamic_axes={"x": {0: "n"}}, opset_version=18, dynamo=False)
     classifier = ort.InferenceSession(str(classifier_path), providers=explainer.providers)
-    forward = ort.InferenceSession(graph_path(explainer.manifest, "forward"), providers=explainer.providers)
+    forward = ort.InferenceSession(explainer.manifest.graph_path("forward"), providers=explainer.providers)
     feeds = {"images": image, "baseline": np.zeros_like(image), "alphas": alphas.astype(np.float32)}
     image_t, alphas_t = torch.from_numpy(image[0]), torch.from_numpy(alphas.astype(np.float32))
     target = int(np.argmax(explainer.predict(image)))

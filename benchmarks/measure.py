@@ -40,7 +40,7 @@ def machine() -> dict:
 
 
 def map_errors(maps: np.ndarray, reference: np.ndarray):
-    """(normalised max |difference|, 1 - correlation), worst over the maps."""
+    """(normalized max |difference|, 1 - correlation), worst over the maps."""
     a, b = normalize(maps).astype(np.float64), normalize(reference).astype(np.float64)
     deltas = np.abs(a - b).max(axis=(-2, -1))
     correlations = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)]
@@ -64,7 +64,7 @@ def write(kind: str, report: dict, markdown: str, out: Path, plot=None) -> None:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("matplotlib is not installed (pip install 'igcam-engine[bench]'): no plot")
+            print("matplotlib is not installed (install the bench extra: pip install '.[bench]'): no plot")
             return
         figure, axis = plt.subplots(figsize=(8, 4.5))
         plot(report, axis)

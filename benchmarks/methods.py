@@ -1,5 +1,5 @@
 """Every CAM method: the engine against pytorch-grad-cam on the same model and photo (one image, its predicted
-class), timed in the same run, with the normalised map difference; and the engine's IG-CAM against pytorch-grad-cam's
+class), timed in the same run, with the normalized map difference; and the engine's IG-CAM against pytorch-grad-cam's
 GradCAM looped over the m interpolated images, as a pytorch-grad-cam user would compute it. Needs grad-cam (and
 so torchvision): run it in the corpus tier's virtualenv (see benchmarks/RESULTS.md)."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _model_methods(name, workdir, steps, repeats, warmup, providers, small, log)
                "normalized_error": map_errors(engine_maps, peer_maps)[0]}
         row["ratio"] = row["peer"]["median_s"] / row["engine"]["median_s"]
         log(f"  {name:20s} {label:22s} engine {ms(row['engine']['median_s']):>9s}  pytorch-grad-cam "
-            f"{ms(row['peer']['median_s']):>9s}  x{row['ratio']:.1f}  max normalised Δ {row['normalized_error']:.1e}")
+            f"{ms(row['peer']['median_s']):>9s}  x{row['ratio']:.1f}  max normalized Δ {row['normalized_error']:.1e}")
         rows.append(row)
 
     for method, class_name in PEER_CLASSES.items():
@@ -68,7 +68,7 @@ def _model_methods(name, workdir, steps, repeats, warmup, providers, small, log)
               lambda p=peer: p(input_tensor=image_t, targets=targets))
         peer.activations_and_grads.release()
 
-    # IG-CAM: pytorch-grad-cam's GradCAM once per interpolated image; its raw (unnormalised) step maps are captured
+    # IG-CAM: pytorch-grad-cam's GradCAM once per interpolated image; its raw (unnormalized) step maps are captured
     # so that the sum is IG-CAM's map, the same quantity as the engine's.
     alphas, weights = quadrature("left", steps)
     black = torch.from_numpy(np.broadcast_to(_black(explainer.preprocess), image.shape[1:]).astype(np.float32))
@@ -102,9 +102,9 @@ def _black(preprocess) -> np.ndarray:
 
 def markdown(report: dict) -> str:
     lines = [f"One {SHAPE[1]}×{SHAPE[2]} photo (chelsea.png), its predicted class; medians of timed runs in the same "
-             "process. Δ: max |difference| of the min-max normalised maps (EigenCAM: pytorch-grad-cam keeps SVD's "
+             "process. Δ: max |difference| of the min-max normalized maps (EigenCAM: pytorch-grad-cam keeps SVD's "
              "arbitrary sign, see README \"Methods\").", "",
-             "| model | method | engine | pytorch-grad-cam | engine speed-up | max normalised Δ |", "|---|---|---|---|---|---|"]
+             "| model | method | engine | pytorch-grad-cam | engine speed-up | max normalized Δ |", "|---|---|---|---|---|---|"]
     for entry in report["results"]:
         for row in entry["rows"]:
             lines.append(f"| {entry['model']} ({entry['layer']}) | {row['method']} | {ms(row['engine']['median_s'])} | "

@@ -1,8 +1,8 @@
 """Reduced precision on the CPU (`igcam bench precision`): the engine with ONNX Runtime in float32 against the
 OpenVINO backend in float32 and bfloat16 and against ONNX Runtime with an int8 forward graph (static QDQ
-quantisation calibrated on the photos' interpolation batches; the gradient graph stays float32), same model, same
+quantization calibrated on the photos' interpolation batches; the gradient graph stays float32), same model, same
 image, same m, same run; with the map error of each against the float32 engine on the real photos of the shipped
-localisation set for the pretrained EfficientNet-Lite0/1/2 (the random-weight ResNet-50 and VGG-16: timing only)."""
+localization set for the pretrained EfficientNet-Lite0/1/2 (the random-weight ResNet-50 and VGG-16: timing only)."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ import numpy as np
 from igcam_engine import Explainer
 from igcam_engine.benchmarks.measure import machine, map_errors, measure, ms
 from igcam_engine.benchmarks.models import build_model, model_shape
-from igcam_engine.data import localisation_photos
+from igcam_engine.data import localization_photos
 from igcam_engine.errors import UserError
 from igcam_engine.images import load_image, to_model_input
 from igcam_engine.preprocess import black_input
@@ -35,7 +35,7 @@ def precision_study(models=PRECISION_MODELS, steps=32, repeats=5, warmup=1, smal
             bundle = from_torch(model, layer, shape, Path(workdir) / name, preprocess=preprocess)
             reference = Explainer(bundle, "cpu")
             photos = np.stack([to_model_input(load_image(photo["file"]), shape, reference.preprocess)[0]
-                               for photo in localisation_photos()])
+                               for photo in localization_photos()])
             targets = reference.predict(photos).argmax(axis=1)
             pretrained = name.startswith("efficientnet_lite")
             expected = reference.explain(photos, targets, steps=steps) if pretrained else None
@@ -52,11 +52,11 @@ def precision_study(models=PRECISION_MODELS, steps=32, repeats=5, warmup=1, smal
                 row["precision"] = explainer.precision if backend != "ort_int8" else "int8 forward, f32 gradient"
                 if expected is not None:
                     maps = explainer.explain(photos, targets, steps=steps)
-                    row["normalised_max_delta"], row["one_minus_correlation"] = map_errors(maps, expected)
+                    row["normalized_max_delta"], row["one_minus_correlation"] = map_errors(maps, expected)
                     row["raw_relative_delta"] = float(np.abs(maps - expected).max() / np.abs(expected).max())
                 entry["backends"][backend] = row
                 log(f"  {name:20s} {backend:14s} {row['median_s'] * 1e3:9.1f} ms"
-                    + (f"  max|d| {row['normalised_max_delta']:.4f}" if expected is not None else ""))
+                    + (f"  max|d| {row['normalized_max_delta']:.4f}" if expected is not None else ""))
             results.append(entry)
     return {"machine": {**machine(), "openvino": _openvino_version()}, "results": results}
 
@@ -71,7 +71,7 @@ def _backend(backend, bundle, reference, photos, steps, int8_dir) -> Explainer:
 
 
 def int8_explainer(bundle, photos, base, steps, directory: Path) -> Explainer:
-    """The bundle with forward.onnx quantised by ONNX Runtime (static, QDQ, per-channel int8 weights, uint8
+    """The bundle with forward.onnx quantized by ONNX Runtime (static, QDQ, per-channel int8 weights, uint8
     activations), calibrated on the interpolation batches of `photos` from `base` (the left rule's alphas)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -106,7 +106,7 @@ def markdown(report: dict) -> str:
     lines = [f"Reduced precision on the CPU ({report['machine']['cpu']}, {report['machine']['cpus']} cores; OpenVINO "
              f"{report['machine']['openvino']}, ONNX Runtime {report['machine']['onnxruntime']}): one image, m = "
              f"{report['results'][0]['steps']}, median of the timed runs; map error against the ONNX Runtime float32 "
-             "engine, worst over the shipped photos (normalised max |Δ|, 1 − correlation, raw max |Δ| / max |map|).",
+             "engine, worst over the shipped photos (normalized max |Δ|, 1 − correlation, raw max |Δ| / max |map|).",
              "", "| model | backend | precision | time | × ORT f32 | norm. max \\|Δ\\| | 1 − corr | raw \\|Δ\\| |",
              "|---|---|---|---|---|---|---|---|"]
     for entry in report["results"]:
@@ -115,8 +115,8 @@ def markdown(report: dict) -> str:
             if "skipped" in row:
                 lines.append(f"| {entry['model']} {entry['layer']} | {backend} | — | skipped: {row['skipped']} | | | | |")
                 continue
-            errors = (f"{row['normalised_max_delta']:.2%} | {row['one_minus_correlation']:.1e} | {row['raw_relative_delta']:.2%}"
-                      if "normalised_max_delta" in row else "random weights: timing only | | ")
+            errors = (f"{row['normalized_max_delta']:.2%} | {row['one_minus_correlation']:.1e} | {row['raw_relative_delta']:.2%}"
+                      if "normalized_max_delta" in row else "random weights: timing only | | ")
             lines.append(f"| {entry['model']} {entry['layer']} | {backend} | {row['precision']} | {ms(row['median_s'])} | "
                          f"{row['median_s'] / base:.2f} | {errors} |")
     return "\n".join(lines)

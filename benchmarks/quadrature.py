@@ -90,7 +90,7 @@ def quadrature_markdown(report: dict) -> str:
         return next((m for m in steps if (worst(metric, rule, m, case) or 1) <= ERROR_TARGET), f"> {steps[-1]}")
 
     lines = []
-    for metric, title in (("max_delta", "normalised max |Δ|"), ("one_minus_corr", "1 − correlation")):
+    for metric, title in (("max_delta", "normalized max |Δ|"), ("one_minus_corr", "1 − correlation")):
         lines += [f"Worst {title} over {len(report['cases'])} model/layer cases × {report['images']} photos, against "
                   f"{report['reference']}:", "",
                   "| rule | " + " | ".join(f"m={s}" for s in steps) + " | smallest m ≤ 1 % |", "|---" * (len(steps) + 2) + "|"]
@@ -98,7 +98,7 @@ def quadrature_markdown(report: dict) -> str:
             cells = [f"{worst(metric, rule, s):.4f}" if worst(metric, rule, s) is not None else "—" for s in steps]
             lines.append(f"| {rule} | " + " | ".join(cells) + f" | {smallest(metric, rule)} |")
         lines.append("")
-    lines += ["Smallest m with normalised max |Δ| ≤ 1 %, per case:", "",
+    lines += ["Smallest m with normalized max |Δ| ≤ 1 %, per case:", "",
               "| case | " + " | ".join(RULES) + " |", "|---" * (len(RULES) + 1) + "|"]
     for case in report["cases"]:
         lines.append(f"| {case} | " + " | ".join(str(smallest("max_delta", rule, case)) for rule in RULES) + " |")
@@ -109,7 +109,7 @@ def quadrature_markdown(report: dict) -> str:
 
 
 def adaptive_markdown(report: dict) -> str:
-    lines = [f"steps=\"auto\" against {report['reference']} (maps of 3 photos per case; error: worst normalised "
+    lines = [f"steps=\"auto\" against {report['reference']} (maps of 3 photos per case; error: worst normalized "
              "max |Δ|):", "", "| case | rule | tolerance | passes | converged | error |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['case']} | {r['rule']} | {r['tolerance']} | {r['passes']} | {r['converged']} | {r['max_delta']:.4f} |")
@@ -117,11 +117,11 @@ def adaptive_markdown(report: dict) -> str:
 
 
 def plot(report: dict, axis) -> None:
-    """Worst normalised error against the number of passes, one line per rule."""
+    """Worst normalized error against the number of passes, one line per rule."""
     for rule in RULES:
         steps = sorted({r["passes"] for r in report["rows"] if r["rule"] == rule})
         worst = [max(r["max_delta"] for r in report["rows"] if r["rule"] == rule and r["passes"] == s) for s in steps]
         axis.loglog(steps, worst, marker="o", label=rule)
     axis.axhline(ERROR_TARGET, color="grey", linestyle="--", label="1 %")
     axis.set_xlabel("forward passes (m)")
-    axis.set_ylabel("worst normalised max |Δ| vs reference")
+    axis.set_ylabel("worst normalized max |Δ| vs reference")

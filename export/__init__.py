@@ -11,10 +11,10 @@ import numpy as np
 try:
     import onnx
 except ModuleNotFoundError:
-    raise ModuleNotFoundError("igcam_engine.export needs onnx: pip install 'igcam-engine[onnx]' (and [export] for "
+    raise ModuleNotFoundError("igcam_engine.export needs onnx: pip install '.[onnx]' in the igcam-engine checkout (and [export] for "
                               "PyTorch models)", name="onnx") from None
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable, UserError, install_hint
 from igcam_engine.preprocess import resolve_preprocess
 
 from .autodiff import MissingRules
@@ -23,22 +23,46 @@ from .graphs import build_graphs, candidate_layers, later_target_hint, prepare, 
 from .triton import triton_repository
 from .writer import staged, write_bundle
 
-__all__ = ["from_torch", "from_onnx", "layers", "triton_repository"]
+__all__ = ["from_torch", "from_onnx", "layers", "torch_layers", "usability", "triton_repository"]
 
 
 def _load(path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except FileNotFoundError:
-        raise UserError(f"no such ONNX file: '{path}'") from None
+        raise NotFound(f"no such ONNX file: '{path}'") from None
     except Exception as e:
-        raise UserError(f"'{path}' is not a readable ONNX model: {e}") from None
+        raise InputError(f"'{path}' is not a readable ONNX model: {e}") from None
 
 
 def layers(path, input_shape=None) -> list[dict]:
     """The 4-D activations of an ONNX model: tensor name, producing op and node, shape [K, h, w], and `cut`
     (True where every path from the input to the logits passes through it, i.e. it can be a target layer)."""
     return candidate_layers(prepare(_load(path), input_shape).model)
+
+
+def torch_layers(model, input_shape) -> list[dict]:
+    """The modules of a torch.nn.Module that produce a 4-D tensor: module path, type, shape [K, h, w] and calls per
+    forward pass (a target layer must run once)."""
+    try:
+        from ._torch import torch_layers as listing
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise Unavailable(f"listing a PyTorch model's layers needs torch: {install_hint('export')}") from None
+    return listing(model, tuple(input_shape))
+
+
+def usability(shape, cut: bool = True, calls: int = 1) -> str:
+    """Whether a layer (its output shape [K, h, w]; `cut`: every path to the logits passes through it; `calls` per
+    forward pass) can be the target, and why not."""
+    if calls != 1:
+        return f"no (runs {calls} times per forward pass)"
+    if not cut:
+        return "no (bypassed by a skip path)"
+    if shape[1] * shape[2] == 1:
+        return "no (1x1: after global pooling, a map of one pixel)"
+    return "yes"
 
 
 def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None) -> Path:
@@ -57,7 +81,7 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
     except ModuleNotFoundError as e:
         if e.name != "torch":
             raise
-        raise UserError("from_torch needs torch: pip install 'igcam-engine[export]'") from None
+        raise Unavailable(f"from_torch needs torch: {install_hint('export')}") from None
 
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
@@ -71,11 +95,11 @@ def _export(model, out, tensor, preprocess, input_shape, labels, layer, referenc
     if labels is not None:
         labels = [str(label) for label in labels]
         if len(labels) != s.num_classes:
-            raise UserError(f"{len(labels)} labels given for a model with {s.num_classes} classes")
+            raise OptionError(f"{len(labels)} labels given for a model with {s.num_classes} classes")
     try:
         graphs = build_graphs(s)
     except MissingRules as e:
-        raise UserError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
+        raise ModelError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32"},
         "preprocess": preprocess,
@@ -112,7 +136,7 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
         expected = np.concatenate([_run_padded(source, source_input, images[i:i + batch], batch)
                                    for i in range(0, len(images), batch)])
     except Exception as e:  # onnxruntime's errors have no common base class
-        raise UserError(f"the original model does not run on a batch of {batch} although its input says it does "
+        raise ModelError(f"the original model does not run on a batch of {batch} although its input says it does "
                         f"(ONNX Runtime: {str(e).splitlines()[0]}); re-export it with a dynamic batch") from None
     graph = ort.InferenceSession(str(bundle / "igcam.onnx"), options, providers=["CPUExecutionProvider"])
     for rows in (images[:1], images):
@@ -121,13 +145,13 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
                                             "alphas": np.ones(1, np.float32),
                                             "targets": np.zeros(len(rows), np.int64)})[0]
         except Exception as e:
-            raise UserError(f"the exported graphs do not run on a batch of {len(rows)}: {_batch_hint(prepared)} "
+            raise ModelError(f"the exported graphs do not run on a batch of {len(rows)}: {_batch_hint(prepared)} "
                             f"(ONNX Runtime: {str(e).splitlines()[0]})") from None
         got = _scores(logits, s.scores_after).reshape(expected[: len(rows)].shape)
         try:
             _compare(got, expected[: len(rows)], "the bundle's scores differ from the original model's")
         except UserError as e:
-            raise UserError(f"{e} at batch {len(rows)}" + (f": {_batch_hint(prepared)}" if len(rows) > 1 else ""))
+            raise ModelError(f"{e} at batch {len(rows)}" + (f": {_batch_hint(prepared)}" if len(rows) > 1 else ""))
 
 
 def _sample_inputs(input_shape, preprocess) -> np.ndarray:
@@ -168,4 +192,4 @@ def _batch_hint(prepared) -> str:
 def _compare(got, expected, message) -> None:
     error = float(np.abs(got - expected).max()) / max(float(np.abs(expected).max()), 1e-6)
     if got.shape != expected.shape or error > 1e-3:
-        raise UserError(f"{message} (relative error {error:.2e})")
+        raise ModelError(f"{message} (relative error {error:.2e})")

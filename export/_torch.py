@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError, OptionError, UserError
 
 
 class _Exposed(torch.nn.Module):
@@ -28,7 +28,7 @@ class _Exposed(torch.nn.Module):
         finally:
             handle.remove()
         if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
-            raise UserError("the target layer must run exactly once per forward pass and return one tensor")
+            raise ModelError("the target layer must run exactly once per forward pass and return one tensor")
         return logits, captured[0]
 
 
@@ -39,9 +39,9 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         sample = ", ".join(list(n for n in modules if n)[-8:])
-        raise UserError(f"the model has no module '{layer}'; module paths look like: {sample}")
+        raise OptionError(f"the model has no module '{layer}'; module paths look like: {sample}")
     if len(input_shape) != 3:
-        raise UserError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+        raise OptionError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
@@ -89,19 +89,19 @@ def _eager_check(wrapper: _Exposed, layer: str, images) -> np.ndarray:
         with torch.no_grad():
             scores = wrapper.model(images)
     except Exception as e:  # the user's model: its failure in one line
-        raise UserError(f"the model fails on an input of shape {list(images.shape)}: {type(e).__name__}: "
+        raise ModelError(f"the model fails on an input of shape {list(images.shape)}: {type(e).__name__}: "
                         f"{_first_line(e)}") from e
     finally:
         handle.remove()
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         found = type(scores).__name__ if not isinstance(scores, torch.Tensor) else f"a tensor {list(scores.shape)}"
-        raise UserError(f"the model must return one tensor of class scores [batch, classes], it returns {found}")
+        raise ModelError(f"the model must return one tensor of class scores [batch, classes], it returns {found}")
     if len(calls) != 1:
-        raise UserError(f"layer '{layer}' runs {len(calls)} times per forward pass; the target layer must run exactly "
+        raise ModelError(f"layer '{layer}' runs {len(calls)} times per forward pass; the target layer must run exactly "
                         "once (a module reused in several places cannot be told apart: hook one that runs once)")
     if not isinstance(calls[0], torch.Tensor) or calls[0].dim() != 4:
         found = type(calls[0]).__name__ if not isinstance(calls[0], torch.Tensor) else f"{calls[0].dim()}-D"
-        raise UserError(f"layer '{layer}' must output one 4-D tensor [batch, K, h, w], it outputs {found}")
+        raise ModelError(f"layer '{layer}' must output one 4-D tensor [batch, K, h, w], it outputs {found}")
     return scores.numpy()
 
 
@@ -111,7 +111,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _export(wrapper, images, dynamic_batch: bool):
-    """torch's ONNX program of the wrapper; None when a dynamic batch was asked for and the model specialises it."""
+    """torch's ONNX program of the wrapper; None when a dynamic batch was asked for and the model specializes it."""
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "target": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -121,13 +121,13 @@ def _export(wrapper, images, dynamic_batch: bool):
         except UserError:
             raise
         except Exception as e:
-            if dynamic_batch and _specialises_batch(e):
+            if dynamic_batch and _specializes_batch(e):
                 return None
-            raise UserError(f"torch's ONNX exporter failed: {type(e).__name__}: {_first_line(e)} (igcam export "
+            raise ModelError(f"torch's ONNX exporter failed: {type(e).__name__}: {_first_line(e)} (igcam export "
                             "--verbose shows its full report)") from e
 
 
-def _specialises_batch(error: Exception) -> bool:
+def _specializes_batch(error: Exception) -> bool:
     """Whether torch.export refused the dynamic batch because the model's code fixes it."""
     text = f"{type(error).__name__} {error} {error.__cause__}"
     return any(word in text for word in ("Constraints violated", "ConstraintViolation", "specialized",
@@ -153,3 +153,33 @@ def _source_of(model: onnx.ModelProto, name: str) -> str:
     while name in producers and producers[name].op_type == "Identity":
         name = producers[name].input[0]
     return name
+
+
+def torch_layers(model: torch.nn.Module, input_shape) -> list[dict]:
+    """The modules producing a 4-D tensor, once each: {module, type, shape [K, h, w], calls per forward pass}. The
+    model runs in eval mode on zeros and is handed back as it was (modes restored, no hook left)."""
+    found, handles = {}, []
+
+    def record(module, args, output, name):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            entry = found.setdefault(name, {"module": name, "type": type(module).__name__,
+                                            "shape": list(output.shape[1:]), "calls": 0})
+            entry["calls"] += 1
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(
+                lambda module, args, output, name=name: record(module, args, output, name)))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as e:  # the user's model: its failure in one line
+        raise ModelError(f"the model fails on an input of shape [1, {', '.join(map(str, input_shape))}]: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return list(found.values())

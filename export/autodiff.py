@@ -10,13 +10,13 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
 from .rules import RULES
 
 
-class MissingRules(UserError):
+class MissingRules(ModelError):
     """Ops on the differentiated part that have no gradient rule (`missing`: "Op (node 'name')" strings)."""
 
     def __init__(self, missing: list[str], wrt: str):
@@ -55,7 +55,7 @@ def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str
     depends, on_path = differentiated(builder, nodes, wrt)
     builder.differentiable = depends
     if output not in depends:
-        raise UserError(f"output '{output}' does not depend on tensor '{wrt}'")
+        raise ModelError(f"output '{output}' does not depend on tensor '{wrt}'")
     missing = _without_rule(on_path)
     if missing:
         raise MissingRules(missing, wrt)
@@ -70,7 +70,7 @@ def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str
             if name not in depends:
                 continue
             if grad is None:
-                raise UserError(
+                raise ModelError(
                     f"{node.op_type} node '{node.name}': the gradient with respect to input '{name}' is not "
                     "supported (only data inputs are differentiated, not weights or shapes computed from the layer)"
                 )

@@ -14,7 +14,7 @@ import onnx
 import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 MIN_OPSET = 18
 # Ops whose outputs depend on their input's shape, never its values: no gradient flows through them.
@@ -124,14 +124,14 @@ class GraphBuilder:
     def shape(self, name: str) -> tuple:
         """Dims of a tensor: ints where static, the symbol or None where not."""
         if name not in self._shapes:
-            raise UserError(f"shape inference found no shape for tensor '{name}'; the model needs static ranks")
+            raise ModelError(f"shape inference found no shape for tensor '{name}'; the model needs static ranks")
         return self._shapes[name]
 
     def static_shape(self, name: str, dims: slice = slice(None)) -> list[int]:
         """Static dims of a tensor (a slice of them); errors if any of those dims is not fixed at export time."""
         selected = self.shape(name)[dims]
         if not all(isinstance(d, int) and d > 0 for d in selected):
-            raise UserError(f"tensor '{name}' needs fixed dims {dims.start or 0}.. at export time, has {self.shape(name)}")
+            raise ModelError(f"tensor '{name}' needs fixed dims {dims.start or 0}.. at export time, has {self.shape(name)}")
         return list(selected)
 
     def constant(self, name: str):
@@ -148,7 +148,7 @@ class GraphBuilder:
     def elem_type(self, name: str) -> int:
         """The ONNX element type of a tensor (TensorProto.FLOAT, ...)."""
         if name not in self._types:
-            raise UserError(f"shape inference found no type for tensor '{name}'")
+            raise ModelError(f"shape inference found no type for tensor '{name}'")
         return self._types[name]
 
 
@@ -161,10 +161,10 @@ def at_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model, converted to MIN_OPSET when it imports an older default opset."""
     opset = default_opset(model)
     if opset is None:
-        raise UserError("the model imports no default-domain ONNX opset")
+        raise ModelError("the model imports no default-domain ONNX opset")
     if opset >= MIN_OPSET:
         return model
     try:
         return onnx.version_converter.convert_version(model, MIN_OPSET)
     except Exception as e:  # the converter raises bare RuntimeErrors for ops it cannot adapt
-        raise UserError(f"cannot convert the model from opset {opset} to {MIN_OPSET}: {e}") from None
+        raise ModelError(f"cannot convert the model from opset {opset} to {MIN_OPSET}: {e}") from None

@@ -1,6 +1,6 @@
 """From a classifier ONNX model to the bundle's graphs.
 
-`prepare` normalises a model (inlined functions, opset >= 18, symbolic batch, full shape inference);
+`prepare` normalizes a model (inlined functions, opset >= 18, symbolic batch, full shape inference);
 `split` cuts it at the target tensor into the part before it (the backbone, run once per interpolation point) and
 the part after it (the tail, which is differentiated); `build_graphs` assembles forward, gradient, igcam and
 explain graphs from those parts (see igcam_engine.bundle for their inputs and outputs).
@@ -14,7 +14,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError, OptionError
 
 from .autodiff import append_backward
 from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
@@ -31,7 +31,7 @@ COPIES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dro
 
 @dataclass
 class Prepared:
-    """A normalised model, with what `prepare` learnt of the original."""
+    """A normalized model, with what `prepare` learnt of the original."""
 
     model: onnx.ModelProto
     fixed_batch: int | None  # the original input's batch size when it was fixed, else None
@@ -50,25 +50,25 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise UserError(f"the model must have exactly one (image) input, it has {[i.name for i in inputs]}")
+        raise ModelError(f"the model must have exactly one (image) input, it has {[i.name for i in inputs]}")
     for name in IO_NAMES:
         _rename(model, name, f"model/{name}")
     _name_nodes(model.graph)
     image = [i for i in model.graph.input if i.name not in initializers][0]
     tensor_type = image.type.tensor_type
     if tensor_type.elem_type != TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
-        raise UserError(f"input '{image.name}' must be a float32 NCHW tensor (rank 4)")
+        raise ModelError(f"input '{image.name}' must be a float32 NCHW tensor (rank 4)")
     dims = tensor_type.shape.dim
     if input_shape is not None:
         if len(input_shape) != 3:
-            raise UserError(f"input_shape must be (C, H, W), got {input_shape}")
+            raise OptionError(f"input_shape must be (C, H, W), got {input_shape}")
         for dim, size in zip(dims[1:], input_shape):
             if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
-                raise UserError(f"input_shape {tuple(input_shape)} contradicts the model's input shape "
+                raise OptionError(f"input_shape {tuple(input_shape)} contradicts the model's input shape "
                                 f"{[d.dim_value or d.dim_param or '?' for d in dims[1:]]}")
             dim.dim_value = int(size)
     if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
-        raise UserError(f"input '{image.name}' has dynamic C/H/W "
+        raise ModelError(f"input '{image.name}' has dynamic C/H/W "
                         f"{[d.dim_value if d.HasField('dim_value') else d.dim_param or '?' for d in dims[1:]]}: give "
                         "the size to export for with input_shape=(C, H, W) (CLI: --input-shape C,H,W)")
     fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
@@ -82,7 +82,7 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        raise UserError(f"ONNX shape inference failed on the model: {e}") from None
+        raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
     return Prepared(inferred, fixed_batch, rewrites)
 
 
@@ -105,7 +105,7 @@ def _free_the_batch(model: onnx.ModelProto, fixed_batch: int) -> list[str]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
-        raise UserError(f"ONNX shape inference failed on the model: {e}") from None
+        raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
     first_dims = {info.name: info.type.tensor_type.shape.dim[0].dim_param
                   for info in list(inferred.graph.value_info) + list(inferred.graph.input)
                   if info.type.tensor_type.HasField("shape") and len(info.type.tensor_type.shape.dim)}
@@ -247,7 +247,7 @@ def default_target(model: onnx.ModelProto) -> str:
     passes: the output of the last convolutional stage before global pooling and the classifier."""
     rows = [r for r in candidate_layers(model) if r["cut"] and r["shape"][1] * r["shape"][2] > 1]
     if not rows:
-        raise UserError("found no 4-D activation (spatial size > 1x1) that separates the input from the logits")
+        raise ModelError("found no 4-D activation (spatial size > 1x1) that separates the input from the logits")
     return rows[-1]["tensor"]
 
 
@@ -274,23 +274,23 @@ def split(model: onnx.ModelProto, target: str | None = None) -> Split:
     logits, scores_after = scores_of(model)
     logits_shape = _shape(model, logits)
     if logits_shape is None or len(logits_shape) != 2 or not logits_shape[1]:
-        raise UserError(f"the model's first output must be class scores [batch, classes] (or their Softmax); "
+        raise ModelError(f"the model's first output must be class scores [batch, classes] (or their Softmax); "
                         f"'{logits}' is {logits_shape}")
     target = target or default_target(model)
     shape = _shape(model, target)
     if target not in _producers(graph):
-        raise UserError(f"'{target}' is not an activation tensor of the model (see `igcam layers`)")
+        raise OptionError(f"'{target}' is not an activation tensor of the model (see `igcam layers`)")
     if shape is None or len(shape) != 4 or None in shape[1:]:
-        raise UserError(f"target tensor '{target}' must be 4-D [batch, K, h, w] with static K, h, w; it is {shape}")
+        raise ModelError(f"target tensor '{target}' must be 4-D [batch, K, h, w] with static K, h, w; it is {shape}")
     head, _ = _ancestors(graph, target, values_only=False)
     tail, reached = _ancestors(graph, logits, stop=target)
     if image in reached:
-        raise UserError(
+        raise ModelError(
             f"target tensor '{target}' does not separate the input from the logits: some path (a skip connection "
             "around it?) bypasses it. Choose a block output (see `igcam layers`)"
         )
     if target not in reached:
-        raise UserError(f"the logits do not depend on target tensor '{target}'")
+        raise ModelError(f"the logits do not depend on target tensor '{target}'")
     tail = _shape_reads_from_target(model, tail, target)
     return Split(model, image, target, logits, scores_after, head, tail, _shape(model, image)[1:], shape[1:],
                  logits_shape[1])
@@ -308,7 +308,7 @@ def _shape_reads_from_target(model: onnx.ModelProto, tail: list, target: str) ->
             continue
         dims = _symbolic_shape(model, node.input[0])
         if not dims or dims[0] != BATCH or not all(isinstance(d, int) for d in dims[1:]):
-            raise UserError(f"the part after the target reads the shape of '{node.input[0]}' (node '{node.name}'), "
+            raise ModelError(f"the part after the target reads the shape of '{node.input[0]}' (node '{node.name}'), "
                             f"which is {dims}, not [batch, fixed dims...]; choose a target after it")
         view = Node.from_proto(node)
         batch = builder.Shape(target, start=0, end=1)

@@ -13,46 +13,51 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from igcam_engine.bundle import WEIGHTS, graph_path, load_manifest
-from igcam_engine.errors import UserError
-from igcam_engine.explainer import VARIANTS
+from igcam_engine.bundle import WEIGHTS, load_manifest
+from igcam_engine.errors import OptionError
+from igcam_engine.options import VARIANTS, ExplainOptions
 from igcam_engine.preprocess import black_input
-from igcam_engine.quadrature import quadrature
+from igcam_engine.validators import integer
 
 TENSORRT_PRECISIONS = ("off", "fp32", "fp16")
 
 
-def triton_repository(bundle, out, *, name="igcam_explain", steps=50, rule=None, variant="official",
-                      max_batch_size=8, queue_delay_us=2000, tensorrt="off", workspace_bytes=1 << 30) -> Path:
-    """Writes out/<name>/config.pbtxt and out/<name>/1/model.onnx (+ its weights); returns the model folder."""
+def triton_repository(bundle, out, *, name="igcam_explain", options: ExplainOptions | None = None, steps=50, rule=None,
+                      variant="official", max_batch_size=8, queue_delay_us=2000, tensorrt="off",
+                      workspace_bytes=1 << 30) -> Path:
+    """Writes out/<name>/config.pbtxt and out/<name>/1/model.onnx (+ its weights); returns the model folder.
+    `options` (or steps, rule and variant) fix IG-CAM's path: explain.onnx computes integrated Grad-CAM from the
+    black baseline on a fixed grid."""
     manifest = load_manifest(bundle)
-    if variant not in VARIANTS:
-        raise UserError(f"unknown variant '{variant}'; accepted: {', '.join(VARIANTS)}")
+    options = (options or ExplainOptions(steps=steps, rule=rule, variant=variant)).checked()
+    if options.method != "igcam" or options.adaptive or not isinstance(options.baseline, str) \
+            or options.baseline != "black" or options.normalize:
+        raise OptionError("explain.onnx computes IG-CAM (method 'igcam') from the black baseline on a fixed grid "
+                          f"of steps, unnormalized; got method {options.method!r}, steps {options.steps!r}, baseline "
+                          f"{options.record()['baseline']!r}, normalize {options.normalize}")
     if tensorrt not in TENSORRT_PRECISIONS:
-        raise UserError(f"tensorrt must be one of {', '.join(TENSORRT_PRECISIONS)}, got '{tensorrt}'")
-    if max_batch_size < 1:
-        raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    default_rule, subtract = VARIANTS[variant]
-    alphas, weights = quadrature(rule or default_rule, steps)
-    channels = manifest["input"]["shape"][0]
-    black = np.array(black_input(manifest["preprocess"], channels), np.float32)
+        raise OptionError(f"tensorrt must be one of {', '.join(TENSORRT_PRECISIONS)}, got '{tensorrt}'")
+    integer(max_batch_size, "max_batch_size", 1)
+    alphas, weights = options.nodes()
+    black = np.array(black_input(manifest.preprocess, manifest.input.shape[0]), np.float32)
     constants = {
         "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
-        "baseline": np.broadcast_to(black[None, :, None, None], (1, *manifest["input"]["shape"])).copy(),
-        "subtract_baseline": np.array([float(subtract)], np.float32),
+        "baseline": np.broadcast_to(black[None, :, None, None], (1, *manifest.input.shape)).copy(),
+        "subtract_baseline": np.array([float(options.subtract)], np.float32),
     }
-    model = onnx.load(graph_path(manifest, "explain"), load_external_data=False)
+    model = onnx.load(manifest.graph_path("explain"), load_external_data=False)
     inputs = [i for i in model.graph.input if i.name not in constants]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
-    model.doc_string = f"igcam-engine explain: {rule or default_rule} rule, {steps} steps, variant {variant}"
+    model.doc_string = f"igcam-engine explain: {options.rule or VARIANTS[options.variant][0]} rule, {options.steps} " \
+                       f"steps, variant {options.variant}"
 
     folder = Path(out) / name
     version = folder / "1"
     version.mkdir(parents=True, exist_ok=True)
     onnx.save(model, version / "model.onnx")
-    shutil.copyfile(Path(manifest["root"]) / WEIGHTS, version / WEIGHTS)
+    shutil.copyfile(manifest.root / WEIGHTS, version / WEIGHTS)
     onnx.checker.check_model(str(version / "model.onnx"), full_check=True)
     (folder / "config.pbtxt").write_text(_config(name, manifest, max_batch_size, queue_delay_us, tensorrt,
                                                  workspace_bytes))
@@ -60,7 +65,7 @@ def triton_repository(bundle, out, *, name="igcam_explain", steps=50, rule=None,
 
 
 def _config(name, manifest, max_batch_size, queue_delay_us, tensorrt, workspace_bytes) -> str:
-    c, h, w = manifest["input"]["shape"]
+    c, h, w = manifest.input.shape
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from igcam_engine.bundle import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256
-from igcam_engine.errors import UserError
+from igcam_engine.errors import OptionError
 
 INLINE_BYTES = 1024  # smaller tensors stay inside the graphs
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the weights instead of copying them
@@ -26,14 +26,14 @@ def staged(out):
     existing bundle there is replaced only then), when it fails it is removed and `out` is left as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' exists and is not a directory")
+        raise OptionError(f"output '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise UserError(f"output directory '{out}' is not empty and is not a bundle; choose a new or empty directory")
+        raise OptionError(f"output directory '{out}' is not empty and is not a bundle; choose a new or empty directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as e:
-        raise UserError(f"cannot write the bundle next to '{out}': {e.strerror or e}") from None
+        raise OptionError(f"cannot write the bundle next to '{out}': {e.strerror or e}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a bundle gets the usual permissions

@@ -18,9 +18,11 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from igcam_engine.errors import UserError
+from igcam_engine import validators
+from igcam_engine.errors import BundleError, NotFound, OptionError, UserError
 from igcam_engine.preprocess import resolve_preprocess
 
 FORMAT = "igcam-bundle"
@@ -49,54 +51,123 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(bundle, verify: bool = True) -> dict:
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # C, H, W
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    name: str  # as the user named it (a module path, or the ONNX tensor)
+    tensor: str  # the ONNX tensor
+    shape: tuple  # K, h, w
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> tuple:
+        return self.shape[1:]
+
+
+@dataclass(frozen=True)
+class Logits:
+    tensor: str  # the differentiated tensor
+    before: str | None  # the Softmax or LogSoftmax between it and the model's first output, or None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    file: str  # a plain name inside the bundle
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest, every field checked (see load_manifest); `root` is the bundle's folder."""
+
+    root: Path
+    input: InputSpec
+    preprocess: dict | None
+    target_layer: TargetLayer
+    logits: Logits
+    num_classes: int
+    labels: tuple | None
+    opset: int | None
+    graphs: dict  # graph name -> FileEntry
+    weights: FileEntry
+
+    def graph_path(self, graph: str) -> str:
+        return str(self.root / self.graphs[graph].file)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the bundle, manifest first."""
+        return list(dict.fromkeys([MANIFEST, self.weights.file, *(entry.file for entry in self.graphs.values())]))
+
+
+def load_manifest(bundle, verify: bool = True) -> Manifest:
     """Reads and checks a bundle's manifest; with `verify`, every file's sha256 must match."""
+    if isinstance(bundle, Manifest):
+        return bundle
+    if not isinstance(bundle, (str, os.PathLike)) or not str(bundle):
+        raise BundleError(f"a bundle is a folder's path (str or os.PathLike), got {type(bundle).__name__}")
     root = Path(bundle)
     path = root / MANIFEST
-    if not path.is_file():
-        raise UserError(f"'{bundle}' is not a bundle: no {MANIFEST} (create one with `igcam export`)")
-    if path.stat().st_size > LIMITS["manifest_bytes"]:
-        raise UserError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {LIMITS['manifest_bytes']}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+        if not path.is_file():
+            raise NotFound(f"'{bundle}' is not a bundle: no {MANIFEST} (create one with `igcam export`)")
+        size = path.stat().st_size
+        if size > LIMITS["manifest_bytes"]:
+            raise BundleError(f"{path} is {size} bytes; a manifest is at most {LIMITS['manifest_bytes']}")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:  # a link loop, a folder without read permission
+        raise BundleError(f"cannot read '{path}': {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{path} nests its JSON too deeply to be a manifest") from None
     if not isinstance(manifest, dict):
-        raise UserError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: bundle format {manifest.get('format')!r} v{manifest.get('format_version')} is not supported; "
+        raise BundleError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if manifest.get("format") != FORMAT or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format {manifest.get('format')!r} v{version!r} is not supported; "
             f"this igcam-engine reads {FORMAT} v{FORMAT_VERSION} (re-export the model)"
         )
-    checked = _checked(manifest, f"bundle '{bundle}'")
-    for entry in [checked["graphs"][g] for g in GRAPHS] + [checked["weights"]]:
-        file = _inside(root, entry["file"], bundle)
-        if verify and sha256(file) != entry["sha256"]:
-            raise UserError(f"bundle '{bundle}' is corrupted: {entry['file']} does not match its sha256 in the manifest")
+    checked = _checked(manifest, root, f"bundle '{bundle}'")
+    for entry in [checked.graphs[g] for g in GRAPHS] + [checked.weights]:
+        file = _inside(root, entry.file, bundle)
+        if verify and sha256(file) != entry.sha256:
+            raise BundleError(f"bundle '{bundle}' is corrupted: {entry.file} does not match its sha256 in the manifest")
     _no_link_out(root, bundle)
-    checked["root"] = str(root)
     return checked
 
 
-def graph_path(manifest: dict, graph: str) -> str:
-    return str(Path(manifest["root"]) / manifest["graphs"][graph]["file"])
-
-
-def _checked(manifest: dict, where: str) -> dict:
+def _checked(manifest: dict, root: Path, where: str) -> Manifest:
     """The manifest's fields, each checked for type, range and consistency; one error naming the field."""
     def fail(field, expected, value):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise UserError(f"{where}: manifest field '{field}' must be {expected}, got {shown}")
+        raise BundleError(f"{where}: manifest field '{field}' must be {expected}, got {shown}")
 
     def get(container, key, field):
         if not isinstance(container, dict) or key not in container:
-            raise UserError(f"{where}: manifest field '{field}' is missing")
+            raise BundleError(f"{where}: manifest field '{field}' is missing")
         return container[key]
 
     def integer(value, field, low, high):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        try:
+            return validators.integer(value, field, low, high)
+        except OptionError:
             fail(field, f"an integer in [{low}, {high}]", value)
-        return value
 
     def text(value, field):
         if not isinstance(value, str) or not value:
@@ -135,24 +206,20 @@ def _checked(manifest: dict, where: str) -> dict:
     try:
         preprocess = None if preprocess is None else resolve_preprocess(preprocess, channels=shape[0], strict=True)
     except UserError as e:
-        raise UserError(f"{where}: manifest field 'preprocess': {e}") from None
+        raise BundleError(f"{where}: manifest field 'preprocess': {e}") from None
     graphs = get(manifest, "graphs", "graphs")
     files = {name: _file_entry(get(graphs, name, f"graphs.{name}"), f"graphs.{name}", fail) for name in GRAPHS}
     weights = _file_entry(get(manifest, "weights", "weights"), "weights", fail)
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "input": {"name": image["name"], "shape": shape, "layout": "NCHW", "dtype": "float32"},
-        "preprocess": preprocess,
-        "target_layer": {"name": str(layer.get("name", "")), "tensor": str(layer.get("tensor", "")),
-                         "shape": activation},
-        "logits": {"tensor": str(logits.get("tensor", "")), "before": logits["before"]},
-        "num_classes": classes, "labels": labels,
-        "opset": manifest.get("opset"),
-        "graphs": files, "weights": weights,
-    }
+    opset = manifest.get("opset")
+    if opset is not None:
+        integer(opset, "opset", 1, 1000)
+    return Manifest(root=root, input=InputSpec(image["name"], tuple(shape)), preprocess=preprocess,
+                    target_layer=TargetLayer(str(layer.get("name", "")), str(layer.get("tensor", "")), tuple(activation)),
+                    logits=Logits(str(logits.get("tensor", "")), logits["before"]), num_classes=classes,
+                    labels=None if labels is None else tuple(labels), opset=opset, graphs=files, weights=weights)
 
 
-def _file_entry(entry, field, fail) -> dict:
+def _file_entry(entry, field, fail) -> FileEntry:
     if not isinstance(entry, dict):
         fail(field, "{file, sha256}", entry)
     name = entry.get("file")
@@ -161,16 +228,20 @@ def _file_entry(entry, field, fail) -> dict:
         fail(f"{field}.file", "a plain file name inside the bundle (no separator, no '..')", name)
     if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
         fail(f"{field}.sha256", "64 lowercase hexadecimal digits", entry.get("sha256"))
-    return {"file": name, "sha256": entry["sha256"]}
+    return FileEntry(name, entry["sha256"])
 
 
 def _inside(root: Path, name: str, bundle) -> Path:
     """The bundle's file `name`, which must be a regular file that stays inside the bundle once links resolve."""
     file = root / name
-    if not file.is_file():
-        raise UserError(f"bundle '{bundle}' is incomplete: {name} is missing")
-    if root.resolve() not in file.resolve().parents:
-        raise UserError(f"bundle '{bundle}': {name} is a link that leads out of the bundle; a bundle's files are "
+    try:
+        if not file.is_file():
+            raise BundleError(f"bundle '{bundle}' is incomplete: {name} is missing")
+        inside = root.resolve() in file.resolve(strict=True).parents
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise BundleError(f"bundle '{bundle}': {name} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if not inside:
+        raise BundleError(f"bundle '{bundle}': {name} is a link that leads out of the bundle; a bundle's files are "
                         "regular files inside it")
     return file
 
@@ -179,6 +250,12 @@ def _no_link_out(root: Path, bundle) -> None:
     """No entry of the bundle's directory may be a link leading out of it (ONNX external data could name one)."""
     inside = root.resolve()
     for entry in root.iterdir():
-        if entry.is_symlink() and inside not in entry.resolve().parents:
-            raise UserError(f"bundle '{bundle}': {entry.name} is a link that leads out of the bundle; a bundle's files "
+        if not entry.is_symlink():
+            continue
+        try:
+            leads_out = inside not in entry.resolve(strict=True).parents
+        except (OSError, RuntimeError):  # a dangling link or a loop: it leads nowhere inside the bundle
+            leads_out = True
+        if leads_out:
+            raise BundleError(f"bundle '{bundle}': {entry.name} is a link that leads out of the bundle; a bundle's files "
                             "are regular files inside it")

@@ -16,8 +16,8 @@ import threading
 
 import numpy as np
 
-from igcam_engine.errors import UserError
-from igcam_engine.stages import Stages
+from igcam_engine.errors import Unavailable, install_hint
+from igcam_engine.stages import Chunk, PlacedPath, Stages
 
 THREADS = 256
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -43,7 +43,7 @@ class DeviceStages(Stages):
             import onnxruntime as ort
             import pycuda.driver as cuda
         except ImportError:
-            raise UserError("the GPU path needs pycuda: pip install 'igcam-engine[gpu]'") from None
+            raise Unavailable(f"the GPU path needs pycuda: {install_hint('gpu')}") from None
         cuda.init()
         self._ort, self._cuda = ort, cuda
         self._device_id = device_id
@@ -85,12 +85,21 @@ class DeviceStages(Stages):
         binding.bind_input(name, "cuda", self._device_id, array.dtype.type, [last - first, *array.shape[1:]],
                            array.row(first))
 
-    def forward(self, images: DeviceArray, first: int, last: int, base: DeviceArray, alphas: np.ndarray,
-                keep: bool = False) -> DeviceArray:
+    def interpolate(self, images: DeviceArray, chunk: Chunk, base: DeviceArray, alphas: np.ndarray,
+                    keep: bool = False) -> DeviceArray:
+        return self._run_forward(images, chunk.first, chunk.last, base, *((0, 1) if len(base) == 1 else
+                                                                           (chunk.first, chunk.last)), alphas, keep)
+
+    def activations(self, images: DeviceArray, keep: bool = False) -> DeviceArray:
+        # forward.onnx interpolates; at alpha 1 from the image itself, base + 1 * (x - base) is x exactly
+        return self._run_forward(images, 0, len(images), images, 0, len(images), np.ones(1, np.float32), keep)
+
+    def _run_forward(self, images: DeviceArray, first: int, last: int, base: DeviceArray, base_first: int,
+                     base_last: int, alphas: np.ndarray, keep: bool) -> DeviceArray:
         binding = self._forward.io_binding()
         self._bind(binding, "images", images, first, last)
-        self._bind(binding, "baseline", base, *((0, 1) if len(base) == 1 else (first, last)))
-        binding.bind_cpu_input("alphas", alphas.astype(np.float32))
+        self._bind(binding, "baseline", base, base_first, base_last)
+        binding.bind_cpu_input("alphas", np.asarray(alphas, np.float32))
         shape = [(last - first) * len(alphas), *self._forward.get_outputs()[0].shape[1:]]
         if keep:  # cached across calls (baseline activations): its own buffer, not the per-thread one
             value = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._activation_type, "cuda", self._device_id)
@@ -114,8 +123,9 @@ class DeviceStages(Stages):
         self._gradient.run_with_iobinding(binding)
         return out
 
-    def logits(self, activations: DeviceArray, targets: np.ndarray) -> np.ndarray:
-        binding = self._gradient_binding(activations, targets)
+    def scores(self, activations: DeviceArray) -> np.ndarray:
+        # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
+        binding = self._gradient_binding(activations, np.zeros(len(activations), np.int64))
         binding.bind_output("logits", "cpu")
         self._gradient.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -127,21 +137,22 @@ class DeviceStages(Stages):
             self._cuda.memset_d32(allocation, 0, int(np.prod(shape)))
         return DeviceArray(allocation, int(allocation), shape, np.float32)
 
-    def accumulate(self, maps: DeviceArray, first: int, last: int, target: int, activations: DeviceArray,
-                   grads: DeviceArray, base_activations, weights: DeviceArray, start: int, stop: int, method) -> None:
+    def accumulate(self, maps: DeviceArray, chunk: Chunk, target: int, activations: DeviceArray, grads: DeviceArray,
+                   path: PlacedPath, method) -> None:
         _, targets, h, w = maps.shape
         channels, pixels = activations.shape[1], h * w
         base_pointer, per_image = 0, 0
-        if base_activations is not None:
-            per_image = int(len(base_activations) > 1)
-            base_pointer = base_activations.row(first if per_image else 0)
+        if path.base_activations is not None:
+            per_image = int(len(path.base_activations) > 1)
+            base_pointer = path.base_activations.row(chunk.first if per_image else 0)
         with self._context():
             stream = self._stream()
             self._accumulate[activations.dtype.type](
                 np.uintp(activations.pointer), np.uintp(grads.pointer), np.uintp(base_pointer), np.int32(per_image),
-                np.uintp(weights.row(start)), np.uintp(maps.pointer + (first * targets + target) * pixels * 4),
-                np.int64(targets * pixels), np.int32(stop - start), np.int32(channels), np.int32(pixels),
-                np.int32(method.kernel), block=(THREADS, 1, 1), grid=((last - first) * (stop - start), 1),
+                np.uintp(path.weights.row(chunk.start)),
+                np.uintp(maps.pointer + (chunk.first * targets + target) * pixels * 4),
+                np.int64(targets * pixels), np.int32(chunk.nodes), np.int32(channels), np.int32(pixels),
+                np.int32(method.kernel), block=(THREADS, 1, 1), grid=(chunk.rows, 1),
                 shared=(channels + THREADS) * 4, stream=stream,
             )
             stream.synchronize()  # ONNX Runtime may overwrite these buffers in the next run

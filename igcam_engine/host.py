@@ -1,12 +1,15 @@
-"""The host implementation of the stages (see igcam_engine.stages): ONNX Runtime returns numpy arrays, numpy
-reduces them (igcam_engine.methods, igcam_engine.maps)."""
+"""The host implementation of the stages (see igcam_engine.stages): the graphs return numpy arrays, numpy reduces
+them (igcam_engine.methods, igcam_engine.maps). `forward` and `gradient` are sessions of the bundle's graphs with
+ONNX Runtime's `run` (ONNX Runtime's own, or the OpenVINO backend's sessions)."""
 from __future__ import annotations
 
 import numpy as np
 
 from igcam_engine.maps import upsample
 from igcam_engine.methods import accumulate
-from igcam_engine.stages import Stages
+from igcam_engine.stages import Chunk, PlacedPath, Stages
+
+AT_THE_IMAGE = np.ones(1, np.float32)  # one node at alpha 1 with the image as its own baseline: the image itself
 
 
 class HostStages(Stages):
@@ -16,25 +19,33 @@ class HostStages(Stages):
     def put(self, array: np.ndarray):
         return array
 
-    def forward(self, images, first: int, last: int, base, alphas: np.ndarray, keep: bool = False):
-        feeds = {"images": images[first:last], "baseline": base if len(base) == 1 else base[first:last],
-                 "alphas": alphas.astype(np.float32)}
+    def interpolate(self, images, chunk: Chunk, base, alphas: np.ndarray, keep: bool = False):
+        feeds = {"images": images[chunk.first:chunk.last],
+                 "baseline": base if len(base) == 1 else base[chunk.first:chunk.last],
+                 "alphas": np.asarray(alphas, np.float32)}
         return self._forward.run(["activations"], feeds)[0]
+
+    def activations(self, images, keep: bool = False):
+        # forward.onnx interpolates; at alpha 1 from the image itself, base + 1 * (x - base) is x exactly
+        return self._forward.run(["activations"], {"images": images, "baseline": images, "alphas": AT_THE_IMAGE})[0]
 
     def gradient(self, activations, targets: np.ndarray):
         return self._gradient.run(["activation_grad"], {"activations": activations, "targets": targets})[0]
 
-    def logits(self, activations, targets: np.ndarray) -> np.ndarray:
-        return self._gradient.run(["logits"], {"activations": activations, "targets": targets})[0]
+    def scores(self, activations) -> np.ndarray:
+        # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
+        return self._gradient.run(["logits"], {"activations": activations,
+                                               "targets": np.zeros(len(activations), np.int64)})[0]
 
     def maps(self, images: int, targets: int, size):
         return np.zeros((images, targets, *size), np.float32)
 
-    def accumulate(self, maps, first: int, last: int, target: int, activations, grads, base_activations, weights,
-                   start: int, stop: int, method):
-        if base_activations is not None and len(base_activations) > 1:
-            base_activations = base_activations[first:last]
-        accumulate(maps[first:last, target], activations, grads, base_activations, weights[start:stop], method)
+    def accumulate(self, maps, chunk: Chunk, target: int, activations, grads, path: PlacedPath, method) -> None:
+        base = path.base_activations
+        if base is not None and len(base) > 1:
+            base = base[chunk.first:chunk.last]
+        accumulate(maps[chunk.first:chunk.last, target], activations, grads, base,
+                   path.weights[chunk.start:chunk.stop], method)
 
     def to_host(self, array) -> np.ndarray:
         return array

@@ -7,42 +7,49 @@ its values scaled, not clipped (16-bit pictures would otherwise turn white).
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import InputError, LimitError, NotFound, OptionError
 
 MAX_PIXELS = 40_000_000  # the default bound on an image's width x height
 MAX_OVERLAY_SIDE = 2048  # overlays of larger photos are drawn on the photo scaled down to this longest side
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """An RGB image from a path or encoded bytes (any format Pillow reads: PNG, JPEG, BMP, WebP, TIFF...), turned
-    upright per its EXIF orientation; at most `max_pixels` pixels."""
-    name = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
+    upright per its EXIF orientation; at most `max_pixels` pixels. `name` is what messages call it (default: the
+    path, or "image bytes")."""
+    encoded = isinstance(source, (bytes, bytearray, memoryview))
+    if not encoded and not isinstance(source, (str, os.PathLike)):
+        raise OptionError(f"an image is a file's path or its encoded bytes, got {type(source).__name__}")
+    name = name or ("image bytes" if encoded else f"'{source}'")
     try:
-        image = Image.open(io.BytesIO(bytes(source)) if name == "image bytes" else source)
+        image = Image.open(io.BytesIO(bytes(source)) if encoded else source)
         if image.width * image.height > max_pixels:
-            raise UserError(f"{name} is {image.width}x{image.height} pixels, more than the limit of {max_pixels} "
+            raise LimitError(f"{name} is {image.width}x{image.height} pixels, more than the limit of {max_pixels} "
                             "(--max-pixels raises it)")
         image.load()
         image = ImageOps.exif_transpose(image)
+    except LimitError:
+        raise
     except FileNotFoundError:
-        raise UserError(f"no such image file: {name}") from None
+        raise NotFound(f"no such image file: {name}") from None
     except IsADirectoryError:
-        raise UserError(f"{name} is a folder, not an image file") from None
+        raise InputError(f"{name} is a folder, not an image file") from None
     except Image.DecompressionBombError as e:  # Pillow's own, far larger, bound: raised before our check
         claimed = re.search(r"\((\d+) pixels\)", str(e))
-        raise UserError(f"{name} claims {claimed.group(1) + ' ' if claimed else ''}pixels, more than the limit of "
+        raise LimitError(f"{name} claims {claimed.group(1) + ' ' if claimed else ''}pixels, more than the limit of "
                         f"{max_pixels} (--max-pixels raises it)") from None
     except UnidentifiedImageError:
-        raise UserError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...)") from None
+        raise InputError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...)") from None
     except (OSError, SyntaxError, ValueError) as e:
         detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
-        raise UserError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...): {detail}"
+        raise InputError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...): {detail}"
                         ) from None
     return _rgb(image, name)
 
@@ -60,7 +67,7 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as e:
-        raise UserError(f"cannot convert {name} (mode {image.mode}) to RGB: {e}") from None
+        raise InputError(f"cannot convert {name} (mode {image.mode}) to RGB: {e}") from None
 
 
 def fit(image: Image.Image, size, policy: str = "stretch") -> Image.Image:
@@ -81,11 +88,11 @@ def to_model_input(image, input_shape, preprocess):
     alpha ignored), uint8 in 0..255 or floating point in 0..1."""
     channels, height, width = input_shape
     if channels != 3:
-        raise UserError(f"image files can only feed 3-channel models; this bundle's input has {channels} channels")
+        raise InputError(f"image files can only feed 3-channel models; this bundle's input has {channels} channels")
     if isinstance(image, np.ndarray):
         image = _from_array(image)
     elif not isinstance(image, Image.Image):
-        raise UserError(f"an image must be a PIL image or a numpy array, got {type(image).__name__}")
+        raise InputError(f"an image must be a PIL image or a numpy array, got {type(image).__name__}")
     else:
         image = _rgb(image, "the image")
     shown = np.asarray(fit(image, (height, width), preprocess["resize"] if preprocess else "stretch"))
@@ -101,15 +108,15 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if picture.ndim == 3 and picture.shape[2] == 4:
         picture = picture[..., :3]
     if picture.ndim not in (2, 3) or (picture.ndim == 3 and picture.shape[2] != 3) or min(picture.shape[:2]) < 1:
-        raise UserError(f"a numpy picture must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(array.shape)}")
+        raise InputError(f"a numpy picture must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(array.shape)}")
     if picture.dtype == np.uint8:
         eight_bit = picture
     elif picture.dtype.kind == "f":
         if not np.isfinite(picture).all() or picture.min() < 0 or picture.max() > 1:
-            raise UserError("a floating-point numpy picture must hold finite values in [0, 1]")
+            raise InputError("a floating-point numpy picture must hold finite values in [0, 1]")
         eight_bit = (picture * 255).round().astype(np.uint8)
     else:
-        raise UserError(f"a numpy picture must be uint8 (0..255) or floating point (0..1), got {picture.dtype}")
+        raise InputError(f"a numpy picture must be uint8 (0..255) or floating point (0..1), got {picture.dtype}")
     return Image.fromarray(np.ascontiguousarray(eight_bit)).convert("RGB")
 
 
@@ -134,11 +141,11 @@ def show_cam_on_image(image, mask: np.ndarray, image_weight: float = 0.5) -> np.
     any range (min-max scaled; resized bilinearly to the image when its size differs). Returns uint8 RGB [H, W, 3]
     (not divided by its maximum, as theirs is)."""
     if not 0 <= image_weight <= 1:
-        raise UserError(f"image_weight must be in [0, 1], got {image_weight}")
+        raise OptionError(f"image_weight must be in [0, 1], got {image_weight}")
     picture = _from_array(image) if isinstance(image, np.ndarray) else _rgb(image, "the image")
     heatmap = np.asarray(mask, np.float32)
     if heatmap.ndim != 2 or not np.isfinite(heatmap).all():
-        raise UserError(f"a mask must be one finite map [h, w], got shape {list(heatmap.shape)}")
+        raise InputError(f"a mask must be one finite map [h, w], got shape {list(heatmap.shape)}")
     if heatmap.shape != (picture.height, picture.width):
         heatmap = np.asarray(Image.fromarray(heatmap, mode="F").resize(picture.size, Image.BILINEAR))
     return np.asarray(overlay(np.asarray(picture), heatmap, opacity=1 - image_weight))

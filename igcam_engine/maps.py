@@ -1,4 +1,4 @@
-"""Maps on the host: bilinear resampling (as torch and OpenCV do it) and min-max normalisation, vectorised numpy.
+"""Maps on the host: bilinear resampling (as torch and OpenCV do it) and min-max normalization, vectorized numpy.
 The reductions from activations and gradients to maps are igcam_engine.methods'."""
 from __future__ import annotations
 

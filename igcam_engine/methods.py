@@ -1,22 +1,27 @@
-"""The CAM methods, one row each: what a method needs from the engine and how it reduces the target layer's
-activations A [K, h, w] (and their gradients dA) to a map at layer resolution. README "Methods" gives the formulas;
-they are pytorch-grad-cam 1.5's (its eps constants included), so that maps compare equal.
+"""The CAM methods, one row each: what a method needs, the passes it makes through the stages
+(igcam_engine.stages) and how it reduces the target layer's activations A [K, h, w] (and their gradients dA) to a
+map at layer resolution. docs/method.md gives the formulas; they are pytorch-grad-cam 1.5's (its eps constants
+included), so that maps compare equal.
 
-Gradient methods reduce (A, dA) of one pass; with `integrate` the same reduction is applied at every node of the
-IG-CAM path and the rectified step maps are summed with the quadrature weights ("igcam" is integrated Grad-CAM).
-The others need passes of their own: EigenCAM one forward pass, Score-CAM one classifier pass per masked image,
-Ablation-CAM one pass of the layers after the target per ablated channel. Every reduction here is numpy on the host;
-each gradient method's `kernel` is its form in the fused CUDA kernel (kernels/igcam.cu, FORM_*), which computes the
-same reduction on the device.
+Gradient methods reduce (A, dA) of one pass at alpha 1; integrated (`integrate`, or "igcam", integrated Grad-CAM)
+the same reduction is applied at every node of the IG-CAM path and the rectified step maps are summed with the
+quadrature weights, on a fixed grid or one refined until the maps settle (steps="auto"). The others make passes of
+their own: EigenCAM one forward pass, Score-CAM one classifier pass per masked image, Ablation-CAM one pass of the
+layers after the target per ablated channel. Every reduction here is numpy on the host; each gradient method's
+`kernel` is its form in the fused CUDA kernel (kernels/igcam.cu, FORM_*), which computes the same reduction on the
+device. Adding a method is one reduction (or one passes function) and one row of METHOD_TABLE.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import numpy as np
 
-from igcam_engine.errors import UserError
+from igcam_engine.maps import upsample
+from igcam_engine.quadrature import REFINEMENTS, largest_change
+from igcam_engine.stages import Call, PlacedPath, chunks
 
 GRADCAM_PLUSPLUS_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
@@ -38,7 +43,7 @@ def _gradcam_plusplus(a: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def _xgradcam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """XGrad-CAM: gradients weighted by the activations, normalised by each channel's activation sum."""
+    """XGrad-CAM: gradients weighted by the activations, normalized by each channel's activation sum."""
     weights = (g * a).sum(axis=2) / (a.sum(axis=2) + XGRADCAM_EPS)
     return np.matmul(weights[:, None, :], a)[:, 0]
 
@@ -62,70 +67,168 @@ def _eigencam(a: np.ndarray, g=None) -> np.ndarray:
     return maps
 
 
+class Needs(Enum):
+    """What a method's passes need from the engine."""
+
+    GRADIENTS = "activations and their gradients"
+    ACTIVATIONS = "activations"
+    MASKED_IMAGES = "class scores of the image masked by each channel"
+    ABLATED_ACTIVATIONS = "class scores with each channel ablated"
+
+
+@dataclass(frozen=True)
+class LayerMaps:
+    """A method's maps at layer resolution [B, T, h, w], where the stages keep them, and the passes along the path
+    that made them (1 for a method that is not integrated); steps="auto" says whether the refinement met its
+    tolerance and its last change."""
+
+    maps: object
+    passes: int
+    converged: bool = True
+    change: float | None = None
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs: str  # "gradients", "activations", "masked images" (Score-CAM), "ablated activations"
+    needs: Needs
     reduce: Callable | None  # (A [R, K, P], dA [R, K, P] or None) -> maps [R, P], before the ReLU every map gets
     kernel: int | None  # its form in the fused CUDA kernel (kernels/igcam.cu); None: no device reduction
+    passes: Callable  # (method, call: igcam_engine.stages.Call) -> LayerMaps
 
     @property
     def integrable(self) -> bool:
-        return self.needs == "gradients"
+        return self.needs is Needs.GRADIENTS
 
     @property
     def per_channel(self) -> bool:
         """It makes one pass per channel of the target layer (Score-CAM, Ablation-CAM): `channels` bounds them."""
-        return self.needs in ("masked images", "ablated activations")
+        return self.needs in (Needs.MASKED_IMAGES, Needs.ABLATED_ACTIVATIONS)
+
+
+# ---------------------------------------------------------------- the passes
+
+
+def integrate(method: Method, call: Call, alphas: np.ndarray, weights: np.ndarray):
+    """sum_i weights[i] * ReLU(method's reduction at alphas[i]) at layer resolution, [B, T, h, w], where the stages
+    keep data: the backbone runs once per chunk of interpolated images, the gradient graph once per target."""
+    stages = call.stages
+    maps = stages.maps(call.count, call.targets.shape[1], call.layer_shape[1:])
+    path = PlacedPath(stages.put(np.asarray(weights, np.float32)), call.base_activations)
+    for chunk in chunks(call.count, len(alphas), call.rows):
+        activations = stages.interpolate(call.images, chunk, call.base, alphas[chunk.start:chunk.stop])
+        for t in range(call.targets.shape[1]):
+            grads = stages.gradient(activations, np.repeat(call.targets[chunk.first:chunk.last, t], chunk.nodes))
+            stages.accumulate(maps, chunk, t, activations, grads, path, method)
+    return maps
+
+
+def _along_the_path(method: Method, call: Call) -> LayerMaps:
+    """A gradient method on the options' fixed path (one node at alpha 1 when not integrated), or refined."""
+    options = call.options
+    if not options.adaptive:
+        alphas, weights = options.nodes()
+        return LayerMaps(integrate(method, call, alphas, weights), len(alphas))
+    levels = REFINEMENTS[options.refinement_rule]()
+    alphas, weights, _ = next(levels)
+    coarse = call.stages.to_host(integrate(method, call, alphas, weights))
+    passes, change = len(alphas), None
+    for alphas, weights, keep in levels:
+        if passes + len(alphas) > options.max_steps:
+            break
+        refined = keep * coarse + call.stages.to_host(integrate(method, call, alphas, weights))
+        change = largest_change(coarse, refined)
+        coarse, passes = refined, passes + len(alphas)
+        if change <= options.tolerance:
+            break
+    return LayerMaps(call.stages.put(coarse), passes, change is not None and change <= options.tolerance, change)
+
+
+def _each_image(call: Call, image_maps: Callable) -> LayerMaps:
+    """A gradient-free method's maps: each image's activations (one plain pass per chunk of images, brought to the
+    host) turned into its targets' maps [T, h, w] by `image_maps(call, n, activations [K, h, w])`."""
+    _, h, w = call.layer_shape
+    maps = np.zeros((call.count, call.targets.shape[1], h, w), np.float32)
+    for first in range(0, call.count, call.rows):
+        last = min(first + call.rows, call.count)
+        activations = call.stages.to_host(call.stages.activations(call.stages.put(call.host_images[first:last])))
+        for n, a in zip(range(first, last), activations.astype(np.float32)):
+            maps[n] = image_maps(call, n, a)
+    return LayerMaps(call.stages.put(maps), 1)
+
+
+def _kept_channels(call: Call, a: np.ndarray) -> np.ndarray:
+    """The channels a per-channel method passes over: all, or the `channels` of largest activation mass."""
+    if call.options.channels is None:
+        return np.arange(len(a))
+    return np.argsort(-channel_mass(a), kind="stable")[:call.options.channels]
+
+
+def _eigencam_passes(method: Method, call: Call) -> LayerMaps:
+    def image_maps(call, n, a):
+        k, h, w = a.shape
+        return np.maximum(method.reduce(a.reshape(1, k, h * w), None), 0).reshape(1, h, w)  # the same for every target
+
+    return _each_image(call, image_maps)
+
+
+def _scorecam_passes(method: Method, call: Call) -> LayerMaps:
+    def image_maps(call, n, a):
+        kept = _kept_channels(call, a)
+        return combine(scorecam_weights(_masked_scores(call, call.host_images[n], a, kept)[:, call.targets[n]]), a[kept])
+
+    return _each_image(call, image_maps)
+
+
+def _ablationcam_passes(method: Method, call: Call) -> LayerMaps:
+    def image_maps(call, n, a):
+        kept, targets = _kept_channels(call, a), call.targets[n]
+        original = call.stages.scores(call.stages.put(a[None]))[0, targets]
+        return combine(ablation_weights(original, _ablated_scores(call, a, kept)[:, targets]), a[kept])
+
+    return _each_image(call, image_maps)
+
+
+def _masked_scores(call: Call, image: np.ndarray, activations: np.ndarray, kept) -> np.ndarray:
+    """Class scores [len(kept), classes] of the image multiplied by each kept channel, upsampled (corners
+    aligned) and min-max scaled to [0, 1]: Score-CAM's masks."""
+    scores = []
+    for start in range(0, len(kept), call.rows):
+        masks = upsample(activations[kept[start:start + call.rows]], call.input_size, align_corners=True)
+        low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
+        masks = (masks - low) / (high - low + SCORECAM_EPS)
+        batch = call.stages.put(np.ascontiguousarray(image[None] * masks[:, None], dtype=np.float32))
+        scores.append(call.stages.scores(call.stages.activations(batch)))
+    return np.concatenate(scores)
+
+
+def _ablated_scores(call: Call, activations: np.ndarray, kept) -> np.ndarray:
+    """Class scores [len(kept), classes] from the layers after the target, each kept channel ablated in turn."""
+    value, scores = ablation_value(activations), []
+    for start in range(0, len(kept), call.rows):
+        chunk = kept[start:start + call.rows]
+        batch = np.repeat(activations[None], len(chunk), axis=0)
+        batch[np.arange(len(chunk)), chunk] = value
+        scores.append(call.stages.scores(call.stages.put(batch)))
+    return np.concatenate(scores)
 
 
 METHOD_TABLE = {m.name: m for m in (
-    Method("gradcam", "gradients", _gradcam, kernel=0),
-    Method("gradcam++", "gradients", _gradcam_plusplus, kernel=1),
-    Method("xgradcam", "gradients", _xgradcam, kernel=2),
-    Method("hirescam", "gradients", _hirescam, kernel=3),
-    Method("layercam", "gradients", _layercam, kernel=4),
-    Method("eigencam", "activations", _eigencam, kernel=None),
-    Method("scorecam", "masked images", None, kernel=None),
-    Method("ablationcam", "ablated activations", None, kernel=None),
+    Method("gradcam", Needs.GRADIENTS, _gradcam, 0, _along_the_path),
+    Method("gradcam++", Needs.GRADIENTS, _gradcam_plusplus, 1, _along_the_path),
+    Method("xgradcam", Needs.GRADIENTS, _xgradcam, 2, _along_the_path),
+    Method("hirescam", Needs.GRADIENTS, _hirescam, 3, _along_the_path),
+    Method("layercam", Needs.GRADIENTS, _layercam, 4, _along_the_path),
+    Method("eigencam", Needs.ACTIVATIONS, _eigencam, None, _eigencam_passes),
+    Method("scorecam", Needs.MASKED_IMAGES, None, None, _scorecam_passes),
+    Method("ablationcam", Needs.ABLATED_ACTIVATIONS, None, None, _ablationcam_passes),
 )}
 INTEGRATED_GRADCAM = "igcam"  # integrated Grad-CAM, the paper's method: gradcam with integrate=True
 METHODS = (INTEGRATED_GRADCAM, *METHOD_TABLE)
 
 
-def resolve_method(method, integrate) -> tuple[Method, bool]:
-    """(the method's row, whether it runs along the integration path) for explain's `method` and `integrate`."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise UserError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
-    if integrate is not None and not (isinstance(integrate, (bool, np.bool_))
-                                      or (isinstance(integrate, (int, np.integer)) and integrate in (0, 1))):
-        raise UserError(f"integrate must be True or False (or 1/0), got {integrate!r}")
-    if method == INTEGRATED_GRADCAM:
-        if integrate is not None and not integrate:
-            raise UserError("method 'igcam' is integrated Grad-CAM; for one pass use method='gradcam'")
-        return METHOD_TABLE["gradcam"], True
-    row = METHOD_TABLE[method]
-    if integrate and not row.integrable:
-        gradient_methods = ", ".join(m.name for m in METHOD_TABLE.values() if m.integrable)
-        raise UserError(f"integrate applies to the gradient methods ({gradient_methods}); {method} has no gradient "
-                        "to integrate")
-    return row, bool(integrate)
-
-
-def check_channels(channels, method: Method, layer_channels: int):
-    """`channels`: Score-CAM's and Ablation-CAM's top-N channels by activation mass (None: all of them)."""
-    if channels is None:
-        return None
-    if not method.per_channel:
-        raise UserError(f"channels applies to scorecam and ablationcam (one pass per channel), not {method.name}")
-    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= layer_channels:
-        raise UserError(f"channels must be an integer in [1, {layer_channels}] (the target layer's channels), "
-                        f"got {channels!r}")
-    return int(channels)
-
-
 def accumulate(out: np.ndarray, activations: np.ndarray, grads: np.ndarray, base, weights: np.ndarray,
-               method: Method = METHOD_TABLE["gradcam"]) -> None:
+               method: Method) -> None:
     """out[n] += sum_i weights[i] * ReLU(reduce(A_i - base[n], dA_i)) for a gradient method.
 
     out: [N, h, w]; activations, grads: [N*M, K, h, w] image-major rows; base: [N or 1, K, h, w] or None.

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine.bundle import FORMAT_VERSION
-from igcam_engine.errors import UserError
+from igcam_engine.errors import InputError, OptionError
 from igcam_engine.explainer import Explainer
 from igcam_engine.images import show_cam_on_image
+from igcam_engine.inputs import as_array
+from igcam_engine.targets import TargetChoice
 
 __all__ = ["explain_torch", "bundle_for", "show_cam_on_image"]
 
@@ -63,7 +65,15 @@ def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str) -
 
     path = Path(cache_dir or default_cache()) / key[:24]
     if not (path / "manifest.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writable = os.access(path.parent, os.W_OK | os.X_OK)
+        except OSError as e:
+            raise OptionError(f"cannot use the bundle cache '{path.parent}': {e.strerror or e} (set IGCAM_CACHE or "
+                              "cache_dir to a writable folder)") from None
+        if not writable:
+            raise OptionError(f"the bundle cache '{path.parent}' is not writable (set IGCAM_CACHE or cache_dir to a "
+                              "writable folder)")
         from_torch(model, layer, tuple(input_shape), path, preprocess=preprocess)
     return path
 
@@ -74,9 +84,9 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
     or [C, H, W] (a torch tensor or numpy array in model input space). targets None: each image's predicted class.
     `options` are Explainer.explain's (steps, integrate, variant, rule, channels, normalize, ...); `preprocess` is
     the one the images went through (it defines the black baseline; see README "Python API")."""
-    array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    array = as_array(images, "images")
     if array.ndim not in (3, 4):
-        raise UserError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")
+        raise InputError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")
     input_shape = tuple(array.shape[-3:])
     key = model_key(model, layer, input_shape, preprocess)  # hashes every weight: once per call
     with _lock:
@@ -84,9 +94,6 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
         if explainer is None:
             bundle = _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key)
             explainer = _explainers[(key, repr(providers))] = Explainer(bundle, providers=providers)
-    array = array.astype(np.float32, copy=False)
     if targets is None:
-        targets = explainer.predict(array).argmax(axis=1)
-    elif hasattr(targets, "detach"):
-        targets = targets.detach().cpu().numpy()
+        targets = TargetChoice().select(explainer.predict(array))[:, 0]
     return explainer.explain(array, targets, method=method, **options)

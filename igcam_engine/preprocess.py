@@ -7,9 +7,8 @@ size, then a centre crop), `scale` (multiplies pixel values 0..255) and per-chan
 """
 from __future__ import annotations
 
-import math
-
-from igcam_engine.errors import UserError
+from igcam_engine.errors import OptionError
+from igcam_engine.validators import number
 
 RESIZE_POLICIES = ("stretch", "crop")
 
@@ -25,38 +24,36 @@ def resolve_preprocess(spec, channels: int = 3, *, strict: bool = False):
     if spec is None or isinstance(spec, str):
         key = "none" if spec is None else spec
         if key not in PRESETS:
-            raise UserError(f"unknown preprocess preset '{spec}'; accepted: {', '.join(PRESETS)} or a dict")
+            raise OptionError(f"unknown preprocess preset '{spec}'; accepted: {', '.join(PRESETS)} or a dict")
         spec = PRESETS[key]
         if spec is None:
             return None
     if not isinstance(spec, dict):
-        raise UserError(f"preprocess must be a preset name or a dict, got {type(spec).__name__}")
+        raise OptionError(f"preprocess must be a preset name or a dict, got {type(spec).__name__}")
     unknown = set(spec) - {"resize", "scale", "mean", "std"}
     if unknown:
-        raise UserError(f"unknown preprocess keys {sorted(unknown)}; accepted: resize, scale, mean, std")
+        raise OptionError(f"unknown preprocess keys {sorted(unknown)}; accepted: resize, scale, mean, std")
     missing = {"resize", "scale", "mean", "std"} - set(spec)
     if strict and missing:
-        raise UserError(f"preprocess lacks {sorted(missing)}")
+        raise OptionError(f"preprocess lacks {sorted(missing)}")
     resize = spec.get("resize", "stretch")
     if resize not in RESIZE_POLICIES:
-        raise UserError(f"preprocess resize {resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+        raise OptionError(f"preprocess resize {resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
     scale = _number(spec.get("scale", 1 / 255), "scale")
     mean = _numbers(spec.get("mean", [0.0] * channels), "mean", channels)
     std = _numbers(spec.get("std", [1.0] * channels), "std", channels)
     if scale <= 0 or any(s <= 0 for s in std):
-        raise UserError("preprocess scale and std values must be positive")
+        raise OptionError("preprocess scale and std values must be positive")
     return {"resize": resize, "scale": scale, "mean": mean, "std": std}
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"preprocess {name} must be a finite number, got {value!r}")
-    return float(value)
+    return number(value, f"preprocess {name}")
 
 
 def _numbers(values, name: str, channels: int) -> list:
     if not isinstance(values, (list, tuple)) or len(values) != channels:
-        raise UserError(f"preprocess mean and std need {channels} values each (one per input channel); "
+        raise OptionError(f"preprocess mean and std need {channels} values each (one per input channel); "
                         f"{name} is {values!r}")
     return [_number(v, name) for v in values]
 

@@ -47,7 +47,7 @@ def assert_nontrivial(maps):
 
 
 def assert_maps_match(got, expected, normalized_tolerance=1e-3, raw_tolerance=1e-4):
-    """The engine's maps against independent ones: same shape, the expected maps non-trivial, the normalised maps
+    """The engine's maps against independent ones: same shape, the expected maps non-trivial, the normalized maps
     within `normalized_tolerance` and the raw values within `raw_tolerance` of each expected map's peak."""
     got = np.asarray(got)
     assert got.shape == np.shape(expected), f"shape {got.shape}, expected {np.shape(expected)}"
@@ -56,5 +56,5 @@ def assert_maps_match(got, expected, normalized_tolerance=1e-3, raw_tolerance=1e
     normalized_error = max_normalized_difference(got, expected)
     raw_error = max_relative_difference(got, expected)
     assert normalized_error <= normalized_tolerance and raw_error <= raw_tolerance, (
-        f"normalised max |Δ| {normalized_error:.2e} (tolerance {normalized_tolerance:.0e}), raw max |Δ| / peak "
+        f"normalized max |Δ| {normalized_error:.2e} (tolerance {normalized_tolerance:.0e}), raw max |Δ| / peak "
         f"{raw_error:.2e} (tolerance {raw_tolerance:.0e})")

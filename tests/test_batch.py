@@ -81,7 +81,7 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
 
 def test_bad_options_are_one_line_errors(folder, tmp_path):
     root, bundle, images = folder
-    for extra, message in ((["--target", "10"], "--target must be in [0, 9]"),):
+    for extra, message in ((["--target", "10"], "target must be a class index in [0, 9], got 10"),):
         result = batch(root, bundle, images, tmp_path / "o", *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     result = batch(root, bundle, tmp_path / "missing", tmp_path / "o")
@@ -104,8 +104,8 @@ def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
     again = batch(root, bundle, small, out, "--target", "3", "--method", "layercam", "--integrate")
     assert again.returncode == 0 and "3 explained, 0 already done" in again.stdout, again.stderr
     records = [json.loads(p.read_text()) for p in out.glob("photo*.json")]
-    assert all(r["options"]["target"] == 3 and r["maps"][0]["target"] == 3 for r in records)
-    assert all(r["options"]["method"] == "layercam" and r["options"]["integrate"] for r in records)
+    assert all(r["options"]["targets"]["target"] == 3 and r["maps"][0]["target"] == 3 for r in records)
+    assert all(r["options"]["explain"]["method"] == "layercam" and r["options"]["explain"]["integrate"] for r in records)
     # the maps are the API's for those options (the API's against float64 torch: tests/test_methods.py)
     explainer = Explainer(bundle, "cpu")
     for photo in sorted(small.iterdir()):

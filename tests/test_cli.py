@@ -108,7 +108,7 @@ def test_bad_image_and_target_are_user_errors(bundle, tmp_path):
     result = _run(root, "explain", str(out), str(corrupt), "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
     result = _run(root, "explain", str(out), str(sample_images()[0]), "--target", "7", "-o", str(tmp_path / "o"))
-    assert result.returncode == 2 and result.stderr == "igcam: error: --target must be a class index in [0, 4], got 7\n"
+    assert result.returncode == 2 and result.stderr == "igcam: error: target must be a class index in [0, 4], got 7\n"
 
 
 def test_corrupted_bundle_is_detected(bundle, tmp_path):
@@ -151,7 +151,7 @@ def test_explain_with_adaptive_steps(bundle, tmp_path):
     (entry,) = json.loads((tmp_path / "results.json").read_text())
     assert entry["passes"] in (3, 5, 9, 17, 33, 65, 129) and "passes]" in result.stdout
     bad = _run(root, "explain", str(out), str(sample_images()[0]), "--steps", "many", "-o", str(tmp_path))
-    assert bad.returncode == 2 and "expected a positive integer or 'auto'" in bad.stderr
+    assert bad.returncode == 2 and "steps must be a positive integer or 'auto', got 'many'" in bad.stderr
 
 
 @pytest.mark.parametrize("options", [["--method", "layercam", "--integrate", "--steps", "3"],

@@ -1,5 +1,5 @@
 """`igcam evaluate`: each metric against an independent float64 computation (loops, torch), the whole pipeline
-against torch autograd and torch forward passes, the randomised head against torch, annotations as untrusted input,
+against torch autograd and torch forward passes, the randomized head against torch, annotations as untrusted input,
 the shipped set, and the pretrained models of the comparison."""
 import csv
 import json
@@ -16,10 +16,10 @@ from reference import igcam_reference, randomized
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.data import sample_images
-from igcam_engine.evaluate import configs, evaluate, metrics
-from igcam_engine.evaluate.annotations import read_annotations, shipped_set
+from igcam_engine.evaluation import configs, evaluate, metrics
+from igcam_engine.evaluation.annotations import read_annotations, shipped_set
 from igcam_engine.export import from_torch
-from igcam_engine.export.randomise import randomised_head
+from igcam_engine.export.randomize import randomized_head
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 SIDE = 64  # model input; the test photos are 128 x 128, so that a box on even pixels is exact at 64 x 64
@@ -50,10 +50,10 @@ def test_perturbation_sequences_and_auc_against_loops(rng):
     assert metrics.curve_auc(curve) == pytest.approx(np.trapezoid(curve, np.linspace(0, 1, steps + 1)), rel=1e-12)
 
 
-def test_localisation_metrics_against_hand_computed_cases():
+def test_localization_metrics_against_hand_computed_cases():
     saliency = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = np.array([[False, False, True], [False, True, True]])
-    # EBPG on the min-max normalised map (0, .2, .4 / .6, .8, 1), not on the raw values
+    # EBPG on the min-max normalized map (0, .2, .4 / .6, .8, 1), not on the raw values
     assert metrics.energy_inside(saliency, mask) == pytest.approx((0.4 + 0.8 + 1.0) / 3.0)
     # the 3 most salient pixels are 6, 5, 4: two of them inside
     assert metrics.top_pixels_inside(saliency, mask) == pytest.approx(2 / 3)
@@ -223,14 +223,14 @@ def test_every_metric_against_torch(subject):
     assert summary["low"] <= summary["mean"] <= summary["high"]
 
 
-def test_randomised_head_is_the_permuted_model(subject, tmp_path):
+def test_randomized_head_is_the_permuted_model(subject, tmp_path):
     """The sanity check's model: head parameters permuted, backbone kept; its maps are torch autograd's of the model
     with those parameters, and its scores changed."""
     import onnx
     from onnx import numpy_helper
 
     model, bundle, _, _ = subject
-    out = randomised_head(bundle, tmp_path / "random")
+    out = randomized_head(bundle, tmp_path / "random")
     graph = onnx.load(str(out / "gradient.onnx"))
     tensors = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in graph.graph.initializer}
     permuted = randomized(zoo.resnet50(num_classes=5, width=8, layers=(1, 1, 1, 1))).eval()
@@ -257,7 +257,7 @@ def test_sanity_check_reports_rank_correlations(subject):
     report = evaluate(bundle, data, methods=("gradcam", "eigencam"), sanity=True, sanity_images=2, perturbation_steps=4)
     gradcam, eigencam = report["summary"]["gradcam"]["sanity"], report["summary"]["eigencam"]["sanity"]
     assert gradcam["n"] == eigencam["n"] == 2
-    # EigenCAM never looks at the head: its maps are the same for the randomised model, rank correlation 1
+    # EigenCAM never looks at the head: its maps are the same for the randomized model, rank correlation 1
     assert eigencam["mean"] == pytest.approx(1.0)
     assert -1 <= gradcam["mean"] < 0.99
 
@@ -284,7 +284,8 @@ def test_bad_entries_get_one_line_errors_and_the_rest_is_evaluated(subject, tmp_
     report = evaluate(bundle, folder, methods=("gradcam",), sanity=False, perturbation_steps=4)
     errors = {r["where"]: r["error"] for r in report["images"] if r.get("error")}
     assert report["counts"]["evaluated"] == 1 and report["counts"]["errors"] == 8
-    expected = {2: "does not lie inside the 128x128 image", 3: "class 7 is not in [0, 4]", 4: "unknown class 'dog'",
+    expected = {2: "does not lie inside the 128x128 image", 3: "class must be a class index in [0, 4], got 7",
+                4: "unknown class 'dog'",
                 5: "no such image file", 6: "without '..'", 7: "relative to the data folder", 8: "cannot read",
                 9: "x0 must be a number"}
     for line, message in expected.items():
@@ -311,7 +312,7 @@ def test_coco_json_and_masks(subject, tmp_path):
     assert entries[0].boxes == [(30.0, 20.0, 90.0, 60.0)] and entries[0].classes == (2,)
     assert "image_id 9 is not among the images" in entries[1].error and "bbox must be" in entries[2].error
     assert entries[0].object_mask((128, 128)).sum() == 60 * 40
-    # the same object as a mask image in the CSV form gives the same localisation metrics
+    # the same object as a mask image in the CSV form gives the same localization metrics
     _write_csv(folder / "boxes.csv", [("chelsea.png", "2", 30, 20, 90, 60)])
     _write_csv(folder / "masks.csv", [("chelsea.png", "2", "chelsea-mask.png")], header=("file", "class", "mask"))
     by_box = evaluate(bundle, folder / "boxes.csv", methods=("gradcam",), sanity=False, perturbation_steps=4)
@@ -336,8 +337,8 @@ def test_bad_manifests_are_one_line_errors(subject, tmp_path, content, message):
 def test_options_are_checked(subject):
     _, bundle, data, _ = subject
     for options, message in (({"methods": "gradcam,foo"}, "unknown method"), ({"steps": (0,)}, "steps must be"),
-                             ({"perturbation_steps": 1}, "perturbation steps"), ({"deletion": "grey"}, "substitute"),
-                             ({"limit": 0}, "limit must be")):
+                             ({"perturbation_steps": 1}, r"perturbation_steps must be an integer in \[2, 1024\]"),
+                             ({"deletion": "grey"}, "substitute"), ({"limit": 0}, "limit must be")):
         with pytest.raises(UserError, match=message):
             evaluate(bundle, data, **options)
     with pytest.raises(UserError, match="has no manifest.csv or annotations.json"):
@@ -381,7 +382,7 @@ def test_cli_errors(subject, tmp_path):
     assert "manifest.csv line 2: no such image file" in result.stderr
     assert not (tmp_path / "o2" / "results.json").exists()
     result = _cli(bundle, data, "-o", tmp_path / "o3", "--steps", "x")
-    assert result.returncode == 2 and "steps are positive integers or auto" in result.stderr
+    assert result.returncode == 2 and "--steps must be a positive integer or 'auto', got 'x'" in result.stderr
 
 
 def test_cli_runs_on_the_shipped_set(tmp_path):

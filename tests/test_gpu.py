@@ -8,14 +8,14 @@ import pytest
 from comparisons import assert_maps_match, normalized
 
 from igcam_engine import Explainer
+from igcam_engine.backends.onnxruntime import CUDA, TENSORRT, resolve_providers
 from igcam_engine.maps import upsample
 from igcam_engine.methods import METHOD_TABLE, accumulate
-from igcam_engine.providers import CUDA, TENSORRT, resolve_providers
 
 
 def _gpu_missing():
     if CUDA not in ort.get_available_providers():
-        return "onnxruntime has no CUDA provider (install onnxruntime-gpu: pip install 'igcam-engine[gpu]')"
+        return "onnxruntime has no CUDA provider (install onnxruntime-gpu: pip install '.[gpu]')"
     try:
         import pycuda.driver as cuda
 
@@ -23,7 +23,7 @@ def _gpu_missing():
         if cuda.Device.count() == 0:
             return "no CUDA device"
     except ImportError:
-        return "pycuda is not installed (pip install 'igcam-engine[gpu]')"
+        return "pycuda is not installed (pip install '.[gpu]')"
     except Exception as e:  # no driver: pycuda raises its own errors
         return f"CUDA is not usable here: {e}"
     return None
@@ -197,7 +197,7 @@ def test_no_host_copy_of_activations_or_gradients(bundle, monkeypatch, method):
 
 def test_weights_placed_once_per_call_and_one_stream_per_thread(bundle, monkeypatch):
     explainer = Explainer(bundle, providers="cuda")
-    stages = explainer._stages
+    stages = explainer.backend.stages
     placed, original_put = [], type(stages).put
     monkeypatch.setattr(type(stages), "put", lambda self, array: placed.append(np.shape(array)) or original_put(self, array))
     explainer.explain(IMAGES, [1, 2, 3], steps=12, batch_size=5)  # nine chunks (3 per image)

@@ -238,25 +238,26 @@ def test_explain_arguments(explainer, kwargs, match):
 
 
 def test_labels_and_adaptive_take_the_documented_arguments(explainer):
-    with pytest.raises(UserError, match=r"class must be an integer in \[0, 5\], got -1"):
+    with pytest.raises(UserError, match=r"class must be a class index in \[0, 5\], got -1"):
         explainer.label(-1)
     adaptive = explainer.explain_adaptive(images(), [1, 2], steps="auto", method="igcam", tolerance=0.5)
     np.testing.assert_array_equal(adaptive.maps, explainer.explain(images(), [1, 2], steps="auto", tolerance=0.5))
 
 
-def test_memory_stays_bounded_whatever_batch_size_asks(bundle):
-    """rows per ONNX Runtime call are capped by the memory budget; the maps do not change."""
+def test_memory_stays_bounded_whatever_rows_per_call_asks(bundle):
+    """rows per engine call are capped by the memory budget; the maps do not change."""
     small = Explainer(bundle, memory_budget=2_000_000)
     rows = []
-    forward = small._stages.forward
+    stages = small.backend.stages
+    interpolate = stages.interpolate
 
-    def record(images, first, last, base, alphas, keep=False):
-        rows.append((last - first) * len(alphas))
-        return forward(images, first, last, base, alphas, keep)
+    def record(images, chunk, base, alphas, keep=False):
+        rows.append(chunk.rows)
+        return interpolate(images, chunk, base, alphas, keep)
 
-    small._stages.forward = record
-    maps = small.explain(images(4), [1, 2, 3, 4], steps=64, batch_size=10**9)
-    assert rows and max(rows) <= small._max_rows < 64 * 4
+    stages.interpolate = record
+    maps = small.explain(images(4), [1, 2, 3, 4], steps=64, rows_per_call=10**9)
+    assert rows and max(rows) <= small.max_rows_per_call < 64 * 4
     np.testing.assert_allclose(maps, Explainer(bundle).explain(images(4), [1, 2, 3, 4], steps=64), rtol=1e-5,
                                atol=1e-6 * np.abs(maps).max())
 
@@ -314,9 +315,9 @@ def test_colliding_names_get_distinct_files(bundle, tmp_path):
 
 def test_cli_option_mistakes(bundle, tmp_path):
     result = cli("explain", bundle, sample_images()[0], "--tolerance", "2", "-o", tmp_path)
-    assert result.returncode == 2 and "--tolerance is for --steps auto" in result.stderr
+    assert result.returncode == 2 and "tolerance and max_steps are for steps='auto'" in result.stderr
     result = cli("explain", bundle, sample_images()[0], "--target", "5000", "-o", tmp_path)
-    assert result.stderr == "igcam: error: --target must be a class index in [0, 5], got 5000\n"
+    assert result.stderr == "igcam: error: target must be a class index in [0, 5], got 5000\n"
     result = cli("explain", bundle, sample_images()[0], "--top-k", "2", "--steps", "2", "-o", tmp_path)
     assert result.returncode == 0 and result.stdout.count(" (p=") == 3  # the prediction and both maps
 

@@ -5,7 +5,7 @@ layer by its name, and each layer may import only the layers below it:
 
     core (igcam_engine.*)  <-  export, zoo  <-  benchmarks  <-  apps
     core, export  <-  notebook (igcam_engine.notebook: torch model to maps in one call)
-    core, export  <-  evaluate (igcam_engine.evaluate: the metrics; its sanity check randomises a bundle)  <-  apps,
+    core, export  <-  evaluation (igcam_engine.evaluation: the metrics; its sanity check randomizes a bundle)  <-  apps,
                       benchmarks
     kernels (the CUDA sources, used by the core's device stages)
 
@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # package name -> folder in the checkout
 FOLDERS = {"igcam_engine": "igcam_engine", "igcam_engine.export": "export", "igcam_engine.kernels": "kernels",
            "igcam_engine.benchmarks": "benchmarks", "igcam_engine.zoo": "zoo"}
-LAYERS = ("apps", "notebook", "evaluate", "benchmarks", "export", "zoo", "kernels")  # the core is everything else under igcam_engine
+LAYERS = ("apps", "notebook", "evaluation", "benchmarks", "export", "zoo", "kernels")  # the core is everything else under igcam_engine
 ALLOWED = {
     "core": {"core", "kernels"},
     "kernels": {"kernels"},
     "export": {"export", "core"},
     "zoo": {"zoo"},
-    "benchmarks": {"benchmarks", "evaluate", "export", "zoo", "core"},
-    "apps": {"apps", "benchmarks", "evaluate", "export", "zoo", "core"},
+    "benchmarks": {"benchmarks", "evaluation", "export", "zoo", "core"},
+    "apps": {"apps", "benchmarks", "evaluation", "export", "zoo", "core"},
     "notebook": {"notebook", "export", "core"},
-    "evaluate": {"evaluate", "export", "core"},
+    "evaluation": {"evaluation", "export", "core"},
 }
 CORE_FORBIDDEN = {"torch", "onnx", "onnxscript", "ray", "matplotlib", "starlette", "fastapi", "pycuda"}
 # The device stages need pycuda; they are the core's GPU implementation and import it only when constructed.

@@ -105,7 +105,7 @@ def test_array_baselines(bundle, form):
 
 
 def test_normalize_option(bundle):
-    """normalize=True: each map min-max scaled to [0, 1], i.e. the reference's maps normalised."""
+    """normalize=True: each map min-max scaled to [0, 1], i.e. the reference's maps normalized."""
     entry = bundle("efficientnet")
     images = inputs(entry[2], seed=12)
     targets = top_classes(entry[0], images)[:, 0]
@@ -253,7 +253,7 @@ def test_predict_matches_torch(bundle):
         (dict(targets=1, method="lime"), "unknown method"),
         (dict(targets=1, baseline="white"), "unknown baseline"),
         (dict(targets=1, baseline=np.zeros((3, 5, 5))), "baseline array must be"),
-        (dict(targets=1, batch_size=0), "batch_size must be a positive integer"),
+        (dict(targets=1, batch_size=0), "rows_per_call must be a positive integer"),
         (dict(targets=1, rule="trapezoid", steps=1), "trapezoid rule needs steps >= 2"),
     ],
 )

@@ -1,5 +1,5 @@
 """The CAM family (README "Methods") against float64 torch: each method's definition written here in torch, on the
-activations and gradients torch autograd computes, upsampled by torch; raw values and normalised maps compared.
+activations and gradients torch autograd computes, upsampled by torch; raw values and normalized maps compared.
 pytorch-grad-cam itself is the reference in the corpus tier (tests/corpus/test_methods.py)."""
 import numpy as np
 import pytest

@@ -22,13 +22,13 @@ from igcam_engine.images import load_image, to_model_input
 from igcam_engine.preprocess import black_input
 from igcam_engine.quadrature import quadrature
 
-openvino = pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'igcam-engine[openvino]')")
+openvino = pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install '.[openvino]')")
 HAS_BF16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bfloat16 instructions (AVX512_BF16 or AMX)")
 
 SHAPE = (3, 64, 80)
 # Measured with benchmarks/precision.py on the pretrained EfficientNet-Lite0 and chelsea (m = 16, official): bf16's
-# normalised max |difference| 2.9 % and 1 - correlation 4e-4 against float32; the bounds leave ~1.5x of room.
+# normalized max |difference| 2.9 % and 1 - correlation 4e-4 against float32; the bounds leave ~1.5x of room.
 BF16_NORMALISED, BF16_CORRELATION, BF16_RAW = 0.045, 0.999, 0.05
 
 
@@ -61,7 +61,7 @@ def test_f32_equals_the_float64_reference_and_onnx_runtime(resnet):
     x = images()
     targets = top_classes(model, x)[:, 0]
     explainer = Explainer(path, "openvino")
-    assert explainer.precision == "f32" and explainer.providers == []
+    assert explainer.precision == "f32" and explainer.providers == ["OpenVINO CPU"]
     alphas, weights = quadrature("left", 8)
     expected = igcam_reference(model, "layer4", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
     maps = explainer.explain(x, targets, steps=8, baseline="zeros")
@@ -138,7 +138,7 @@ def test_bad_backend_choices_say_what_is_accepted(resnet, kwargs, message):
 
 
 def test_a_cpu_without_bf16_is_an_error_not_a_silent_float32(resnet, monkeypatch):
-    import igcam_engine.openvino_backend as backend
+    import igcam_engine.backends.openvino as backend
 
     class CoreWithoutBF16:
         def get_property(self, device, name):
@@ -151,7 +151,7 @@ def test_a_cpu_without_bf16_is_an_error_not_a_silent_float32(resnet, monkeypatch
 
 def test_without_openvino_the_error_names_the_extra(resnet, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
-    with pytest.raises(UserError, match=r"pip install 'igcam-engine\[openvino\]'"):
+    with pytest.raises(UserError, match=r"pip install '\.\[openvino\]'"):
         Explainer(resnet[1], "openvino")
 
 
@@ -186,9 +186,10 @@ def test_cli_explain_reports_the_precision(resnet, tmp_path, capsys):
 
 def test_batch_checks_the_backend_before_ray_starts(resnet, tmp_path):
     from igcam_engine.apps.batch import run_batch
+    from igcam_engine.backends import BackendOptions
 
     with pytest.raises(UserError, match="precision 'bf16' is the OpenVINO backend's"):
-        run_batch(resnet[1], tmp_path, tmp_path / "out", providers="cpu", precision="bf16")
+        run_batch(resnet[1], tmp_path, tmp_path / "out", backend=BackendOptions("cpu", precision="bf16"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None and not os.environ.get("CI"), reason="ray[serve] is not installed")
@@ -234,9 +235,9 @@ def test_bench_precision_runs_every_backend(tmp_path):
     (entry,) = json.loads((tmp_path / "precision.json").read_text())["results"]
     rows = entry["backends"]
     assert list(rows) == ["ort_f32", "openvino_f32", "openvino_bf16", "ort_int8"] and entry["photos"] == 4
-    assert rows["ort_f32"]["normalised_max_delta"] == 0 and rows["openvino_f32"]["normalised_max_delta"] <= 1e-4
+    assert rows["ort_f32"]["normalized_max_delta"] == 0 and rows["openvino_f32"]["normalized_max_delta"] <= 1e-4
     if HAS_BF16:
-        assert 1e-3 < rows["openvino_bf16"]["normalised_max_delta"] < rows["ort_int8"]["normalised_max_delta"]
+        assert 1e-3 < rows["openvino_bf16"]["normalized_max_delta"] < rows["ort_int8"]["normalized_max_delta"]
     assert all(row["median_s"] > 0 for row in rows.values() if "skipped" not in row)
     assert "| efficientnet_lite0 _head_act | openvino_bf16 |" in (tmp_path / "precision.md").read_text()
 

@@ -49,8 +49,8 @@ def test_wheel_layout(wheel):
                      "igcam_engine/data/imagenet_labels.txt", "igcam_engine/data/ATTRIBUTION.md",
                      "igcam_engine/kernels/igcam.cu", "igcam_engine/kernels/igcam.ptx",
                      "igcam_engine/benchmarks/latency.py", "igcam_engine/zoo/resnet.py", "igcam_engine/apps/cli.py",
-                     "igcam_engine/evaluate/metrics.py", "igcam_engine/data/localisation/boxes.csv",
-                     *(f"igcam_engine/data/localisation/{name}.png" for name in ("camera", "grass", "gravel", "brick"))):
+                     "igcam_engine/evaluation/metrics.py", "igcam_engine/data/localization/boxes.csv",
+                     *(f"igcam_engine/data/localization/{name}.png" for name in ("camera", "grass", "gravel", "brick"))):
         assert required in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "igcam = igcam_engine.apps.cli:main" in entry_points

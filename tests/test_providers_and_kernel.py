@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from igcam_engine import Explainer, UserError
-from igcam_engine.providers import CPU, CUDA, TENSORRT, cuda_options, on_gpu, resolve_providers, tensorrt_options
+from igcam_engine.backends import BackendOptions
+from igcam_engine.backends.onnxruntime import CPU, CUDA, TENSORRT, cuda_options, on_gpu, resolve_providers, tensorrt_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -50,8 +51,8 @@ def test_tensorrt_options(tmp_path):
     assert options["trt_fp16_enable"] is True and options["device_id"] == 1
     assert options["trt_engine_cache_enable"] and Path(options["trt_engine_cache_path"]).is_dir()
     assert options["trt_max_workspace_size"] == 2 << 30
-    with pytest.raises(UserError, match="workspace_bytes must be positive"):
-        tensorrt_options(workspace_bytes=0)
+    with pytest.raises(UserError, match="workspace_bytes must be a positive integer, got 0"):
+        BackendOptions("cpu", workspace_bytes=0).checked()
     assert on_gpu([(TENSORRT, options), CUDA, CPU]) and not on_gpu([CPU])
 
 
@@ -97,7 +98,7 @@ def test_gpu_stages_without_pycuda_say_what_to_install():
         pass
     from igcam_engine.device import DeviceStages
 
-    with pytest.raises(UserError, match=r"pip install 'igcam-engine\[gpu\]'"):
+    with pytest.raises(UserError, match=r"pip install '\.\[gpu\]'"):
         DeviceStages(None, None)
 
 
@@ -138,7 +139,7 @@ def test_each_gradient_method_has_its_form_in_the_kernel():
     enum = dict((name, int(value)) for name, value in re.findall(r"FORM_(\w+) = (\d+)", source))
     forms = {name.replace("++", "PP").upper(): row.kernel for name, row in METHOD_TABLE.items() if row.kernel is not None}
     assert forms == enum
-    assert {name for name, row in METHOD_TABLE.items() if row.needs == "gradients"} == \
+    assert {name for name, row in METHOD_TABLE.items() if row.integrable} == \
         {name for name, row in METHOD_TABLE.items() if row.kernel is not None}
     for name in enum:
         assert re.search(rf"^//\s+FORM_{name}\s", source, re.M), f"FORM_{name} is not described in igcam.cu's header"

@@ -108,7 +108,7 @@ def same_pads(size, kernel, stride, lower):
     return begin, total - begin
 
 
-# ---------------------------------------------------------------- convolution and normalisation
+# ---------------------------------------------------------------- convolution and normalization
 
 CONV = [
     dict(strides=[2, 2], pads=[1, 1, 1, 1]),

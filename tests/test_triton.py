@@ -111,7 +111,7 @@ def test_cli_writes_a_repository_from_any_onnx_file(tmp_path):
 
 
 def test_bad_repository_options(bundle, tmp_path):
-    with pytest.raises(UserError, match="max_batch_size must be at least 1"):
+    with pytest.raises(UserError, match="max_batch_size must be a positive integer"):
         triton_repository(bundle, tmp_path, max_batch_size=0)
     with pytest.raises(UserError, match="tensorrt must be one of"):
         triton_repository(bundle, tmp_path, tensorrt="int8")

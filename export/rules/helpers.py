@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from ..builder import GraphBuilder, Node
 
@@ -25,7 +25,7 @@ def unbroadcast(b: GraphBuilder, grad: str, operand: str, y_shape: tuple) -> str
         if dx == 1 and dy != 1:
             axes.append(axis)
         elif dx != dy:
-            raise UserError(f"cannot tell how '{operand}' {x_shape} broadcasts to {y_shape}")
+            raise ModelError(f"cannot tell how '{operand}' {x_shape} broadcasts to {y_shape}")
     return b.ReduceSum(grad, axes, keepdims=1) if axes else grad
 
 
@@ -76,5 +76,5 @@ def constant_of(b: GraphBuilder, node: Node, index: int, what: str):
         return None
     value = b.constant(node.inputs[index])
     if value is None:
-        raise UserError(f"{node.op_type} node '{node.name}': {what} must be a constant")
+        raise ModelError(f"{node.op_type} node '{node.name}': {what} must be a constant")
     return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from .helpers import adjoint_along, axes_of, constant_of, selection, unbroadcast
 from .table import rule
@@ -92,7 +92,7 @@ def _gather_back_by_scatter(b, n, dy: str, axis: int) -> str:
     cotangent is scattered back with ScatterND, repeated indices adding up. Along axis 0 only."""
     data, indices = n.inputs
     if axis != 0:
-        raise UserError(f"Gather node '{n.name}': indices computed at run time are differentiated along axis 0 only")
+        raise ModelError(f"Gather node '{n.name}': indices computed at run time are differentiated along axis 0 only")
     size = b.Gather(b.Shape(data), np.array(0))
     index = b.Cast(indices, to=TensorProto.INT64)
     index = b.Where(b.Less(index, np.array(0)), b.Add(index, size), index)
@@ -105,7 +105,7 @@ def gather_nd(b, n, dy):
     # flattened into one.
     data, _ = n.inputs
     if n.attrs.get("batch_dims", 0):
-        raise UserError(f"GatherND node '{n.name}': only batch_dims 0 is differentiated")
+        raise ModelError(f"GatherND node '{n.name}': only batch_dims 0 is differentiated")
     index = constant_of(b, n, 1, "indices")
     k = index.shape[-1]
     dims = b.static_shape(data, slice(0, k))
@@ -150,7 +150,7 @@ def pad(b, n, dy):
     begin, end = pads[: len(axes)], pads[len(axes):]
     mode = n.attrs.get("mode", "constant")
     if mode not in PAD_MODES:
-        raise UserError(f"Pad node '{n.name}': mode '{mode}' is not differentiated; accepted: {', '.join(PAD_MODES)}")
+        raise ModelError(f"Pad node '{n.name}': mode '{mode}' is not differentiated; accepted: {', '.join(PAD_MODES)}")
     rest = [None] * (len(n.inputs) - 1)
     if mode == "constant" and min(pads) >= 0:  # the cotangent of the padded region is dropped
         stops = [-e if e else np.iinfo(np.int64).max for e in end]

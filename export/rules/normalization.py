@@ -1,10 +1,10 @@
-"""Rules of the normalisations: batch norm (inference: a per-channel scale), and layer, instance and group norm,
-which normalise with statistics of the input itself."""
+"""Rules of the normalizations: batch norm (inference: a per-channel scale), and layer, instance and group norm,
+which normalize with statistics of the input itself."""
 from __future__ import annotations
 
 import numpy as np
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from .table import rule
 
@@ -14,7 +14,7 @@ F32 = np.float32
 @rule("BatchNormalization")
 def batch_norm(b, n, dy):
     if n.attrs.get("training_mode", 0):
-        raise UserError(f"BatchNormalization node '{n.name}' is in training mode; export the model in eval mode")
+        raise ModelError(f"BatchNormalization node '{n.name}' is in training mode; export the model in eval mode")
     x, scale, _, _, var = n.inputs
     factor = b.Div(scale, b.Sqrt(b.Add(var, F32(n.attrs.get("epsilon", 1e-5)))))
     factor = b.Unsqueeze(factor, list(range(1, len(b.shape(x)) - 1)))
@@ -34,8 +34,8 @@ def _normalized_backward(b, x: str, g: str, axes, epsilon) -> str:
 
 def _only_first_output(n, dy):
     if any(g is not None for g in dy[1:]):
-        raise UserError(f"{n.op_type} node '{n.name}': its mean/variance outputs are used after the target; "
-                        "only the normalised output is differentiated")
+        raise ModelError(f"{n.op_type} node '{n.name}': its mean/variance outputs are used after the target; "
+                        "only the normalized output is differentiated")
 
 
 @rule("LayerNormalization")
@@ -63,7 +63,7 @@ def group_norm(b, n, dy):
     # with one scale per group, is deprecated in ONNX and refused by its checker).
     _only_first_output(n, dy)
     if b.opset < 21:
-        raise UserError(f"GroupNormalization node '{n.name}': the opset-18 form is deprecated; re-export at opset 21")
+        raise ModelError(f"GroupNormalization node '{n.name}': the opset-18 form is deprecated; re-export at opset 21")
     x, scale = n.inputs[:2]
     groups = n.attrs["num_groups"]
     channels = b.static_shape(x, slice(1, 2))[0]

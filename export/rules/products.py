@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from .helpers import unbroadcast
 from .table import rule
@@ -36,7 +36,7 @@ def gemm(b, n, dy):
 def matmul(b, n, dy):
     x, w = n.inputs
     if len(b.shape(x)) < 2 or len(b.shape(w)) < 2:
-        raise UserError(f"MatMul node '{n.name}': 1-D operands are not differentiated")
+        raise ModelError(f"MatMul node '{n.name}': 1-D operands are not differentiated")
 
     def swap_last(t):
         rank = len(b.shape(t))
@@ -61,7 +61,7 @@ def einsum(b, n, dy):
             continue
         letters = term.replace("...", "")
         if len(set(letters)) != len(letters):
-            raise UserError(f"Einsum node '{n.name}': repeated index in '{term}' (a trace or diagonal) is not "
+            raise ModelError(f"Einsum node '{n.name}': repeated index in '{term}' (a trace or diagonal) is not "
                             "differentiated")
         others = [t for j, t in enumerate(terms) if j != index]
         seen = set(output) | set("".join(others))
@@ -69,7 +69,7 @@ def einsum(b, n, dy):
         if "..." in term:
             ellipsis = len(b.shape(operand)) - len(letters)
             if kept != term or b.shape(operand)[:ellipsis] != b.shape(n.outputs[0])[:ellipsis]:
-                raise UserError(f"Einsum node '{n.name}': operand '{term}' is broadcast along its ellipsis or sums "
+                raise ModelError(f"Einsum node '{n.name}': operand '{term}' is broadcast along its ellipsis or sums "
                                 "an index of its own; not differentiated")
         operands = [dy[0]] + [x for j, x in enumerate(n.inputs) if j != index]
         summed = "..." in output and "..." not in term  # the operand broadcasts along the ellipsis: sum it out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import ModelError
 
 from .helpers import adjoint_along, constant_of
 from .table import rule
@@ -63,6 +63,6 @@ def resize_matrix(attrs: dict, size: int, out_size: int, scale, roi) -> np.ndarr
     offset = evaluator.run(None, {"X": np.zeros((size, size), np.float32), **feeds})[0]  # extrapolated constants
     matrix = (basis - offset).T
     if matrix.shape != (out_size, size):
-        raise UserError(f"Resize: the reference implementation gives {matrix.shape[0]} samples for {size}, the "
+        raise ModelError(f"Resize: the reference implementation gives {matrix.shape[0]} samples for {size}, the "
                         f"model's graph {out_size}")
     return matrix.astype(np.float64)

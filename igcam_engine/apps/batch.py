@@ -15,34 +15,48 @@ import json
 import logging
 import pickle
 from collections import Counter
+from dataclasses import asdict
 from pathlib import PurePosixPath
 
 import numpy as np
 
+from igcam_engine.apps.arguments import (
+    Command,
+    add_backend_arguments,
+    add_limit_arguments,
+    add_method_arguments,
+    add_target_arguments,
+    backend_options,
+    explain_options,
+    limits,
+    positive,
+    target_choice,
+)
 from igcam_engine.apps.storage import Location
-from igcam_engine.errors import UserError
-from igcam_engine.images import MAX_PIXELS
+from igcam_engine.backends import BackendOptions
+from igcam_engine.errors import InputError, NotFound, OptionError, UserError
+from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
+from igcam_engine.targets import TargetChoice
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-METHOD_OPTIONS = ("method", "integrate", "channels", "variant", "rule", "steps")  # the record's options explain() takes
 
 
 class ExplainImages:
-    """A Ray Data actor: the shipped bundle materialised on its node, one Explainer, one engine call per batch of
+    """A Ray Data actor: the shipped bundle materialized on its node, one Explainer, one engine call per batch of
     images. It returns, per image, its status and the bytes of its output files (record last), which the driver
     writes where the output lives."""
 
-    def __init__(self, shipped: list, output: str, options: dict, providers, max_pixels: int):
-        """output: the output location as records name it (Location.shown); options: the method's and the
-        precision's (OpenVINO's)."""
+    def __init__(self, shipped: list, output: str, job: dict, backend: BackendOptions, limits: Limits):
+        """output: the output location as records name it (Location.shown); job: the checked explain options and
+        target choice, and the record's options."""
         import ray
 
         from igcam_engine import Explainer
-        from igcam_engine.apps.cluster import materialise_bundle
+        from igcam_engine.apps.cluster import materialize_bundle
 
-        self.folder = materialise_bundle(shipped)
-        self.explainer = Explainer(self.folder.name, providers=providers, precision=options["precision"])
-        self.output, self.options, self.max_pixels = output, options, max_pixels
+        self.folder = materialize_bundle(shipped)
+        self.explainer = Explainer(self.folder.name, **asdict(backend), limits=limits)
+        self.output, self.job = output, job
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -51,35 +65,34 @@ class ExplainImages:
 
         names = [PurePosixPath(str(p)).name for p in batch["path"]]
         count = len(names)
-        status, messages, outputs, loaded = ["ok"] * count, [""] * count, [b""] * count, []
+        status, messages, kinds, outputs, loaded = ["ok"] * count, [""] * count, [""] * count, [b""] * count, []
         for index, data in enumerate(batch["bytes"]):
             try:
-                picture = load_image(bytes(data), self.max_pixels)
+                picture = load_image(bytes(data), self.explainer.limits.pixels, name=f"'{names[index]}'")
                 loaded.append((index, picture, *to_model_input(picture, self.explainer.input_shape,
                                                                  self.explainer.preprocess)))
             except UserError as e:
-                status[index], messages[index] = "failed", str(e).replace("image bytes", "the file", 1)
+                status[index], messages[index], kinds[index] = "failed", str(e), e.kind
         if loaded:
             images = np.stack([item[2] for item in loaded])
             try:
                 scores = self.explainer.predict(images)
-                target, top_k = self.options["target"], self.options["top_k"] or 1
-                targets = (np.full((len(loaded), 1), target) if target is not None
-                           else np.argsort(-scores, axis=1)[:, :top_k])
-                maps = self.explainer.explain(images, targets, **{key: self.options[key] for key in METHOD_OPTIONS})
+                targets = self.job["targets"].select(scores)
+                maps = self.explainer.explain(images, targets, self.job["options"])
             except UserError as e:
                 for index, *_ in loaded:
-                    status[index], messages[index] = "failed", str(e)
+                    status[index], messages[index], kinds[index] = "failed", str(e), e.kind
                 loaded = []
-            for row, (index, picture, _, shown) in enumerate(loaded):
+            for position, (index, picture, _, shown) in enumerate(loaded):
                 stem = PurePosixPath(names[index]).stem
-                entry, files = render_explanation(stem, picture, shown, maps[row], targets[row], scores[row],
-                                                  self.explainer, self.output)
-                record = {"image": names[index], "options": self.options, "node": self.node, **entry}
+                entry, files = render_explanation(stem, picture, shown, maps[position], targets[position],
+                                                  scores[position], self.explainer, self.output)
+                record = {"image": names[index], "options": self.job["record"], "node": self.node, **entry}
                 files[f"{stem}.json"] = (json.dumps(record, indent=2) + "\n").encode()  # last: the image is done
                 outputs[index] = pickle.dumps(list(files.items()))
         return {"path": np.array(names), "status": np.array(status), "message": np.array(messages),
-                "node": np.array([self.node] * count), "outputs": np.array(outputs, dtype=object)}
+                "kind": np.array(kinds), "node": np.array([self.node] * count),
+                "outputs": np.array(outputs, dtype=object)}
 
 
 def pending(source: Location, output: Location, options: dict, retry_failed: bool = False):
@@ -87,15 +100,15 @@ def pending(source: Location, output: Location, options: dict, retry_failed: boo
     level, by suffix). An image is done when its record exists in the output location and was made with the same
     options; otherwise it is explained again."""
     if source.kind() != "folder":
-        raise UserError(f"input folder '{source.shown}' does not exist or is not a folder")
+        raise NotFound(f"input folder '{source.shown}' does not exist or is not a folder")
     if output.same_as(source):
-        raise UserError(f"the output folder is the input folder '{source.shown}': the overlays written would be "
+        raise OptionError(f"the output folder is the input folder '{source.shown}': the overlays written would be "
                         "explained on the next run; choose another output folder")
     images = sorted(name for name in source.files() if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES)
     stems = Counter(PurePosixPath(name).stem for name in images)
     duplicates = sorted(stem for stem, n in stems.items() if n > 1)
     if duplicates:
-        raise UserError(f"several images share a name ({', '.join(duplicates)}): outputs are named by it; rename them")
+        raise InputError(f"several images share a name ({', '.join(duplicates)}): outputs are named by it; rename them")
     existing = output.files()
     done = [n for n in images if _recorded(output, existing, f"{PurePosixPath(n).stem}.json", options)]
     failed = [n for n in images if not retry_failed and n not in done
@@ -119,25 +132,27 @@ def actor_count(ray, requested, batches: int) -> int:
     return max(1, min(cpus if requested is None else requested, cpus, batches))
 
 
-def run_batch(bundle, input_dir, output_dir, *, address=None, actors=None, batch_size=8, steps=50, method="igcam",
-              integrate=None, channels=None, variant="official", rule=None, target=None, top_k=None, providers=None,
-              precision=None, retry_failed=False, max_pixels=MAX_PIXELS, runtime_env=None) -> dict:
+def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = None,
+              targets: TargetChoice | None = None, *, backend: BackendOptions | None = None,
+              limits: Limits = DEFAULT_LIMITS, address=None, actors=None, batch_size=8, retry_failed=False,
+              runtime_env=None) -> dict:
+    """Explains every image of `input_dir` into `output_dir`; `batch_size` images per engine call, `actors` at most.
+    Everything is checked before Ray starts."""
     from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
-    from igcam_engine.explainer import check_backend, path_nodes
-    from igcam_engine.methods import check_channels
+    from igcam_engine.validators import integer
 
     check_address(address, "batch")
-    precision = check_backend(providers, precision)  # a record names what its maps were computed in
+    batch_size = integer(batch_size, "batch_size", 1)
+    actors = None if actors is None else integer(actors, "actors", 1)
+    backend, limits = (backend or BackendOptions()).checked(), limits.checked()
     manifest = load_manifest(bundle)
-    row = path_nodes(method, variant, rule, steps, integrate=integrate)[0]  # one error, not one per file
-    check_channels(channels, row, manifest["target_layer"]["shape"][0])
-    if target is not None and not 0 <= target < manifest["num_classes"]:
-        raise UserError(f"--target must be in [0, {manifest['num_classes'] - 1}], got {target}")
-    options = {"method": method, "integrate": integrate, "channels": channels, "variant": variant, "rule": rule,
-               "steps": steps, "target": target, "top_k": top_k, "precision": precision}
+    options = (options or ExplainOptions()).checked(limits, manifest.target_layer.channels)
+    targets = (targets or TargetChoice()).checked(manifest.num_classes, limits)
+    # a record names what its maps were computed with: a rerun with other options, or another precision, redoes them
+    record = {"explain": options.record(), "targets": targets.record(), "precision": backend.precision}
     source, output = Location.parse(input_dir), Location.parse(output_dir)
-    todo, done, failed_before = pending(source, output, options, retry_failed)
+    todo, done, failed_before = pending(source, output, record, retry_failed)
     summary = {"explained": 0, "already_done": len(done), "failed_before": failed_before, "failed": [],
                "actors": 0, "nodes": {}, "output": output.shown}
     if not todo:
@@ -156,26 +171,72 @@ def run_batch(bundle, input_dir, output_dir, *, address=None, actors=None, batch
         # Reading takes no CPU slot, so that the actors may hold every one without starving the readers.
         dataset = ray.data.read_binary_files(source.reader_paths(todo), include_paths=True,
                                              filesystem=source.reader_filesystem(), num_cpus=0)
+        job = {"options": options, "targets": targets, "record": record}
         dataset = dataset.map_batches(
-            ExplainImages, fn_constructor_args=(shipped, output.shown, options, providers, max_pixels),
+            ExplainImages, fn_constructor_args=(shipped, output.shown, job, backend, limits),
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
             batch_format="numpy")
         worked = Counter()
-        for record in dataset.iter_rows():
-            name = str(record["path"])
-            if record["status"] == "ok":
-                for file, data in pickle.loads(record["outputs"]):  # the record comes last
+        for row in dataset.iter_rows():
+            name = str(row["path"])
+            if row["status"] == "ok":
+                for file, data in pickle.loads(row["outputs"]):  # the record comes last
                     output.write(file, data)
                 summary["explained"] += 1
-                worked[str(record["node"])] += 1
+                worked[str(row["node"])] += 1
             else:
-                summary["failed"].append({"image": name, "error": str(record["message"])})
+                summary["failed"].append({"image": name, "error": str(row["message"]), "kind": str(row["kind"])})
         summary["nodes"] = {f"{nodes.get(node, '?')} ({node[:8]})": count for node, count in worked.items()}
     finally:
         stop_ray(ray)
     for failure in summary["failed"]:
         output.write(f"{PurePosixPath(failure['image']).stem}.failed.json",
-                     (json.dumps({**failure, "options": options}, indent=2) + "\n").encode())
+                     (json.dumps({**failure, "options": record}, indent=2) + "\n").encode())
     if summary["failed"]:
         output.write("failures.json", (json.dumps(summary["failed"], indent=2) + "\n").encode())
     return summary
+
+
+def arguments(parser) -> None:
+    from igcam_engine.apps.cluster import add_cluster_arguments
+
+    parser.add_argument("bundle", help="bundle directory (from `igcam export`)")
+    parser.add_argument("input", metavar="INPUT", help="folder of images (top level): a path, or a URI (s3://, gs://, "
+                        "abfs://, hdfs://, file://)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output folder: a path or a URI")
+    add_cluster_arguments(parser, "")
+    parser.add_argument("--actors", metavar="N", help="Explainer actors at most (default: one per CPU of the cluster)")
+    parser.add_argument("--batch-size", default="8", metavar="N", help="images per engine call (default: 8)")
+    parser.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
+    add_target_arguments(parser)
+    add_method_arguments(parser)
+    add_backend_arguments(parser)
+    add_limit_arguments(parser)
+
+
+def run(args) -> int:
+    import sys
+
+    from igcam_engine.apps.cluster import parse_runtime_env
+
+    summary = run_batch(args.bundle, args.input, args.output, explain_options(args), target_choice(args),
+                        backend=backend_options(args), limits=limits(args), address=args.address,
+                        actors=None if args.actors is None else positive(args.actors, "--actors"),
+                        batch_size=positive(args.batch_size, "--batch-size"), retry_failed=args.retry_failed,
+                        runtime_env=parse_runtime_env(args.runtime_env))
+    print(f"{summary['explained']} explained, {summary['already_done']} already done, "
+          f"{len(summary['failed'])} failed; outputs in {summary['output']}/")
+    if summary["nodes"]:
+        print("explained on " + ", ".join(f"{node}: {count}" for node, count in summary["nodes"].items()))
+    if summary["failed_before"]:
+        print(f"{len(summary['failed_before'])} image(s) failed in an earlier run and were skipped "
+              "(--retry-failed tries them again)")
+    for failure in summary["failed"]:
+        print(f"failed: {failure['image']}: {failure['error']}", file=sys.stderr)
+    if summary["failed"]:
+        print(f"failures listed in {summary['output']}/failures.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = (Command("batch", "explain every image of a folder with Ray Data (resumable)", arguments, run),)

@@ -16,29 +16,40 @@ import tempfile
 import time
 from pathlib import Path
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import OptionError, Unavailable, install_hint
 
 PR_SET_CHILD_SUBREAPER = 36
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # 0: Ray runs as on a laptop, on 127.0.0.1
+
+
+def add_cluster_arguments(parser, client: str) -> None:
+    """--address and --runtime-env, for igcam serve and igcam batch (`client`: the Ray Client form it accepts)."""
+    parser.add_argument("--address", help="join a Ray cluster: auto (this machine is a node), HOST:PORT (the GCS "
+                        f"address){', ' + client if client else ''}; default: start a Ray of its own on this machine, "
+                        "on loopback, whatever RAY_ADDRESS says")
+    parser.add_argument("--runtime-env", metavar="JSON", help="Ray runtime environment for the actors or replicas, a "
+                        "JSON object or @FILE (e.g. '{\"pip\": [\"onnxruntime\"]}'); see docs/deploying.md")
 
 
 def check_address(address, workload: str) -> str | None:
     """The --address forms Ray accepts for a driver of `workload` ("batch" or "serve"), in one line otherwise."""
     if address is None:
         return None
+    if not isinstance(address, str):
+        raise OptionError(f"--address must be text (auto, HOST:PORT or ray://HOST:PORT), got {type(address).__name__}")
     forms = "auto (a cluster this machine belongs to), HOST:PORT (the cluster's GCS address, port 6379 by default)"
     if address.startswith("ray://"):
         if workload == "batch":
-            raise UserError("--address ray://... is Ray Client, which Ray Data does not run through: give the GCS "
+            raise OptionError("--address ray://... is Ray Client, which Ray Data does not run through: give the GCS "
                             "address HOST:PORT (from a machine that reaches the cluster), auto on a cluster node, or "
                             "run igcam batch as a Ray job (ray job submit --address http://HEAD:8265 -- igcam batch ...)")
         if not re.fullmatch(r"ray://[^/:\s]+:\d{1,5}", address):
-            raise UserError(f"--address {address!r}: a Ray Client address is ray://HOST:PORT (port 10001 by default)")
+            raise OptionError(f"--address {address!r}: a Ray Client address is ray://HOST:PORT (port 10001 by default)")
         return address
     if address == "auto" or re.fullmatch(r"[^/:\s]+:\d{1,5}", address):
         return address
     extra = ", or ray://HOST:PORT (Ray Client)" if workload == "serve" else ""
-    raise UserError(f"--address {address!r} is not a Ray address; accepted: {forms}{extra}")
+    raise OptionError(f"--address {address!r} is not a Ray address; accepted: {forms}{extra}")
 
 
 def _this_machines_cluster() -> str:
@@ -51,7 +62,7 @@ def _this_machines_cluster() -> str:
     try:
         return record.read_text().strip() or "auto"
     except OSError:
-        raise UserError("--address auto: no Ray cluster runs on this machine (no RAY_ADDRESS, no `ray start` here); "
+        raise Unavailable("--address auto: no Ray cluster runs on this machine (no RAY_ADDRESS, no `ray start` here); "
                         "start one with `ray start --head`, give HOST:PORT, or leave --address out to start Ray here"
                         ) from None
 
@@ -70,19 +81,19 @@ def parse_runtime_env(text):
         try:
             source = Path(text[1:]).read_text()
         except OSError as e:
-            raise UserError(f"--runtime-env {text}: cannot read the file: {e.strerror or e}") from None
+            raise OptionError(f"--runtime-env {text}: cannot read the file: {e.strerror or e}") from None
     try:
         value = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--runtime-env must be a JSON object (or @FILE), e.g. '{{\"pip\": [\"onnxruntime\"]}}': {e}"
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise OptionError(f"--runtime-env must be a JSON object (or @FILE), e.g. '{{\"pip\": [\"onnxruntime\"]}}': {e}"
                         ) from None
     if not isinstance(value, dict):
-        raise UserError(f"--runtime-env must be a JSON object, got {type(value).__name__}")
+        raise OptionError(f"--runtime-env must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
-    """ray, initialised: a new local instance on loopback (address None) or the cluster at `address`."""
+    """ray, initialized: a new local instance on loopback (address None) or the cluster at `address`."""
     address = check_address(address, workload)
     if address == "auto":
         address = _this_machines_cluster()
@@ -95,7 +106,7 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
     try:
         import ray
     except ImportError:
-        raise UserError(f"this command needs Ray: pip install 'igcam-engine[{extra}]'") from None
+        raise Unavailable(f"this command needs Ray: {install_hint(extra)}") from None
     # Ray's core worker would install a handler of its own for SIGTERM that aborts the process (leaving its agents
     # behind); the one below stops it cleanly from the start.
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
@@ -108,9 +119,9 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
     except (ConnectionError, ValueError, RuntimeError) as e:
         stop_ray(ray)
         hint = ("; if the cluster uses token authentication (`ray start` turns it on by default since Ray 2.59), set "
-                "RAY_AUTH_MODE=token here too, see README \"On a Ray cluster\"") if address and \
+                "RAY_AUTH_MODE=token here too, see docs/deploying.md") if address and \
             os.environ.get("RAY_AUTH_MODE") != "token" else ""
-        raise UserError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
+        raise Unavailable(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
     except BaseException:  # stopped while starting (Ray's own SIGTERM handler exits then): what started stops too
         stop_ray(ray)
@@ -121,17 +132,15 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
 
 def ship_bundle(ray, bundle) -> list:
     """The bundle's files (checked against the manifest first) put in the object store: [ref] for actors and
-    replicas on any node to materialise with `materialise_bundle` (a list, so that Ray passes the reference
+    replicas on any node to materialize with `materialize_bundle` (a list, so that Ray passes the reference
     itself, not its value, through deployment arguments)."""
-    from igcam_engine.bundle import MANIFEST, load_manifest
+    from igcam_engine.bundle import load_manifest
 
     manifest = load_manifest(bundle)
-    root = Path(manifest["root"])
-    names = [MANIFEST, manifest["weights"]["file"], *(entry["file"] for entry in manifest["graphs"].values())]
-    return [ray.put({name: (root / name).read_bytes() for name in dict.fromkeys(names)})]
+    return [ray.put({name: (manifest.root / name).read_bytes() for name in manifest.files})]
 
 
-def materialise_bundle(shipped: list) -> tempfile.TemporaryDirectory:
+def materialize_bundle(shipped: list) -> tempfile.TemporaryDirectory:
     """A private folder on this node holding the shipped bundle (removed with the returned object)."""
     import ray
 

@@ -1,4 +1,4 @@
-"""`igcam evaluate`: runs igcam_engine.evaluate and writes its report into a folder: results.json (options, per
+"""`igcam evaluate`: runs igcam_engine.evaluation and writes its report into a folder: results.json (options, per
 image metrics or errors, per method means with 95 % intervals, mean curves, timings), report.md (the table),
 curves.png (mean deletion and insertion curves) and overlays.png (a grid: images x methods). The files are written
 under temporary names and renamed when complete, so a failed run leaves no half-written report."""
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from igcam_engine.apps.arguments import Command, add_backend_arguments, add_limit_arguments, backend_options, limits, positive
 from igcam_engine.apps.outputs import prepare_output
-from igcam_engine.errors import UserError
-from igcam_engine.evaluate import evaluate, summary_table
+from igcam_engine.errors import InputError
+from igcam_engine.evaluation import DEFAULT_METHODS, METHOD_NAMES, evaluate, summary_table
 from igcam_engine.images import overlay
+from igcam_engine.validators import steps_text
 
 
 def run_evaluation(bundle, data, output, log=print, **options) -> dict:
@@ -23,7 +25,7 @@ def run_evaluation(bundle, data, output, log=print, **options) -> dict:
     output = prepare_output(output)
     report = evaluate(bundle, data, log=log, warn=lambda line: print(f"igcam evaluate: {line}", file=sys.stderr), **options)
     if report["counts"]["evaluated"] == 0:
-        raise UserError(f"no image of '{data}' could be evaluated ({report['counts']['errors']} errors, "
+        raise InputError(f"no image of '{data}' could be evaluated ({report['counts']['errors']} errors, "
                         f"{report['counts']['skipped']} skipped); see the lines above")
     kept = report.pop("kept")
     _atomic(output / "results.json", (json.dumps(report, indent=1) + "\n").encode())
@@ -113,3 +115,48 @@ def _plot_overlays(kept: list, path: Path) -> None:
             if r == 0:
                 ax.set_title(label, fontsize=7)
     _save_figure(figure, path, dpi=100)
+
+
+def arguments(parser) -> None:
+    parser.add_argument("bundle", help="bundle directory (from `igcam export`)")
+    parser.add_argument("data", help="a folder with manifest.csv or annotations.json (COCO style), such a file, or "
+                        "'shipped' (the shipped localization set)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, among {', '.join(METHOD_NAMES)} (default: %(default)s)")
+    parser.add_argument("--steps", default="50", metavar="N|auto,...",
+                        help="m of the integrated methods, comma-separated integers or auto (default: 50)")
+    parser.add_argument("--perturbation-steps", default="16", metavar="N",
+                        help="deletion/insertion: points of each curve after the first (default: 16)")
+    parser.add_argument("--deletion", default="black", metavar="black|blur", help="deleted pixels become (default: black)")
+    parser.add_argument("--insertion", default="blur", metavar="black|blur", help="insertion starts from (default: blur)")
+    parser.add_argument("--no-sanity", action="store_true", help="skip the randomized-head sanity check")
+    parser.add_argument("--sanity-images", metavar="N", help="sanity check on the first N images only")
+    parser.add_argument("--only-correct", action="store_true", help="evaluate only images the model classifies "
+                        "correctly (top class among the annotated ones)")
+    parser.add_argument("--limit", metavar="N", help="the first N entries of the manifest only")
+    parser.add_argument("--channels", metavar="N", help="scorecam, ablationcam: the N channels of largest activation "
+                        "mass (default: all)")
+    parser.add_argument("--rows-per-call", metavar="N", help="interpolated images per engine call (default: 64)")
+    add_backend_arguments(parser)
+    add_limit_arguments(parser)
+
+
+def run(args) -> None:
+    def count(text, name):
+        return None if text is None else positive(text, name)
+
+    run_evaluation(args.bundle, args.data, Path(args.output), methods=args.methods,
+                   steps=tuple(steps_text(part.strip(), "--steps") for part in args.steps.split(",")),
+                   perturbation_steps=positive(args.perturbation_steps, "--perturbation-steps"),
+                   deletion=args.deletion, insertion=args.insertion, sanity=not args.no_sanity,
+                   sanity_images=count(args.sanity_images, "--sanity-images"), only_correct=args.only_correct,
+                   limit=count(args.limit, "--limit"), channels=count(args.channels, "--channels"),
+                   rows_per_call=count(args.rows_per_call, "--rows-per-call"), backend=backend_options(args),
+                   limits=limits(args))
+
+
+COMMANDS = (Command(
+    "evaluate", "faithfulness, localization and sanity metrics of the methods on annotated images", arguments, run,
+    description="Deletion/insertion AUC, Average Drop, Increase in Confidence, EBPG, Bbox, pointing game, mIoU and "
+    "the randomized-head sanity check, per image and with 95 % bootstrap intervals (docs/evaluation.md)."),)

@@ -8,16 +8,28 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from igcam_engine import Explainer
+from igcam_engine.apps.arguments import (
+    Command,
+    add_backend_arguments,
+    add_limit_arguments,
+    add_method_arguments,
+    add_target_arguments,
+    backend_options,
+    explain_options,
+    limits,
+    target_choice,
+)
 from igcam_engine.apps.outputs import prepare_output, unique_names, write_explanation
+from igcam_engine.backends import BackendOptions
+from igcam_engine.bundle import load_manifest
 from igcam_engine.errors import UserError
-from igcam_engine.explainer import adaptive_options, path_nodes
-from igcam_engine.images import MAX_PIXELS, load_image, to_model_input
-from igcam_engine.methods import check_channels
+from igcam_engine.images import load_image, to_model_input
+from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
+from igcam_engine.targets import TargetChoice
 
 
 class Progress:
@@ -51,29 +63,18 @@ class Progress:
         self._clear()
 
 
-def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None, method="igcam", integrate=None,
-                  variant="official", rule=None, steps=50, channels=None, baseline="black", batch_size=None,
-                  providers=None, precision=None, fp16=False, tf32=False, engine_cache=None, placement=False, tolerance=0.01,
-                  max_pixels=MAX_PIXELS) -> list[dict]:
+def explain_files(bundle, image_paths, output, options: ExplainOptions | None = None,
+                  targets: TargetChoice | None = None, *, backend: BackendOptions | None = None,
+                  limits: Limits = DEFAULT_LIMITS, placement: bool = False) -> list[dict]:
     """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json
-    (an entry per image: its prediction and maps, or its error)."""
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if steps == "auto":
-        row, passes = adaptive_options(method, variant, rule, tolerance, integrate=integrate)[0], None
-    else:
-        row, alphas = path_nodes(method, variant, rule, steps, integrate=integrate)[:2]
-        passes = len(alphas)
-    explainer = Explainer(bundle, providers=providers, precision=precision, fp16=fp16, tf32=tf32,
-                          engine_cache=engine_cache)
-    check_channels(channels, row, explainer.manifest["target_layer"]["shape"][0])
-    options = dict(method=method, integrate=integrate, variant=variant, rule=rule, steps=steps, channels=channels,
-                   baseline=baseline, batch_size=batch_size, tolerance=tolerance)
+    (an entry per image: its prediction and maps, or its error). Everything is checked, and the output folder
+    prepared, before the model runs."""
+    limits = limits.checked()
+    manifest = load_manifest(bundle)
+    options = (options or ExplainOptions()).checked(limits, manifest.target_layer.channels)
+    targets = (targets or TargetChoice()).checked(manifest.num_classes, limits)
+    explainer = Explainer(manifest, **asdict(backend or BackendOptions()), limits=limits)
     output = prepare_output(output)
-    if target is not None and not 0 <= target < explainer.num_classes:  # one error, not one per image
-        raise UserError(f"--target must be a class index in [0, {explainer.num_classes - 1}], got {target}")
-    if top_k is not None and top_k > explainer.num_classes:
-        raise UserError(f"--top-k must be at most the model's {explainer.num_classes} classes, got {top_k}")
     if placement:
         for graph, by_provider in explainer.placement().items():
             for provider, ops in by_provider.items():
@@ -82,9 +83,9 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     try:
         for path, name in zip(image_paths, unique_names(image_paths)):
             try:
-                entry = _explain_one(explainer, path, name, output, target, top_k, options, passes, max_pixels)
+                entry = _explain_one(explainer, path, name, output, options, targets)
             except UserError as e:
-                results.append({"image": str(path), "error": str(e)})
+                results.append({"image": str(path), "error": str(e), "kind": e.kind})
                 progress.say(f"igcam: error: {e}", error=True)
             else:
                 results.append(entry)
@@ -100,20 +101,35 @@ def explain_files(bundle, image_paths, output: Path, *, target=None, top_k=None,
     return results
 
 
-def _explain_one(explainer, path, name, output, target, top_k, options, passes, max_pixels) -> dict:
-    """One image's files and summary entry; `passes` is the fixed number of path nodes (None: steps="auto",
-    reported by the refinement)."""
-    picture = load_image(path, max_pixels)
+def _explain_one(explainer, path, name, output, options, targets) -> dict:
+    """One image's files and summary entry."""
+    picture = load_image(path, explainer.limits.pixels)
     image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
     started = time.perf_counter()
-    scores = explainer.predict(image)[0]
-    targets = [target] if target is not None else list(np.argsort(-scores)[: top_k or 1])
-    if options["steps"] == "auto":
-        adaptive = {key: value for key, value in options.items() if key not in ("steps", "channels")}
-        result = explainer.explain_adaptive(image[None], np.array([targets]), **adaptive)
-        maps, passes = result.maps[0], result.passes
-    else:
-        maps = explainer.explain(image[None], np.array([targets]), **options)[0]
+    scores = explainer.predict(image)
+    chosen = targets.select(scores)
+    result = explainer.explanation(image[None], chosen, options)
     elapsed = time.perf_counter() - started
-    return {"image": str(path), "seconds": elapsed, "passes": passes,
-            **write_explanation(output, name, picture, shown, maps, targets, scores, explainer)}
+    return {"image": str(path), "seconds": elapsed, "passes": result.passes, "options": options.record(),
+            **write_explanation(output, name, picture, shown, result.maps[0], chosen[0], scores[0], explainer)}
+
+
+def arguments(parser) -> None:
+    parser.add_argument("bundle", help="bundle directory (from `igcam export`)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    add_target_arguments(parser)
+    add_method_arguments(parser)
+    add_backend_arguments(parser)
+    add_limit_arguments(parser)
+    parser.add_argument("--placement", action="store_true", help="print which nodes run on which provider")
+
+
+def run(args) -> int:
+    results = explain_files(args.bundle, [Path(p) for p in args.images], args.output, explain_options(args),
+                            target_choice(args), backend=backend_options(args), limits=limits(args),
+                            placement=args.placement)
+    return 2 if any("error" in entry for entry in results) else 0
+
+
+COMMANDS = (Command("explain", "write maps and overlays for images", arguments, run),)

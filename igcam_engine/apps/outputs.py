@@ -8,22 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
-from igcam_engine.errors import UserError
-from igcam_engine.explainer import class_probabilities
+from igcam_engine.errors import OptionError
 from igcam_engine.images import overlay_on_photo
+from igcam_engine.targets import class_probabilities
 
 
 def prepare_output(output) -> Path:
     """The output folder, created if needed; one line when it cannot be (a file, under a file, not writable)."""
     output = Path(output)
     if output.exists() and not output.is_dir():
-        raise UserError(f"output '{output}' exists and is not a folder")
+        raise OptionError(f"output '{output}' exists and is not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder '{output}': {e.strerror or e}") from None
+        raise OptionError(f"cannot create the output folder '{output}': {e.strerror or e}") from None
     if not os.access(output, os.W_OK | os.X_OK):
-        raise UserError(f"the output folder '{output}' is not writable")
+        raise OptionError(f"the output folder '{output}' is not writable")
     return output
 
 

@@ -1,9 +1,9 @@
 """`igcam serve`: explanations over HTTP with Ray Serve, requests from different clients batched into one engine call.
 
     POST /explain   an image (PNG/JPEG/... as a raw body with its image/* content type, or the field "image" of a
-                    multipart/form-data body) and parameters (query string or form fields): target or top_k, method,
-                    integrate, channels (scorecam, ablationcam: at most 256), variant, steps, rule,
-                    output = png | npy | json.
+                    multipart/form-data body) and parameters (query string or form fields): target or top_k, the
+                    options of igcam_engine.options.ExplainOptions (method, integrate, channels, variant, rule,
+                    steps, tolerance, max_steps, baseline, subtract_baseline, normalize), output = png | npy | json.
                     png: the overlay (the predicted classes in the X-Igcam-Predictions header); npy: the maps,
                     float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
     GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
@@ -18,7 +18,7 @@ replicas through Ray's object store, so it need exist only where `igcam serve` r
 Untrusted input stays cheap to refuse: a body is read with a size limit while it streams (chunked or not) and a
 deadline (a stalled upload gets 408 instead of holding a slot); image decoding, multipart parsing and PNG encoding
 run off the event loop; requests beyond the replica's queue get 503 with Retry-After. Bad requests get a 4xx with
-a one-line JSON message and never stop the server.
+a one-line JSON message, its status chosen by the error's type (STATUS), and never stop the server.
 """
 from __future__ import annotations
 
@@ -31,77 +31,70 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from igcam_engine.apps.cluster import serve_replica_on_loopback
-from igcam_engine.errors import UserError
-from igcam_engine.images import MAX_PIXELS
+from igcam_engine.apps.arguments import (
+    Command,
+    add_backend_arguments,
+    add_limit_arguments,
+    backend_options,
+    limits,
+)
+from igcam_engine.apps.cluster import add_cluster_arguments, serve_replica_on_loopback
+from igcam_engine.backends import BackendOptions
+from igcam_engine.errors import (
+    BundleError,
+    InputError,
+    LimitError,
+    NotFound,
+    OptionError,
+    Unavailable,
+    UserError,
+)
+from igcam_engine.options import TEXT, ExplainOptions, Limits
+from igcam_engine.targets import TargetChoice, class_probabilities
+from igcam_engine.validators import choice, integer, number
 
 MAX_BODY_BYTES = 20 << 20
 BODY_TIMEOUT_S = 15.0  # the whole body must arrive within this after the headers
 MAX_PARTS = 16  # multipart fields
-MAX_STEPS = 256
-MAX_TOP_K = 10
-# Score-CAM and Ablation-CAM make one pass per channel: a request uses the channels of largest activation mass, at
-# most this many (its `channels` parameter chooses fewer), so that one request cannot hold a replica for minutes.
-MAX_CHANNELS = 256
+# One request may not hold a replica for minutes: its passes per map, Score-CAM's and Ablation-CAM's channels (a
+# request without `channels` takes this many of largest activation mass) and its classes are bounded.
+SERVICE_LIMITS = Limits(steps=256, channels=256, top_k=10)
 OUTPUTS = ("png", "npy", "json")
-PARAMETERS = ("target", "top_k", "method", "integrate", "channels", "variant", "steps", "rule", "output")
+EXPLAIN_PARAMETERS = tuple(name for name in TEXT if name != "rows_per_call")  # the engine's own batching is ours
+PARAMETERS = ("target", "top_k", *EXPLAIN_PARAMETERS, "output")
 RETRY_AFTER_S = 1
+# An error's type -> the HTTP status it is answered with (any other UserError: 422).
+STATUS = {OptionError: 400, NotFound: 404, LimitError: 413, InputError: 422, BundleError: 500, Unavailable: 503}
 
 
 class HTTPError(Exception):
+    """A refusal of the transport itself (content type, body size or deadline, a malformed form) with its status."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-@dataclass
+def status_of(error: UserError) -> int:
+    return next((status for kind, status in STATUS.items() if isinstance(error, kind)), 422)
+
+
+@dataclass(frozen=True)
 class Job:
     image: np.ndarray  # model input [C, H, W]
     picture: object  # the decoded photo (for overlays)
     shown: np.ndarray  # what the model sees, uint8 [H, W, 3]
-    target: int | None
-    top_k: int
-    method: str
-    integrate: bool | None
-    channels: int | None
-    variant: str
-    steps: int
-    rule: str | None
+    options: ExplainOptions  # checked
+    targets: TargetChoice  # checked
     output: str
 
     def group(self):
         """Jobs with the same key run as one engine call."""
-        return (self.method, self.integrate, self.channels, self.variant, self.steps, self.rule, self.target is None,
-                self.top_k)
-
-    def options(self) -> dict:
-        """explain()'s method options."""
-        return dict(method=self.method, integrate=self.integrate, channels=self.channels, variant=self.variant,
-                    steps=self.steps, rule=self.rule)
-
-
-def _int(params, name, default, low, high):
-    text = params.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise HTTPError(400, f"{name} must be an integer, got {text!r}") from None
-    if not low <= value <= high:
-        raise HTTPError(400, f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _choice(params, name, default, accepted):
-    value = params.get(name, default)
-    if value != default and value not in accepted:
-        raise HTTPError(400, f"{name} must be one of {', '.join(accepted)}, got {value!r}")
-    return value
+        return self.options, self.targets
 
 
 def _multipart(body: bytes, content_type: str):
@@ -135,21 +128,19 @@ class ExplainService:
     """One replica's engine: an Explainer plus request parsing and responses (all synchronous, CPU-bound work that
     the deployment runs off the event loop); `serve_application` wraps it in Ray Serve deployments."""
 
-    def __init__(self, bundle: str, providers=None, max_pixels: int = MAX_PIXELS, precision=None):
+    def __init__(self, bundle: str, backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS):
         from igcam_engine import Explainer
 
-        self.explainer = Explainer(bundle, providers=providers, precision=precision)
-        self.max_pixels = max_pixels
+        self.explainer = Explainer(bundle, **asdict(backend or BackendOptions()), limits=limits)
+        self.limits = self.explainer.limits
         self.batch_sizes: Counter = Counter()
         self.explained = 0
         # Warm the sessions: Ray Serve routes no request here before this constructor returns.
         self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))
 
     def parse(self, body: bytes, content_type: str, params: dict) -> Job:
-        from igcam_engine.explainer import VARIANTS, path_nodes
+        """A request's job; a UserError (its status by type) or HTTPError for what is wrong with it."""
         from igcam_engine.images import load_image, to_model_input
-        from igcam_engine.methods import METHODS, check_channels
-        from igcam_engine.quadrature import RULES
 
         kind = content_type.split(";")[0].strip().lower()
         if kind == "multipart/form-data":
@@ -160,65 +151,43 @@ class ExplainService:
                                  "or multipart/form-data with an 'image' field")
         unknown = sorted(set(params) - set(PARAMETERS))
         if unknown:
-            raise HTTPError(400, f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: "
-                                 f"{', '.join(PARAMETERS)}")
+            raise OptionError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(PARAMETERS)}")
         if not body:
             raise HTTPError(400, "the request has no image")
-        classes = self.explainer.num_classes
-        target = _int(params, "target", None, 0, classes - 1)
-        top_k = _int(params, "top_k", 1, 1, min(MAX_TOP_K, classes))
-        if target is not None and "top_k" in params:
-            raise HTTPError(400, "give target or top_k, not both")
-        integrate = _choice(params, "integrate", None, ("1", "0", "true", "false"))
-        job = dict(method=_choice(params, "method", "igcam", METHODS),
-                   integrate=None if integrate is None else integrate in ("1", "true"),
-                   variant=_choice(params, "variant", "official", tuple(VARIANTS)),
-                   steps=_int(params, "steps", 50, 1, MAX_STEPS),
-                   rule=_choice(params, "rule", None, RULES),
-                   output=_choice(params, "output", "png", OUTPUTS))
-        layer_channels = self.explainer.manifest["target_layer"]["shape"][0]
-        channels = _int(params, "channels", None, 1, min(MAX_CHANNELS, layer_channels))
-        try:
-            row = path_nodes(job["method"], job["variant"], job["rule"], job["steps"], integrate=job["integrate"])[0]
-            job["channels"] = check_channels(channels, row, layer_channels)
-        except UserError as e:
-            raise HTTPError(400, str(e)) from None
-        if job["channels"] is None and row.per_channel:
-            job["channels"] = min(MAX_CHANNELS, layer_channels)
-        try:
-            picture = load_image(bytes(body), self.max_pixels)
-        except UserError as e:
-            raise HTTPError(413 if "more than the limit" in str(e) else 422, str(e)) from None
+        manifest = self.explainer.manifest
+        targets = TargetChoice.from_text(params.get("target"), params.get("top_k")).checked(manifest.num_classes,
+                                                                                            self.limits)
+        options = ExplainOptions.from_text({name: params[name] for name in EXPLAIN_PARAMETERS if name in params})
+        options = options.checked(self.limits, manifest.target_layer.channels)
+        output = choice(params.get("output", "png"), "output", OUTPUTS)
+        picture = load_image(bytes(body), self.limits.pixels)
         image, shown = to_model_input(picture, self.explainer.input_shape, self.explainer.preprocess)
-        return Job(image, picture, shown, target, top_k, **job)
+        return Job(image, picture, shown, options, targets, output)
 
     def run(self, jobs: list[Job]) -> list:
-        """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job."""
-        from igcam_engine.explainer import class_probabilities
-
+        """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job, or the
+        UserError of its group."""
         self.batch_sizes[len(jobs)] += 1
         results = [None] * len(jobs)
         groups = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.group(), []).append(index)
-        for indices in groups.values():
-            first = jobs[indices[0]]
+        for (options, choice_of_targets), indices in groups.items():
             images = np.stack([jobs[i].image for i in indices])
             try:
                 scores = self.explainer.predict(images)
-                order = np.argsort(-scores, axis=1)
-                targets = (np.array([[jobs[i].target] for i in indices]) if first.target is not None
-                           else order[:, : first.top_k])
-                maps = self.explainer.explain(images, targets, **first.options())
-            except UserError as e:  # e.g. trapezoid with steps=1: the whole group was asked the same
+                targets = choice_of_targets.select(scores)
+                maps = self.explainer.explain(images, targets, options)
+            except UserError as e:  # e.g. maps that overflow float32: the whole group was asked the same
                 for i in indices:
-                    results[i] = HTTPError(400 if "trapezoid" in str(e) else 422, str(e))
+                    results[i] = e
                 continue
             probabilities = class_probabilities(scores)
-            for row, i in enumerate(indices):
+            order = np.argsort(-scores, axis=1)
+            for position, i in enumerate(indices):
                 predictions = [{"class": int(c), "label": self.explainer.label(int(c)),
-                                "probability": float(probabilities[row, c])} for c in order[row, :5]]
-                results[i] = (predictions, [int(t) for t in targets[row]], maps[row])
+                                "probability": float(probabilities[position, c])} for c in order[position, :5]]
+                results[i] = (predictions, [int(t) for t in targets[position]], maps[position])
         return results
 
     def respond(self, job: Job, result):
@@ -226,7 +195,7 @@ class ExplainService:
         from igcam_engine.images import overlay_on_photo
 
         self.explained += 1
-        if isinstance(result, HTTPError):
+        if isinstance(result, (UserError, HTTPError)):
             return _error(result)
         predictions, targets, maps = result
         headers = {"X-Igcam-Predictions": json.dumps(predictions[:3]), "X-Igcam-Targets": json.dumps(targets)}
@@ -256,8 +225,10 @@ def _inside_prefix(request) -> str:
     return path.rstrip("/")
 
 
-def _error(error: HTTPError):
-    return error.status, "application/json", json.dumps({"error": str(error)}).encode(), {}
+def _error(error):
+    """The answer to a refused request: its status (an HTTPError's own, a UserError's by type), one JSON line."""
+    status = error.status if isinstance(error, HTTPError) else status_of(error)
+    return status, "application/json", json.dumps({"error": str(error)}).encode(), {}
 
 
 async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_S) -> bytes:
@@ -286,7 +257,8 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_
 
 
 def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                      providers=None, precision=None, cpus_per_replica: float = 1.0, max_pixels: int = MAX_PIXELS,
+                      backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS,
+                      cpus_per_replica: float = 1.0,
                       max_queued: int | None = None):
     """The Ray Serve application (its ingress deployment bound to its arguments) for a bundle shipped with
     cluster.ship_bundle. A replica takes up to 4 x max_batch requests at once (at least 16) and queues up to
@@ -304,11 +276,11 @@ def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, b
         def __init__(self):
             import ray
 
-            from igcam_engine.apps.cluster import materialise_bundle
+            from igcam_engine.apps.cluster import materialize_bundle
 
             serve_replica_on_loopback()
-            self.folder = materialise_bundle(shipped)
-            self.service = ExplainService(self.folder.name, providers, max_pixels, precision)
+            self.folder = materialize_bundle(shipped)
+            self.service = ExplainService(self.folder.name, backend, limits)
             self.node = ray.get_runtime_context().get_node_id()
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -336,7 +308,7 @@ def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, b
                                                  request.headers.get("content-type", ""), dict(request.query_params))
                 result = await self.explain_batch(job)
                 status, kind, body, headers = await loop.run_in_executor(None, self.service.respond, job, result)
-            except HTTPError as e:
+            except (HTTPError, UserError) as e:
                 status, kind, body, headers = _error(e)
             return Response(body, status_code=status, media_type=kind, headers=headers)
 
@@ -359,33 +331,54 @@ def health_application():
     return Health.bind()
 
 
-def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, *, replicas=1, max_batch=8, batch_wait_ms=10.0,
-               providers=None, precision=None, address=None, max_pixels: int = MAX_PIXELS, name: str = "igcam",
-               route_prefix: str = "/", runtime_env=None):
-    """Starts Ray (loopback only) or joins `address`, deploys the applications `name` (at `route_prefix`) and
-    `name`-health (at `route_prefix`/healthz) and serves until interrupted (Ctrl-C, SIGTERM). On the way out it
-    removes its own applications only (on a cluster, other users' stay) and stops everything it started."""
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how the service listens: its address, the engine replicas, Serve's batching (images per engine call
+    at most, and how long a request waits for others), the application's name and route prefix."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    name: str = "igcam"
+    route_prefix: str = "/"
+
+    def checked(self) -> "ServerOptions":
+        if not isinstance(self.host, str) or not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]{1,255}", self.host):
+            raise OptionError(f"--host must be an address or host name, got {self.host!r}")
+        return ServerOptions(self.host, integer(self.port, "port", 1, 65535), integer(self.replicas, "replicas", 1, 1024),
+                             integer(self.max_batch, "max_batch", 1, 1024),
+                             number(self.batch_wait_ms, "batch_wait_ms", 0, 60_000), *check_route(self.name,
+                                                                                                 self.route_prefix))
+
+
+def run_server(bundle: str, server: ServerOptions = ServerOptions(), *, backend: BackendOptions | None = None,
+               limits: Limits = SERVICE_LIMITS, address=None, runtime_env=None):
+    """Starts Ray (loopback only) or joins `address`, deploys the applications `server.name` (at its route prefix)
+    and NAME-health (at PREFIX/healthz) and serves until interrupted (Ctrl-C, SIGTERM). On the way out it removes
+    its own applications only (on a cluster, other users' stay) and stops everything it started. Everything is
+    checked before Ray starts."""
     from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
-    from igcam_engine.explainer import check_backend
 
     check_address(address, "serve")
-    check_backend(providers, precision)
-    prefix = check_route(name, route_prefix)
+    server, backend, limits = server.checked(), (backend or BackendOptions()).checked(), limits.checked()
     load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
+    name, prefix = server.name, server.route_prefix
     ray = start_ray(address, "serve", "serve", runtime_env)
     from ray import serve
 
     try:
         # One HTTP proxy, on the head node: on a cluster whose nodes share a machine (or a port range) a proxy per
         # node would contend for the port; a load balancer in front of several heads is the way to scale it.
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port, "keep_alive_timeout_s": 5})
-        host, port = _proxy_address(host, port)
+        serve.start(proxy_location="HeadOnly", http_options={"host": server.host, "port": server.port,
+                                                             "keep_alive_timeout_s": 5})
+        host, port = _proxy_address(server.host, server.port)
         serve.run(health_application(), name=f"{name}-health", route_prefix=f"{prefix.rstrip('/')}/healthz",
                   blocking=False)
-        serve.run(serve_application(ship_bundle(ray, bundle), replicas=replicas, max_batch=max_batch,
-                                    batch_wait_ms=batch_wait_ms, providers=providers, precision=precision,
-                                    max_pixels=max_pixels),
+        serve.run(serve_application(ship_bundle(ray, bundle), replicas=server.replicas, max_batch=server.max_batch,
+                                    batch_wait_ms=server.batch_wait_ms, backend=backend, limits=limits),
                   name=name, route_prefix=prefix, blocking=False)
         base = f"http://{host}:{port}{prefix.rstrip('/')}"
         print(f"igcam serve: {base}/explain (POST an image), {base}/healthz, /ready, /stats; application '{name}'; "
@@ -417,13 +410,14 @@ def _proxy_address(host: str, port: int):
     return config.host, config.port
 
 
-def check_route(name, route_prefix) -> str:
-    """The application name (letters, digits, - and _) and route prefix ("/" or "/a/b") checked; the prefix."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name or ""):
-        raise UserError(f"--name must be 1 to 64 letters, digits, '-' or '_', got {name!r}")
-    if not re.fullmatch(r"/|(/[A-Za-z0-9._~-]+)+", route_prefix or ""):
-        raise UserError(f"--route-prefix must be '/' or a path such as /igcam (no trailing slash), got {route_prefix!r}")
-    return route_prefix
+def check_route(name, route_prefix) -> tuple:
+    """(name, route prefix): the application name (letters, digits, - and _) and route prefix ("/" or "/a/b")
+    checked."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise OptionError(f"--name must be 1 to 64 letters, digits, '-' or '_', got {name!r}")
+    if not isinstance(route_prefix, str) or not re.fullmatch(r"/|(/[A-Za-z0-9._~-]+)+", route_prefix):
+        raise OptionError(f"--route-prefix must be '/' or a path such as /igcam (no trailing slash), got {route_prefix!r}")
+    return name, route_prefix
 
 
 def stop_application(address, name: str = "igcam") -> list[str]:
@@ -433,7 +427,7 @@ def stop_application(address, name: str = "igcam") -> list[str]:
 
     check_route(name, "/")
     if not address:
-        raise UserError("--stop removes an application from a running cluster: give its --address")
+        raise OptionError("--stop removes an application from a running cluster: give its --address")
     ray = start_ray(address, "serve", "serve")
     try:
         from ray import serve
@@ -445,3 +439,41 @@ def stop_application(address, name: str = "igcam") -> list[str]:
         return removed
     finally:
         stop_ray(ray)
+
+
+def arguments(parser) -> None:
+    parser.add_argument("bundle", nargs="?", help="bundle directory (from `igcam export`)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", default="8000", help="port (default: 8000)")
+    parser.add_argument("--replicas", default="1", metavar="N", help="engine replicas (default: 1)")
+    parser.add_argument("--max-batch", default="8", metavar="N", help="images per engine call at most (default: 8)")
+    parser.add_argument("--batch-wait-ms", default="10", metavar="MS",
+                        help="how long a request waits for others to batch with (default: 10)")
+    add_cluster_arguments(parser, "ray://HOST:PORT (Ray Client)")
+    parser.add_argument("--name", default="igcam", help="the Serve application's name (default: igcam; its health "
+                        "check is NAME-health)")
+    parser.add_argument("--route-prefix", default="/", help="where the application's paths start (default: /)")
+    parser.add_argument("--stop", action="store_true", help="remove the application NAME from the cluster at "
+                        "--address (after an igcam serve that could not clean up) and exit")
+    add_backend_arguments(parser)
+    add_limit_arguments(parser, SERVICE_LIMITS, service=True)
+
+
+def run(args) -> None:
+    from igcam_engine.apps.cluster import parse_runtime_env
+    from igcam_engine.validators import integer_text, number_text
+
+    if args.stop:
+        removed = stop_application(args.address, args.name)
+        print(f"removed {', '.join(removed)}" if removed else f"no application '{args.name}' is running there")
+        return
+    if args.bundle is None:
+        raise OptionError("give the bundle to serve (or --stop with --address to remove a running one)")
+    server = ServerOptions(args.host, integer_text(args.port, "port"), integer_text(args.replicas, "replicas"),
+                           integer_text(args.max_batch, "max_batch"), number_text(args.batch_wait_ms, "batch_wait_ms"),
+                           args.name, args.route_prefix)
+    run_server(args.bundle, server, backend=backend_options(args), limits=limits(args, SERVICE_LIMITS),
+               address=args.address, runtime_env=parse_runtime_env(args.runtime_env))
+
+
+COMMANDS = (Command("serve", "serve explanations over HTTP (Ray Serve, dynamic batching)", arguments, run),)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import InputError, OptionError, Unavailable
 
 SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 
@@ -32,12 +32,12 @@ class Location:
         if scheme is None:
             return cls(text, pyarrow.fs.LocalFileSystem(), os.path.abspath(text), True)
         if scheme not in SCHEMES:
-            raise UserError(f"'{cls(text, None, '', False).shown}': unsupported storage scheme '{scheme}://'; "
+            raise OptionError(f"'{cls(text, None, '', False).shown}': unsupported storage scheme '{scheme}://'; "
                             f"accepted: a local path or {', '.join(s + '://' for s in SCHEMES)}")
         try:
             fs, path = pyarrow.fs.FileSystem.from_uri(text)
         except (ValueError, OSError, ImportError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            raise UserError(f"cannot open '{cls(text, None, '', False).shown}': {str(e).splitlines()[0]}") from None
+            raise OptionError(f"cannot open '{cls(text, None, '', False).shown}': {_first_line(e)}") from None
         return cls(text, fs, path.rstrip("/"), False)
 
     def join(self, name: str) -> str:
@@ -64,7 +64,7 @@ class Location:
             return {pyarrow.fs.FileType.Directory: "folder", pyarrow.fs.FileType.File: "file",
                     pyarrow.fs.FileType.NotFound: "missing"}.get(self.fs.get_file_info(self.path).type, "other")
         except OSError as e:
-            raise UserError(f"cannot reach '{self.shown}': {str(e).splitlines()[0]}") from None
+            raise Unavailable(f"cannot reach '{self.shown}': {_first_line(e)}") from None
 
     def files(self) -> dict:
         """{file name: size} of the files directly in the folder (none when it does not exist)."""
@@ -75,7 +75,7 @@ class Location:
         try:
             infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, recursive=False))
         except OSError as e:
-            raise UserError(f"cannot list '{self.shown}': {str(e).splitlines()[0]}") from None
+            raise InputError(f"cannot list '{self.shown}': {_first_line(e)}") from None
         return {PurePosixPath(i.path).name: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
     def read(self, name: str) -> bytes:
@@ -98,13 +98,13 @@ class Location:
     def create(self) -> None:
         kind = self.kind()
         if kind not in ("folder", "missing"):
-            raise UserError(f"output '{self.shown}' exists and is not a folder")
+            raise OptionError(f"output '{self.shown}' exists and is not a folder")
         try:
             self.fs.create_dir(self.path, recursive=True)
         except OSError as e:
-            raise UserError(f"cannot create the output folder '{self.shown}': {str(e).splitlines()[0]}") from None
+            raise OptionError(f"cannot create the output folder '{self.shown}': {_first_line(e)}") from None
         if self.local and not os.access(self.path, os.W_OK | os.X_OK):
-            raise UserError(f"the output folder '{self.shown}' is not writable")
+            raise OptionError(f"the output folder '{self.shown}' is not writable")
 
     def reader_paths(self, names) -> list[str]:
         """The files as Ray Data's readers take them with `reader_filesystem`: a local folder's files are read
@@ -116,3 +116,8 @@ class Location:
 
     def reader_filesystem(self):
         return None if self.local else self.fs
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -1,5 +1,5 @@
-"""Data shipped with the package: sample photos, the ImageNet class names, and the localisation set's photo, textures
-and hand-checked boxes (localisation/, read by igcam_engine.evaluate.annotations); sources and licences in
+"""Data shipped with the package: sample photos, the ImageNet class names, and the localization set's photo, textures
+and hand-checked boxes (localization/, read by igcam_engine.evaluation.annotations); sources and licences in
 ATTRIBUTION.md."""
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def imagenet_labels() -> list[str]:
     return (resources.files(__name__) / "imagenet_labels.txt").read_text().splitlines()
 
 
-def localisation_dir() -> Path:
-    """The localisation set's folder: its boxes, photo and textures."""
-    return Path(str(resources.files(__name__))) / "localisation"
+def localization_dir() -> Path:
+    """The localization set's folder: its boxes, photo and textures."""
+    return Path(str(resources.files(__name__))) / "localization"
 
 
-def localisation_photos() -> list[dict]:
-    """The localisation set's photos (the samples and camera.png) with their hand-checked box: rows of
-    localisation/boxes.csv (file, class, x0, y0, x1, y1), `file` made a path."""
-    rows = list(csv.DictReader(io.StringIO((localisation_dir() / "boxes.csv").read_text())))
-    return [{**row, "file": localisation_dir().parent / row["file"]} for row in rows]
+def localization_photos() -> list[dict]:
+    """The localization set's photos (the samples and camera.png) with their hand-checked box: rows of
+    localization/boxes.csv (file, class, x0, y0, x1, y1), `file` made a path."""
+    rows = list(csv.DictReader(io.StringIO((localization_dir() / "boxes.csv").read_text())))
+    return [{**row, "file": localization_dir().parent / row["file"]} for row in rows]

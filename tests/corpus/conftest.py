@@ -21,7 +21,7 @@ def pytest_sessionfinish(session, exitstatus):
     report = os.environ.get("IGCAM_CORPUS_REPORT")
     if not report or not ROWS:
         return
-    lines = ["| family | model (layer, input) | exported | max normalised Δ | max raw Δ / peak | float32 torch Δ | "
+    lines = ["| family | model (layer, input) | exported | max normalized Δ | max raw Δ / peak | float32 torch Δ | "
              "time |", "|---|---|---|---|---|---|---|"]
 
     def cell(row, key, form, unit=""):

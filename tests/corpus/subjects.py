@@ -55,7 +55,7 @@ ARCHITECTURES = [
 
 
 def photos(shape, count=2) -> np.ndarray:
-    """The sample photos as ImageNet-normalised model input of `shape`."""
+    """The sample photos as ImageNet-normalized model input of `shape`."""
     spec = resolve_preprocess("imagenet")
     return np.stack([to_model_input(load_image(p), shape, spec)[0] for p in sample_images()[:count]])
 
@@ -66,7 +66,7 @@ VARIANCE_FLOOR = 1e-3
 def calibrated(model: torch.nn.Module, shape) -> torch.nn.Module:
     """Random weights made realistic: linear layers at He scale (torchvision and timm start classifier heads near 0,
     so logits, and maps, would be ~1e-3), and batch-norm statistics measured on varied real photos (see
-    calibration_batch), so that activations are normalised as a trained network's are, not degenerate. Variances
+    calibration_batch), so that activations are normalized as a trained network's are, not degenerate. Variances
     are kept above VARIANCE_FLOOR: a channel nearly constant on the calibration images would make the network
     ill-conditioned (float32 and float64 torch then differ by percents)."""
     generator = torch.Generator().manual_seed(0)

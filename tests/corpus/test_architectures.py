@@ -1,6 +1,6 @@
 """Every architecture of the corpus (random weights, batch norm calibrated on real photos) exported with from_torch
 and explained on two real photos; its maps against the contract computed by torch autograd in float64, for both
-presets, Gauss-Legendre and Grad-CAM, raw values and normalised. Where float32 torch itself is further from float64
+presets, Gauss-Legendre and Grad-CAM, raw values and normalized. Where float32 torch itself is further from float64
 than the default tolerances (a max-pool tie that flips, the cancellation in A(x) - A(baseline)), the engine must be
 within a small multiple of that distance."""
 import time

@@ -5,8 +5,8 @@ path.
 
 The same quantity is compared: pytorch-grad-cam's raw map at layer resolution (what its get_cam_image returns,
 captured during its own call), rectified as the engine's maps are (EigenCAM: its sign chosen as the engine
-chooses it), upsampled by OpenCV as pytorch-grad-cam upsamples; raw values and normalised maps are both checked.
-Its final, min-max normalised output is compared too wherever rectification changes nothing.
+chooses it), upsampled by OpenCV as pytorch-grad-cam upsamples; raw values and normalized maps are both checked.
+Its final, min-max normalized output is compared too wherever rectification changes nothing.
 """
 import cv2
 import numpy as np
@@ -100,7 +100,7 @@ def test_method_matches_pytorch_grad_cam(subject, method):
     ours = explainer.explain(images, targets, method=method)
     assert_maps_match(ours, as_engine_defines(raw, method, images.shape[2:]),
                       raw_tolerance=PER_CHANNEL_RAW_TOLERANCE if method in PER_CHANNEL else 1e-4)
-    # pytorch-grad-cam's own output is the engine's map min-max normalised, but for EigenCAM only where SVD's
+    # pytorch-grad-cam's own output is the engine's map min-max normalized, but for EigenCAM only where SVD's
     # arbitrary sign happened to be the one the engine chooses
     same = [abs(m.max()) >= abs(m.min()) or method != "eigencam" for m in raw]
     assert max_normalized_difference(final[same], ours[same]) <= 1e-3 if any(same) else True

@@ -10,10 +10,12 @@ instead, so asking for bf16 there is an error that says so.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from igcam_engine.errors import UserError
+from igcam_engine.errors import BundleError, OptionError, Unavailable, UserError, install_hint
 
+NAME = "openvino"
+GRAPHS = ("forward", "gradient")
 PRECISIONS = ("f32", "bf16")  # OpenVINO's own names (INFERENCE_PRECISION_HINT values)
 DEVICE = "CPU"
 
@@ -22,17 +24,29 @@ def _core():
     try:
         import openvino
     except ImportError:
-        raise UserError("the OpenVINO backend needs OpenVINO's runtime: pip install 'igcam-engine[openvino]'") from None
+        raise Unavailable(f"the OpenVINO backend needs OpenVINO's runtime: {install_hint('openvino')}") from None
     return openvino.Core()
 
 
-def check_precision(precision) -> str:
-    """The backend's precision: None means float32 (exact maps); bfloat16 only when asked for."""
-    if precision is None:
-        return "f32"
+def check(options):
+    """The options OpenVINO takes: a precision (float32 unless bfloat16 is asked for), none of the GPU options."""
+    if options.fp16 or options.tf32:
+        raise OptionError("fp16 and tf32 are TensorRT's and CUDA's options; the OpenVINO backend takes a precision")
+    precision = "f32" if options.precision is None else options.precision
     if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r} for the OpenVINO backend; accepted: {', '.join(PRECISIONS)}")
-    return precision
+        raise OptionError(f"unknown precision {precision!r} for the OpenVINO backend; accepted: {', '.join(PRECISIONS)}")
+    return replace(options, precision=precision)
+
+
+def load(manifest, options):
+    """The bundle's forward and gradient graphs compiled by OpenVINO for the CPU, behind the host stages."""
+    from igcam_engine.backends import Backend
+    from igcam_engine.host import HostStages
+
+    compiled = sessions({graph: manifest.graph_path(graph) for graph in GRAPHS}, options.precision, manifest.root)
+    return Backend(NAME, HostStages(compiled["forward"], compiled["gradient"]), compiled["forward"].precision,
+                   [f"OpenVINO {DEVICE}"], lambda: {graph: session.placement() for graph, session in compiled.items()},
+                   compiled)
 
 
 @dataclass(frozen=True)
@@ -50,14 +64,14 @@ class OpenVINOSession:
     def __init__(self, path: str, precision: str, core=None):
         core = core or _core()
         if precision == "bf16" and "BF16" not in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
-            raise UserError(f"precision bf16: this CPU ({core.get_property(DEVICE, 'FULL_DEVICE_NAME')}) has no bfloat16 "
+            raise Unavailable(f"precision bf16: this CPU ({core.get_property(DEVICE, 'FULL_DEVICE_NAME')}) has no bfloat16 "
                             "instructions (AVX512_BF16 or AMX), so OpenVINO would run float32; use precision f32")
         self.compiled = core.compile_model(path, DEVICE, {"INFERENCE_PRECISION_HINT": precision,
                                                           "PERFORMANCE_HINT": "LATENCY"})
         # what OpenVINO will actually compute in, which a caller reports (it may differ from the hint elsewhere)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if self.precision != precision:
-            raise UserError(f"precision {precision}: OpenVINO compiles this graph in {self.precision} on this CPU")
+            raise Unavailable(f"precision {precision}: OpenVINO compiles this graph in {self.precision} on this CPU")
         self._requests = threading.local()
 
     def run(self, output_names, feeds: dict) -> list:
@@ -104,6 +118,6 @@ def sessions(graph_paths: dict, precision: str, bundle: str) -> dict:
             raise
         except Exception as e:  # OpenVINO raises RuntimeError with its call stack first, the reason last
             lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith("Exception from")]
-            raise UserError(f"bundle '{bundle}': {graph}.onnx cannot be compiled by OpenVINO: "
+            raise BundleError(f"bundle '{bundle}': {graph}.onnx cannot be compiled by OpenVINO: "
                             f"{(lines or ['no reason given'])[0][:300]}") from None
     return compiled

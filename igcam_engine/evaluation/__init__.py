@@ -1,28 +1,31 @@
 """`igcam evaluate`: are the maps any good? Faithfulness (deletion and insertion AUC, Average Drop, Increase in
-Confidence), localisation against ground-truth objects (EBPG, Bbox, pointing game, mIoU) and Adebayo et al.'s sanity
-check, per image and aggregated with 95 % bootstrap intervals. README "Evaluation" gives each formula and its source.
+Confidence), localization against ground-truth objects (EBPG, Bbox, pointing game, mIoU) and Adebayo et al.'s sanity
+check, per image and aggregated with 95 % bootstrap intervals. docs/evaluation.md gives each formula and its source.
 
 The model is the engine (a bundle run by ONNX Runtime) unless the caller passes another `Model` (the benchmarks pass
 PyTorch eager to time the same metrics both ways); every perturbed image goes through `Model.probabilities` in
-batches. Formulas: igcam_engine.evaluate.metrics; data: igcam_engine.evaluate.annotations.
+batches. Formulas: igcam_engine.evaluation.metrics; data: igcam_engine.evaluation.annotations.
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from igcam_engine.errors import UserError
-from igcam_engine.evaluate import metrics
-from igcam_engine.evaluate.annotations import read_annotations, shipped_set
-from igcam_engine.explainer import class_probabilities
-from igcam_engine.images import MAX_PIXELS, fit, load_image, to_model_input
-from igcam_engine.methods import METHODS
+from igcam_engine.backends import BackendOptions
+from igcam_engine.errors import InputError, OptionError, UserError
+from igcam_engine.evaluation import metrics
+from igcam_engine.evaluation.annotations import read_annotations, shipped_set
+from igcam_engine.images import fit, load_image, to_model_input
+from igcam_engine.methods import INTEGRATED_GRADCAM, METHODS
+from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
 from igcam_engine.preprocess import black_input
+from igcam_engine.targets import class_probabilities
+from igcam_engine.validators import choice, integer
 
 PAPER_PRESET = "igcam-paper"  # IG-CAM with the paper's variant; "igcam" is the official one
 METHOD_NAMES = (*METHODS, PAPER_PRESET)
@@ -38,55 +41,43 @@ METRICS = {
     "bbox": ("Bbox", True),
     "pointing": ("pointing game", True),
     "miou": ("mIoU (top 20 %)", True),
-    "sanity": ("sanity: Spearman ρ to the randomised head", False),
+    "sanity": ("sanity: Spearman ρ to the randomized head", False),
 }
 
 
 @dataclass(frozen=True)
 class Config:
-    """One method as evaluated: explain's method, variant and steps."""
+    """One method as evaluated: its label in the report and explain's options."""
 
-    method: str
-    variant: str = "official"
-    steps: object = None  # integrated methods: an int or "auto"
-
-    @property
-    def label(self) -> str:
-        if self.steps is None:
-            return self.method
-        return f"igcam ({self.variant}, {'adaptive' if self.steps == 'auto' else f'm={self.steps}'})"
-
-    def options(self) -> dict:
-        if self.steps is None:
-            return {"method": self.method}
-        return {"method": self.method, "variant": self.variant, "steps": self.steps}
+    label: str
+    options: ExplainOptions
 
 
 def configs(methods=DEFAULT_METHODS, steps=(50,)) -> list[Config]:
-    """The evaluated configurations: each integrated preset at each of `steps` (ints or "auto"), others once."""
+    """The evaluated configurations: each integrated preset ("igcam", the official variant, and "igcam-paper") at
+    each of `steps` (ints or "auto"), the other methods once."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
-        raise UserError(f"no methods given; accepted: {', '.join(METHOD_NAMES)}")
+        raise OptionError(f"no methods given; accepted: {', '.join(METHOD_NAMES)}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
-        raise UserError(f"unknown method(s) {unknown}; accepted: {', '.join(METHOD_NAMES)}")
-    for s in steps:
-        if s != "auto" and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1):
-            raise UserError(f"steps must be positive integers or 'auto', got {s!r}")
+        raise OptionError(f"unknown method(s) {unknown}; accepted: {', '.join(METHOD_NAMES)}")
     out = []
     for method in dict.fromkeys(methods):
-        if method in ("igcam", PAPER_PRESET):
+        if method in (INTEGRATED_GRADCAM, PAPER_PRESET):
             variant = "paper" if method == PAPER_PRESET else "official"
-            out += [Config("igcam", variant, s if s == "auto" else int(s)) for s in dict.fromkeys(steps)]
+            for s in dict.fromkeys(steps):
+                options = ExplainOptions(method=INTEGRATED_GRADCAM, variant=variant, steps=s).checked()
+                out.append(Config(f"igcam ({variant}, {'adaptive' if s == 'auto' else f'm={options.steps}'})", options))
         else:
-            out.append(Config(method))
+            out.append(Config(method, ExplainOptions(method=method).checked()))
     return out
 
 
 class Model:
     """What the evaluation needs of a model: its input, class probabilities of images in model input space, maps at
-    input resolution, and the same model with its head randomised (the sanity check)."""
+    input resolution, and the same model with its head randomized (the sanity check)."""
 
     input_shape: tuple
     preprocess: dict | None
@@ -99,70 +90,71 @@ class Model:
     def explain(self, images: np.ndarray, targets: np.ndarray, config: Config) -> np.ndarray:
         raise NotImplementedError
 
-    def randomised(self, directory: Path) -> "Model":
-        """The model with its head randomised; `directory` (new, removed after the run) may hold its files."""
+    def randomized(self, directory: Path) -> "Model":
+        """The model with its head randomized; `directory` (new, removed after the run) may hold its files."""
         raise NotImplementedError
 
 
 class EngineModel(Model):
-    """A bundle run by the engine (ONNX Runtime)."""
+    """A bundle run by the engine; `rows_per_call` and `channels` (Score-CAM's and Ablation-CAM's) apply to every
+    configuration."""
 
-    def __init__(self, bundle, providers=None, batch_size=None, channels=None):
+    def __init__(self, bundle, backend: BackendOptions | None = None, rows_per_call=None, channels=None,
+                 limits: Limits = DEFAULT_LIMITS):
         from igcam_engine import Explainer
 
         self.bundle = Path(bundle)
-        self.providers, self.batch_size, self.channels = providers, batch_size, channels
-        self.explainer = Explainer(bundle, providers=providers)
+        self.backend, self.rows_per_call, self.channels, self.limits = backend, rows_per_call, channels, limits
+        self.explainer = Explainer(bundle, **asdict(backend or BackendOptions()), limits=limits)
         self.input_shape = self.explainer.input_shape
         self.preprocess = self.explainer.preprocess
         self.num_classes = self.explainer.num_classes
-        self.labels = self.explainer.manifest.get("labels")
+        self.labels = self.explainer.manifest.labels
 
     def probabilities(self, images):
         return class_probabilities(self.explainer.predict(images))
 
     def explain(self, images, targets, config):
-        options = config.options()
-        if options["method"] in ("scorecam", "ablationcam"):
-            options["channels"] = self.channels
-        return self.explainer.explain(images, targets, batch_size=self.batch_size, **options)
+        per_channel = config.options.method_row.per_channel
+        return self.explainer.explain(images, targets, config.options, rows_per_call=self.rows_per_call,
+                                      channels=self.channels if per_channel else None)
 
-    def randomised(self, directory):
-        from igcam_engine.export.randomise import randomised_head
+    def randomized(self, directory):
+        from igcam_engine.export.randomize import randomized_head
 
-        copy = randomised_head(self.bundle, Path(directory) / "bundle")
-        return EngineModel(copy, self.providers, self.batch_size, self.channels)
+        copy = randomized_head(self.bundle, Path(directory) / "bundle")
+        return EngineModel(copy, self.backend, self.rows_per_call, self.channels, self.limits)
 
 
 def evaluate(bundle_or_model, data, *, methods=DEFAULT_METHODS, steps=(50,), perturbation_steps: int = 16,
              deletion: str = "black", insertion: str = "blur", sanity: bool = True, sanity_images: int | None = None,
-             only_correct: bool = False, limit: int | None = None, keep_maps: int = 4, providers=None, batch_size=None, channels=None,
-             max_pixels: int = MAX_PIXELS, log=None, warn=None) -> dict:
+             only_correct: bool = False, limit: int | None = None, keep_maps: int = 4,
+             backend: BackendOptions | None = None, rows_per_call=None, channels=None, limits: Limits = DEFAULT_LIMITS,
+             log=None, warn=None) -> dict:
     """Evaluates the methods on an annotated data set (a folder or manifest, see read_annotations; "shipped": the
-    shipped localisation set, built into a temporary folder). Returns the report: per image its target and metrics
+    shipped localization set, built into a temporary folder). Returns the report: per image its target and metrics
     (or its error), per method each metric's mean with its 95 % bootstrap interval, the mean deletion and insertion
     curves, timings, and the maps of the first `keep_maps` images for the overlays. The sanity check runs on the
     first `sanity_images` evaluated images (None: all). `log(line)` hears of each image, `warn(line)` of each entry
     that cannot be evaluated."""
-    if not isinstance(perturbation_steps, int) or isinstance(perturbation_steps, bool) or not 2 <= perturbation_steps <= 1024:
-        raise UserError(f"perturbation steps must be an integer in [2, 1024], got {perturbation_steps!r}")
-    for name, value in (("deletion", deletion), ("insertion", insertion)):
-        if value not in SUBSTITUTES:
-            raise UserError(f"the {name} substitute must be one of {', '.join(SUBSTITUTES)}, got {value!r}")
+    integer(perturbation_steps, "perturbation_steps", 2, 1024)
+    choice(deletion, "deletion substitute", SUBSTITUTES)
+    choice(insertion, "insertion substitute", SUBSTITUTES)
     for name, value in (("limit", limit), ("sanity_images", sanity_images)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"{name} must be a positive number of images, got {value!r}")
+        if value is not None:
+            integer(value, name, 1)
+    limits = limits.checked()
     evaluated = configs(methods, steps)
     model = bundle_or_model if isinstance(bundle_or_model, Model) else \
-        EngineModel(bundle_or_model, providers=providers, batch_size=batch_size, channels=channels)
+        EngineModel(bundle_or_model, backend, rows_per_call, channels, limits)
     log, warn = log or (lambda line: None), warn or (lambda line: None)
     with tempfile.TemporaryDirectory(prefix="igcam-evaluate-") as scratch:
         source = shipped_set(Path(scratch) / "shipped") if str(data) == "shipped" else data
         folder, entries = read_annotations(source, model.num_classes, model.labels)
         if limit is not None:
             entries = entries[:limit]
-        random_model = model.randomised(Path(scratch) / "randomised") if sanity else None
-        run = _Run(model, random_model, evaluated, perturbation_steps, deletion, insertion, only_correct, max_pixels,
+        random_model = model.randomized(Path(scratch) / "randomized") if sanity else None
+        run = _Run(model, random_model, evaluated, perturbation_steps, deletion, insertion, only_correct, limits.pixels,
                    sanity_images)
         started = time.perf_counter()
         for n, entry in enumerate(entries):
@@ -217,7 +209,7 @@ class _Run:
             mask = self._object_mask(entry, picture)
             x, shown = to_model_input(picture, self.model.input_shape, self.model.preprocess)
         except UserError as e:
-            record["error"] = f"{entry.where}: {e}" if entry.where not in str(e) else str(e)
+            record["error"], record["kind"] = f"{entry.where}: {e}", e.kind
             return
         probabilities = self.model.probabilities(x[None])[0]
         accepted = np.array(entry.classes)
@@ -233,14 +225,14 @@ class _Run:
         for config in self.configs:
             maps[config.label] = self.model.explain(x[None], np.array([target]), config)[0].astype(np.float32)
         self.seconds["maps"] += time.perf_counter() - started
-        record["metrics"] = {label: self._localisation(saliency, mask) for label, saliency in maps.items()}
+        record["metrics"] = {label: self._localization(saliency, mask) for label, saliency in maps.items()}
         self._perturbations(x, target, probabilities[target], maps, record)
         if self.random_model is not None and (self.sanity_left is None or self.sanity_left > 0):
             self.sanity_left = None if self.sanity_left is None else self.sanity_left - 1
             started = time.perf_counter()
             for config in self.configs:
-                randomised = self.random_model.explain(x[None], np.array([target]), config)[0]
-                record["metrics"][config.label]["sanity"] = metrics.spearman(maps[config.label], randomised)
+                randomized = self.random_model.explain(x[None], np.array([target]), config)[0]
+                record["metrics"][config.label]["sanity"] = metrics.spearman(maps[config.label], randomized)
             self.seconds["sanity"] += time.perf_counter() - started
         if keep:
             self.kept.append({"file": record["file"], "picture": shown, "mask": mask, "target": target, "maps": maps})
@@ -252,11 +244,11 @@ class _Run:
         resized = np.asarray(fit(Image.fromarray(full.astype(np.uint8) * 255, "L"), self.model.input_shape[1:], policy))
         mask = resized > 127
         if not mask.any():
-            raise UserError(f"{entry.where}: the object is smaller than a pixel at the model's input size "
+            raise InputError(f"the object is smaller than a pixel at the model's input size "
                             f"{self.model.input_shape[2]}x{self.model.input_shape[1]}")
         return mask
 
-    def _localisation(self, saliency, mask) -> dict:
+    def _localization(self, saliency, mask) -> dict:
         return {"ebpg": metrics.energy_inside(saliency, mask), "bbox": metrics.top_pixels_inside(saliency, mask),
                 "pointing": metrics.pointing_hit(saliency, mask), "miou": metrics.top_fraction_iou(saliency, mask)}
 

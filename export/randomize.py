@@ -1,4 +1,4 @@
-"""A copy of a bundle whose head (the layers after the target) has its learned parameters randomised: the model
+"""A copy of a bundle whose head (the layers after the target) has its learned parameters randomized: the model
 of Adebayo et al.'s sanity check ("Sanity checks for saliency maps", NeurIPS 2018), whose maps must differ from the
 trained model's if the maps depend on what the head learned.
 
@@ -22,12 +22,13 @@ from .writer import staged, write_bundle
 OWN_PREFIX = "igcam/"  # the exporter's own constants (class indices, shapes), never parameters
 
 
-def randomised_head(bundle, out, seed: int = 0) -> Path:
+def randomized_head(bundle, out, seed: int = 0) -> Path:
     """Writes into `out` the bundle with every floating-point parameter of its gradient graph (more than one value,
-    not one of the exporter's constants) permuted; returns `out`. Raises UserError for a bundle that does not load."""
+    not one of the exporter's constants) permuted; returns `out`. Raises a BundleError for a bundle that does not
+    load."""
     manifest = load_manifest(bundle)
-    root = Path(manifest["root"])
-    graphs = {name: onnx.load(str(root / manifest["graphs"][name]["file"])) for name in GRAPHS}
+    root = manifest.root
+    graphs = {name: onnx.load(manifest.graph_path(name)) for name in GRAPHS}
     head = {t.name for t in graphs["gradient"].graph.initializer
             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
             and int(np.prod(t.dims)) > 1 and not t.name.startswith(OWN_PREFIX)}
@@ -46,7 +47,7 @@ def randomised_head(bundle, out, seed: int = 0) -> Path:
     kept = json.loads((root / MANIFEST).read_text())
     for field in ("format", "format_version", "graphs", "weights"):
         kept.pop(field, None)
-    kept["randomised_head"] = {"seed": seed, "parameters": sorted(head)}
+    kept["randomized_head"] = {"seed": seed, "parameters": sorted(head)}
     with staged(out) as staging:
         write_bundle(staging, graphs, kept)
     return Path(out)

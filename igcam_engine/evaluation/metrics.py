@@ -1,4 +1,4 @@
-"""The evaluation metrics, each one formula of README "Evaluation" on numpy arrays (no model inside): saliency maps
+"""The evaluation metrics, each one formula of docs/evaluation.md on numpy arrays (no model inside): saliency maps
 [H, W] at model input resolution, ground-truth masks [H, W] bool, class probabilities from the caller's model.
 
 Perturbation metrics are split in two: this module builds the perturbed images (deletion and insertion sequences,
@@ -45,7 +45,7 @@ def curve_auc(probabilities: np.ndarray) -> float:
 
 
 def masked_by_map(image: np.ndarray, black: np.ndarray, saliency: np.ndarray) -> np.ndarray:
-    """The picture multiplied pixel by pixel by the min-max normalised map (Grad-CAM++'s E_c o I), in model input
+    """The picture multiplied pixel by pixel by the min-max normalized map (Grad-CAM++'s E_c o I), in model input
     space: preprocessing is affine per channel, so pixel * e is black + (image - black) * e there."""
     return (black + (image - black) * normalized(saliency)[None]).astype(np.float32)
 
@@ -69,7 +69,7 @@ def normalized(saliency: np.ndarray) -> np.ndarray:
 
 
 def energy_inside(saliency: np.ndarray, mask: np.ndarray) -> float:
-    """EBPG: the share of the normalised map's energy that falls inside the object; 0 for an all-zero map."""
+    """EBPG: the share of the normalized map's energy that falls inside the object; 0 for an all-zero map."""
     s = normalized(saliency)
     total = s.sum()
     return float(s[mask].sum() / total) if total > 0 else 0.0

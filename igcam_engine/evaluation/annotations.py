@@ -1,9 +1,9 @@
-"""Annotated images for `igcam evaluate`: a folder with a CSV or COCO-style JSON manifest (README "Evaluation",
-format), read as untrusted input, and the shipped localisation set built from the package's photos.
+"""Annotated images for `igcam evaluate`: a folder with a CSV or COCO-style JSON manifest (docs/evaluation.md,
+format), read as untrusted input, and the shipped localization set built from the package's photos.
 
 Every problem with one entry (a box outside its image, an unknown class, a missing or unreadable file, a file name
 leading out of the folder) is that entry's one-line error; the other entries are still evaluated. Problems with the
-manifest as a whole (unreadable, no header, too large) are one UserError.
+manifest as a whole (unreadable, no header, too large) are one error for the whole run.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from igcam_engine.data import localisation_dir, localisation_photos
-from igcam_engine.errors import UserError
+from igcam_engine.data import localization_dir, localization_photos
+from igcam_engine.errors import InputError, LimitError, NotFound, UserError
 from igcam_engine.images import load_image
+from igcam_engine.validators import class_indices
 
 MANIFEST_NAMES = ("manifest.csv", "annotations.json")
 MAX_MANIFEST_BYTES = 64 << 20
@@ -46,17 +47,17 @@ class Entry:
         mask = np.zeros((height, width), bool)
         for x0, y0, x1, y1 in self.boxes:
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-                raise UserError(f"{self.where}: box ({x0}, {y0}, {x1}, {y1}) does not lie inside the {width}x{height} "
+                raise InputError(f"box ({x0}, {y0}, {x1}, {y1}) does not lie inside the {width}x{height} "
                                 "image; boxes are x0,y0,x1,y1 pixels with 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height")
             mask[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
         for path in self.masks:
             picture = load_image(path)
             if picture.size != (width, height):
-                raise UserError(f"{self.where}: mask '{path.name}' is {picture.width}x{picture.height}, its image "
+                raise InputError(f"mask '{path.name}' is {picture.width}x{picture.height}, its image "
                                 f"{width}x{height}; a mask has its image's size")
             mask |= np.asarray(picture).max(axis=2) > 0
         if not mask.any():
-            raise UserError(f"{self.where}: the object mask is empty (a mask needs non-zero pixels)")
+            raise InputError("the object mask is empty (a mask needs non-zero pixels)")
         return mask
 
 
@@ -67,18 +68,18 @@ def read_annotations(source, num_classes: int, labels=None) -> tuple[Path, list[
     if source.is_dir():
         found = [source / name for name in MANIFEST_NAMES if (source / name).is_file()]
         if not found:
-            raise UserError(f"'{source}' has no {' or '.join(MANIFEST_NAMES)}: see README \"Evaluation\" for the format")
+            raise NotFound(f"'{source}' has no {' or '.join(MANIFEST_NAMES)}: see docs/evaluation.md for the format")
         manifest = found[0]
     elif source.is_file():
         manifest = source
     else:
-        raise UserError(f"no such data folder or manifest: '{source}'")
+        raise NotFound(f"no such data folder or manifest: '{source}'")
     if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-        raise UserError(f"'{manifest}' is {manifest.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+        raise LimitError(f"'{manifest}' is {manifest.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"'{manifest}' is not UTF-8 text") from None
+        raise InputError(f"'{manifest}' is not UTF-8 text") from None
     classes = _ClassNames(num_classes, labels)
     folder = manifest.parent
     if manifest.suffix.lower() == ".json":
@@ -86,11 +87,11 @@ def read_annotations(source, num_classes: int, labels=None) -> tuple[Path, list[
     elif manifest.suffix.lower() == ".csv":
         entries = _csv_entries(text, manifest.name, folder, classes)
     else:
-        raise UserError(f"'{manifest}': a manifest is a .csv or a COCO-style .json file")
+        raise InputError(f"'{manifest}': a manifest is a .csv or a COCO-style .json file")
     if not entries:
-        raise UserError(f"'{manifest}' lists no images")
+        raise InputError(f"'{manifest}' lists no images")
     if len(entries) > MAX_ENTRIES:
-        raise UserError(f"'{manifest}' lists {len(entries)} entries, more than {MAX_ENTRIES}")
+        raise LimitError(f"'{manifest}' lists {len(entries)} entries, more than {MAX_ENTRIES}")
     return folder, entries
 
 
@@ -106,13 +107,11 @@ class _ClassNames:
         for part in str(value).split("|"):
             part = part.strip()
             if part.lstrip("-").isdigit():
-                index = int(part)
-                if not 0 <= index < self.num_classes:
-                    raise UserError(f"class {index} is not in [0, {self.num_classes - 1}]")
+                index = int(class_indices(int(part), self.num_classes, "class"))
             elif part in self.by_name:
                 index = self.by_name[part]
             else:
-                raise UserError(f"unknown class {part!r}: give a class index in [0, {self.num_classes - 1}] or one of "
+                raise InputError(f"unknown class {part!r}: give a class index in [0, {self.num_classes - 1}] or one of "
                                 "the bundle's labels (several separated by '|')")
             found.append(index)
         return tuple(dict.fromkeys(found))
@@ -121,17 +120,17 @@ class _ClassNames:
 def _inside(folder: Path, name, where: str) -> Path:
     """The file `name` inside `folder`: relative, no '..', no link leading out."""
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise UserError(f"{where}: a file name must be a non-empty string, got {name!r}")
+        raise InputError(f"{where}: a file name must be a non-empty string, got {name!r}")
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts:
-        raise UserError(f"{where}: file '{name}' must be a path relative to the data folder, without '..'")
+        raise InputError(f"{where}: file '{name}' must be a path relative to the data folder, without '..'")
     path = folder / relative
     try:
         resolved, root = path.resolve(), folder.resolve()
-    except OSError as e:
-        raise UserError(f"{where}: cannot resolve '{name}': {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a link loop
+        raise InputError(f"{where}: cannot resolve '{name}': {getattr(e, 'strerror', None) or e}") from None
     if root not in resolved.parents:
-        raise UserError(f"{where}: file '{name}' leads out of the data folder (a link?)")
+        raise InputError(f"{where}: file '{name}' leads out of the data folder (a link?)")
     return path
 
 
@@ -139,9 +138,9 @@ def _number(value, what: str, where: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}: {what} must be a number, got {value!r}") from None
+        raise InputError(f"{where}: {what} must be a number, got {value!r}") from None
     if not np.isfinite(number):
-        raise UserError(f"{where}: {what} must be finite, got {value!r}")
+        raise InputError(f"{where}: {what} must be finite, got {value!r}")
     return number
 
 
@@ -168,7 +167,7 @@ def _csv_entries(text: str, name: str, folder: Path, classes: _ClassNames) -> li
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     if "file" not in header or "class" not in header or not (set(CSV_COLUMNS[2:]) <= set(header) or "mask" in header):
-        raise UserError(f"'{name}' needs a header with file,class and either x0,y0,x1,y1 (a box) or mask (a mask "
+        raise InputError(f"'{name}' needs a header with file,class and either x0,y0,x1,y1 (a box) or mask (a mask "
                         f"image) columns; got {header}")
     rows = []
     for line, row in enumerate(reader, start=2):
@@ -181,7 +180,7 @@ def _csv_entries(text: str, name: str, folder: Path, classes: _ClassNames) -> li
             box = tuple(_number(row.get(c), c, where) for c in CSV_COLUMNS[2:]) if has_box else None
             mask = _inside(folder, row["mask"], where) if (row.get("mask") or "").strip() else None
             if box is None and mask is None:
-                raise UserError(f"{where}: give a box (x0,y0,x1,y1) or a mask file")
+                raise InputError(f"{where}: give a box (x0,y0,x1,y1) or a mask file")
             rows.append((file, accepted, box, mask, where, None))
         except UserError as e:
             rows.append((file, (), None, None, where, str(e)))
@@ -195,17 +194,19 @@ def _coco_entries(text: str, name: str, folder: Path, classes: _ClassNames) -> l
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"'{name}' is not valid JSON: {e}") from None
+        raise InputError(f"'{name}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"'{name}' nests its JSON too deeply to be an annotation file") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list) \
             or not isinstance(document.get("annotations"), list):
-        raise UserError(f"'{name}' must be a JSON object with lists 'images' and 'annotations' (COCO style)")
+        raise InputError(f"'{name}' must be a JSON object with lists 'images' and 'annotations' (COCO style)")
     names = {}
     for category in document.get("categories") or []:
-        if isinstance(category, dict) and "id" in category:
+        if isinstance(category, dict) and isinstance(category.get("id"), (int, str)):
             names[category["id"]] = category.get("name")
     images = {}
     for n, image in enumerate(document["images"]):
-        if isinstance(image, dict) and "id" in image:
+        if isinstance(image, dict) and isinstance(image.get("id"), (int, str)):
             images[image["id"]] = image.get("file_name")
     rows = []
     for n, annotation in enumerate(document["annotations"]):
@@ -213,17 +214,17 @@ def _coco_entries(text: str, name: str, folder: Path, classes: _ClassNames) -> l
         file = None
         try:
             if not isinstance(annotation, dict):
-                raise UserError(f"{where}: an annotation is an object with image_id, category_id and bbox")
+                raise InputError(f"{where}: an annotation is an object with image_id, category_id and bbox")
             image_id = annotation.get("image_id")
-            if image_id not in images:
-                raise UserError(f"{where}: image_id {image_id!r} is not among the images")
+            if not isinstance(image_id, (int, str)) or image_id not in images:
+                raise InputError(f"{where}: image_id {image_id!r} is not among the images")
             file = _inside(folder, images[image_id], where)
             category = annotation.get("category_id")
-            label = names.get(category)
-            accepted = _with_where(classes.parse, label if label in classes.by_name else category, where)
+            label = names.get(category) if isinstance(category, (int, str)) else None
+            accepted = _with_where(classes.parse, label if isinstance(label, str) and label in classes.by_name else category, where)
             bbox = annotation.get("bbox")
             if not isinstance(bbox, list) or len(bbox) != 4:
-                raise UserError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+                raise InputError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
             x, y, w, h = (_number(v, "bbox", where) for v in bbox)
             rows.append((file, accepted, (x, y, x + w, y + h), None, where, None))
         except UserError as e:
@@ -235,17 +236,17 @@ def _with_where(parse, value, where):
     try:
         return parse(value)
     except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
 
 
-# The shipped set: photos of the package with hand-checked boxes (data/localisation/boxes.csv), and composites of
+# The shipped set: photos of the package with hand-checked boxes (data/localization/boxes.csv), and composites of
 # their objects pasted at random places and scales on the package's textures, the boxes known by construction.
 COMPOSITE_SIZE = 320
 TEXTURES = ("grass.png", "gravel.png", "brick.png")
 
 
 def shipped_set(directory, composites: int = 240, seed: int = 0) -> Path:
-    """Writes the shipped localisation set into `directory` (the photos, `composites` composites, manifest.csv) and
+    """Writes the shipped localization set into `directory` (the photos, `composites` composites, manifest.csv) and
     returns it; an existing complete set with the same parameters is reused."""
     directory = Path(directory)
     stamp = directory / "built.json"
@@ -253,7 +254,7 @@ def shipped_set(directory, composites: int = 240, seed: int = 0) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    photos = localisation_photos()
+    photos = localization_photos()
     rows = []
     objects = []
     for photo in photos:
@@ -263,7 +264,7 @@ def shipped_set(directory, composites: int = 240, seed: int = 0) -> Path:
         box = tuple(int(photo[c]) for c in CSV_COLUMNS[2:])
         rows.append((target, photo["class"], box))
         objects.append((source.crop(box), photo["class"]))
-    textures = [Image.open(localisation_dir() / name).convert("RGB") for name in TEXTURES]
+    textures = [Image.open(localization_dir() / name).convert("RGB") for name in TEXTURES]
     rng = np.random.default_rng(seed)
     for n in range(composites):
         crop, accepted = objects[n % len(objects)]

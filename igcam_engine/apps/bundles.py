@@ -1,0 +1,161 @@
+"""`igcam export` and `igcam layers`: a PyTorch module or an ONNX classifier into a bundle, and the layers that can
+be its target. The work is the exporter's (igcam_engine.export); this module reads the command line."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from igcam_engine.apps.arguments import Command, positive
+from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable
+from igcam_engine.options import ExplainOptions
+from igcam_engine.validators import steps_text
+
+
+def export_arguments(parser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--torch", metavar="MODULE:FACTORY", help="a Python callable returning a torch.nn.Module")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX classifier (one NCHW float input, logits output)")
+    parser.add_argument("--layer", help="target module path for --torch, as in named_modules() (e.g. layer4)")
+    parser.add_argument("--tensor", help="target activation tensor for --onnx (default: see `igcam layers`)")
+    parser.add_argument("--input-shape", metavar="C,H,W", help="model input shape (required for --torch)")
+    parser.add_argument("--preprocess", default="none", help="'imagenet', 'none', or a JSON dict/file with resize "
+                        "(stretch|crop), scale, mean, std (default: none)")
+    parser.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    parser.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to write")
+    parser.add_argument("--verbose", action="store_true", help="on a failure inside torch's exporter, print its full "
+                        "report")
+    triton = parser.add_argument_group("Triton model repository (explain.onnx with the quadrature fixed)")
+    triton.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository here")
+    triton.add_argument("--triton-steps", default="50", metavar="N", help="interpolation steps (default: 50)")
+    triton.add_argument("--triton-variant", default="official", metavar="V", help="official or paper (default: "
+                        "official)")
+    triton.add_argument("--triton-rule", metavar="R", help="quadrature rule (default: the variant's)")
+    triton.add_argument("--triton-max-batch", default="8", metavar="N", help="max_batch_size (default: 8)")
+    triton.add_argument("--triton-tensorrt", default="off", metavar="off|fp32|fp16",
+                        help="TensorRT accelerator for Triton's onnxruntime backend (default: off)")
+
+
+def export(args) -> None:
+    exporter = _exporter()
+    labels = None
+    if args.labels:
+        try:
+            labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the labels file '{args.labels}': {getattr(e, 'strerror', None) or e}"
+                             ) from None
+    preprocess, shape = _preprocess(args.preprocess), _shape(args.input_shape)
+    triton = None
+    if args.triton_repo:  # checked before the slow export, not after
+        triton = ExplainOptions(steps=steps_text(args.triton_steps, "--triton-steps"), variant=args.triton_variant,
+                                rule=args.triton_rule).checked()
+        max_batch = positive(args.triton_max_batch, "--triton-max-batch")
+    started = time.perf_counter()
+    if args.torch:
+        if not args.layer or not shape:
+            raise OptionError("--torch needs --layer NAME and --input-shape C,H,W")
+        path = exporter.from_torch(_torch_factory(args.torch), args.layer, shape, args.output, preprocess=preprocess,
+                                   labels=labels)
+    else:
+        if args.layer:
+            raise OptionError("--layer is for --torch; with --onnx name the activation with --tensor")
+        path = exporter.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
+                                  input_shape=shape, labels=labels)
+    manifest = json.loads((path / "manifest.json").read_text())
+    layer = manifest["target_layer"]
+    print(f"wrote bundle {path} (target '{layer['name']}' {layer['shape']}, {manifest['num_classes']} classes) "
+          f"in {time.perf_counter() - started:.1f} s")
+    if triton is not None:
+        folder = exporter.triton_repository(path, args.triton_repo, options=triton, max_batch_size=max_batch,
+                                            tensorrt=args.triton_tensorrt)
+        print(f"wrote Triton model {folder} (serve with: tritonserver --model-repository {args.triton_repo})")
+
+
+def layers_arguments(parser) -> None:
+    parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its 4-D activation tensors")
+    parser.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
+    parser.add_argument("--input-shape", metavar="C,H,W")
+
+
+def layers(args) -> None:
+    exporter = _exporter()
+    shape = _shape(args.input_shape)
+    if args.torch:
+        if not shape:
+            raise OptionError("--torch needs --input-shape C,H,W to report output shapes")
+        print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
+        for row in exporter.torch_layers(_torch_factory(args.torch), shape):
+            print(f"{row['module']:40s} {row['type']:24s} {str(row['shape']):20s} "
+                  f"{exporter.usability(row['shape'], calls=row['calls'])}")
+        return
+    if not args.onnx:
+        raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
+    print(f"{'tensor':48s} {'op':20s} {'shape':18s} --tensor?")
+    for row in exporter.layers(args.onnx, shape):
+        print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {exporter.usability(row['shape'], row['cut'])}")
+
+
+def _exporter():
+    """igcam_engine.export, or a one-line error naming the install that provides what it lacks."""
+    try:
+        from igcam_engine import export
+    except ModuleNotFoundError as e:
+        raise Unavailable(str(e)) from None
+    return export
+
+
+def _shape(text):
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"--input-shape expects C,H,W like 3,224,224, got '{text}'") from None
+    if len(shape) != 3 or min(shape) < 1 or max(shape) > 1 << 16:
+        raise OptionError(f"--input-shape expects three positive integers C,H,W (at most 65536), got '{text}'")
+    return shape
+
+
+def _torch_factory(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise OptionError(f"--torch expects MODULE:FACTORY (e.g. mymodels:resnet50), got '{spec}'")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as e:
+        raise NotFound(f"cannot import module '{module_name}': {e}") from None
+    except AttributeError:
+        raise NotFound(f"module '{module_name}' has no attribute '{attribute}'") from None
+    import torch
+
+    try:
+        model = factory if isinstance(factory, torch.nn.Module) else factory()
+    except Exception as e:  # the user's factory: report its failure in one line
+        raise ModelError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"{spec} must be (or return) a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _preprocess(text: str):
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise OptionError(f"--preprocess is not valid JSON: {e}") from None
+    if text.endswith(".json"):
+        try:
+            return json.loads(Path(text).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise OptionError(f"cannot read --preprocess file '{text}': {getattr(e, 'strerror', None) or e}") from None
+    return text
+
+
+COMMANDS = (
+    Command("export", "turn a PyTorch module or an ONNX classifier into a bundle", export_arguments, export),
+    Command("layers", "list the candidate target layers of a model", layers_arguments, layers),
+)

@@ -1,0 +1,113 @@
+"""The validators every option goes through: each returns the value normalized (an int, a float, a bool) or raises
+OptionError in one line naming the option, what it got and what is accepted. The *_text forms read the same values
+from text (command lines, query strings, form fields), so that every front end refuses a value with the same line."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from igcam_engine.errors import OptionError
+
+
+def integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An int (numpy's too), never a bool, within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or \
+            (low is not None and value < low) or (high is not None and value > high):
+        raise OptionError(f"{name} must be {_integer_range(low, high)}, got {shown(value)}")
+    return int(value)
+
+
+def number(value, name: str, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+           open_high: bool = False) -> float:
+    """A finite real number, never a bool, within its bounds (open or closed)."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok and low is None and high is None:
+        raise OptionError(f"{name} must be a finite number, got {shown(value)}")
+    if not ok:
+        interval = f"{'(' if open_low else '['}{'-inf' if low is None else low:g}, " \
+                   f"{'inf' if high is None else high:g}{')' if open_high else ']'}"
+        raise OptionError(f"{name} must be a number in {interval}, got {shown(value)}")
+    return float(value)
+
+
+def flag(value, name: str) -> bool:
+    """A yes/no option: a bool, or 0 or 1 (a string such as "false" would otherwise read as true)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise OptionError(f"{name} must be True or False (or 1/0), got {shown(value)}")
+
+
+def choice(value, name: str, accepted, what: str | None = None) -> str:
+    if not isinstance(value, str) or value not in accepted:
+        raise OptionError(f"unknown {what or name} {shown(value)}; accepted: {', '.join(accepted)}")
+    return value
+
+
+def class_indices(values, classes: int, name: str) -> np.ndarray:
+    """Class indices (an int or any integer array) within [0, classes): the one range check of every target."""
+    array = np.asarray(values)
+    what = "a class index" if array.ndim == 0 else "class indices"
+    if array.dtype.kind not in "iu":
+        raise OptionError(f"{name} must be {what} (integers) in [0, {classes - 1}], got {shown(values)}")
+    wrong = array[(array < 0) | (array >= classes)]
+    if wrong.size:
+        raise OptionError(f"{name} must be {what} in [0, {classes - 1}], got {int(wrong.flat[0])}")
+    return array.astype(np.int64)
+
+
+def _integer_range(low, high) -> str:
+    if low is not None and high is not None:
+        return f"an integer in [{low}, {high}]"
+    if low == 1:
+        return "a positive integer"
+    return "an integer" + (f" >= {low}" if low is not None else "") + (f" <= {high}" if high is not None else "")
+
+
+def shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?\d{1,30}")
+
+
+def integer_text(text: str, name: str) -> int:
+    if not isinstance(text, str) or not _INTEGER_TEXT.fullmatch(text.strip()):
+        raise OptionError(f"{name} must be an integer, got {shown(text)}")
+    return int(text)
+
+
+def number_text(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be a number, got {shown(text)}") from None
+
+
+def flag_text(text: str, name: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise OptionError(f"{name} must be 1/0 or true/false, got {shown(text)}")
+
+
+def steps_text(text: str, name: str = "steps"):
+    if isinstance(text, str) and text.strip() == "auto":
+        return "auto"
+    if not isinstance(text, str) or not _INTEGER_TEXT.fullmatch(text.strip()):
+        raise OptionError(f"{name} must be a positive integer or 'auto', got {shown(text)}")
+    return int(text)
+
+
+def verbatim(text, name):
+    """A text option read as it is (names: a method, a rule, a baseline)."""
+    return text
