@@ -58,7 +58,7 @@ def _model_latency(name, workdir, steps, peer_steps, batches, repeats, warmup, p
 
     record("floor", lambda: forward.run(None, feeds))
     record("ort_forward", lambda: classifier.run(None, {"x": rows}))
-    for m in steps:
+    for m in dict.fromkeys([*steps, peer_steps]):  # the ratios compare the engine at the peers' m
         record(f"engine_m{m}", lambda m=m: explainer.explain(image, target, steps=m))
     for p in model.parameters():
         p.requires_grad_(False)

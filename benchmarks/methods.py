@@ -103,12 +103,12 @@ def _black(preprocess) -> np.ndarray:
 def markdown(report: dict) -> str:
     lines = [f"One {SHAPE[1]}×{SHAPE[2]} photo (chelsea.png), its predicted class; medians of timed runs in the same "
              "process. Δ: max |difference| of the min-max normalized maps (EigenCAM: pytorch-grad-cam keeps SVD's "
-             "arbitrary sign, see README \"Methods\").", "",
+             "arbitrary sign, see docs/method.md).", "",
              "| model | method | engine | pytorch-grad-cam | engine speed-up | max normalized Δ |", "|---|---|---|---|---|---|"]
     for entry in report["results"]:
         for row in entry["rows"]:
             lines.append(f"| {entry['model']} ({entry['layer']}) | {row['method']} | {ms(row['engine']['median_s'])} | "
                          f"{ms(row['peer']['median_s'])} | ×{row['ratio']:.1f} | {row['normalized_error']:.1e} |")
     kernel = ", ".join(name for name, method in METHOD_TABLE.items() if method.kernel is not None)
-    lines += ["", f"On a GPU the fused kernel reduces {kernel} (and their integrated forms) on the device; see README \"Methods\"."]
+    lines += ["", f"On a GPU the fused kernel reduces {kernel} (and their integrated forms) on the device; see docs/method.md."]
     return "\n".join(lines)

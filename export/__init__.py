@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ except ModuleNotFoundError:
 
 from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable, UserError, install_hint
 from igcam_engine.preprocess import resolve_preprocess
+from igcam_engine.validators import integer
 
 from .autodiff import MissingRules
 from .builder import default_opset
@@ -38,7 +40,8 @@ def _load(path) -> onnx.ModelProto:
 def layers(path, input_shape=None) -> list[dict]:
     """The 4-D activations of an ONNX model: tensor name, producing op and node, shape [K, h, w], and `cut`
     (True where every path from the input to the logits passes through it, i.e. it can be a target layer)."""
-    return candidate_layers(prepare(_load(path), input_shape).model)
+    return candidate_layers(prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else
+                                    _shape(input_shape)).model)
 
 
 def torch_layers(model, input_shape) -> list[dict]:
@@ -71,6 +74,10 @@ def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labe
     `tensor` names the target activation; None picks the last 4-D activation with spatial size > 1x1 that every
     path from the input to the logits passes through. `input_shape` (C, H, W) fixes dynamic spatial dims.
     """
+    _path(path, "the ONNX file")
+    input_shape = None if input_shape is None else _shape(input_shape)
+    if tensor is not None and not isinstance(tensor, str):
+        raise OptionError(f"tensor must be the name of an activation tensor (see `igcam layers`), got {tensor!r:.80}")
     return _export(_load(path), out, tensor, preprocess, input_shape, labels, layer=tensor)
 
 
@@ -83,12 +90,35 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
             raise
         raise Unavailable(f"from_torch needs torch: {install_hint('export')}") from None
 
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(layer, str) or not layer:
+        raise OptionError(f"layer must be a module path as in named_modules() (e.g. 'layer4'), got {layer!r:.80}")
+    input_shape = _shape(input_shape)
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
     return _export(onnx_model, out, tensor, preprocess, input_shape, labels, layer=layer, reference=reference)
 
 
+def _path(value, what: str):
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise OptionError(f"{what} must be a path (str or os.PathLike), got {value!r:.80}")
+    return value
+
+
+def _shape(value) -> tuple:
+    """(C, H, W): three positive integers."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise OptionError(f"input_shape must be (C, H, W), got {value!r:.80}")
+    return tuple(integer(v, f"input_shape[{i}]", 1, 1 << 16) for i, v in enumerate(value))
+
+
 def _export(model, out, tensor, preprocess, input_shape, labels, layer, reference=None) -> Path:
+    _path(out, "out (the bundle folder to write)")
+    if labels is not None and (not isinstance(labels, (list, tuple)) or isinstance(labels, str)):
+        raise OptionError(f"labels must be a list of class names, got {type(labels).__name__}")
     prepared = prepare(model, input_shape)
     s = split(prepared.model, tensor)
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
@@ -122,6 +152,7 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
     module."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # its warnings would precede the one-line errors below
     images = _sample_inputs(s.input_shape, preprocess)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure is reported in the one-line error below, not on stderr

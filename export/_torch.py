@@ -40,8 +40,6 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     if layer not in modules or not layer:
         sample = ", ".join(list(n for n in modules if n)[-8:])
         raise OptionError(f"the model has no module '{layer}'; module paths look like: {sample}")
-    if len(input_shape) != 3:
-        raise OptionError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()

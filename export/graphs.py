@@ -59,9 +59,7 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     if tensor_type.elem_type != TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
         raise ModelError(f"input '{image.name}' must be a float32 NCHW tensor (rank 4)")
     dims = tensor_type.shape.dim
-    if input_shape is not None:
-        if len(input_shape) != 3:
-            raise OptionError(f"input_shape must be (C, H, W), got {input_shape}")
+    if input_shape is not None:  # checked by the exporter's entry points (three positive integers)
         for dim, size in zip(dims[1:], input_shape):
             if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
                 raise OptionError(f"input_shape {tuple(input_shape)} contradicts the model's input shape "

@@ -25,6 +25,9 @@ def staged(out):
     """A new directory beside `out` to write a bundle into; when the block succeeds it takes `out`'s place (an
     existing bundle there is replaced only then), when it fails it is removed and `out` is left as it was."""
     out = Path(out)
+    if out.is_symlink():
+        raise OptionError(f"output '{out}' is a link; write the bundle to a plain path (the folder it names, or a new "
+                          "one)")
     if out.exists() and not out.is_dir():
         raise OptionError(f"output '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
@@ -39,13 +42,16 @@ def staged(out):
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a bundle gets the usual permissions
     try:
         yield staging
-        if out.exists():
-            previous = staging.with_suffix(".previous")
-            out.rename(previous)
-            staging.rename(out)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(out)
+        try:
+            if out.exists():
+                previous = staging.with_suffix(".previous")
+                out.rename(previous)
+                staging.rename(out)
+                shutil.rmtree(previous)
+            else:
+                staging.rename(out)
+        except OSError as e:
+            raise OptionError(f"cannot put the bundle in place at '{out}': {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

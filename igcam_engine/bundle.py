@@ -115,7 +115,7 @@ def load_manifest(bundle, verify: bool = True) -> Manifest:
     if isinstance(bundle, Manifest):
         return bundle
     if not isinstance(bundle, (str, os.PathLike)) or not str(bundle):
-        raise BundleError(f"a bundle is a folder's path (str or os.PathLike), got {type(bundle).__name__}")
+        raise BundleError(f"a bundle is a folder's path (str or os.PathLike), got {bundle!r:.80}")
     root = Path(bundle)
     path = root / MANIFEST
     try:
@@ -138,7 +138,12 @@ def load_manifest(bundle, verify: bool = True) -> Manifest:
     if not isinstance(manifest, dict):
         raise BundleError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if manifest.get("format") != FORMAT or isinstance(version, bool) or version != FORMAT_VERSION:
+    try:
+        known = manifest.get("format") == FORMAT and validators.integer(version, "format_version", FORMAT_VERSION,
+                                                                         FORMAT_VERSION) == FORMAT_VERSION
+    except OptionError:  # true, 1.0, "1"
+        known = False
+    if not known:
         raise BundleError(
             f"{path}: bundle format {manifest.get('format')!r} v{version!r} is not supported; "
             f"this igcam-engine reads {FORMAT} v{FORMAT_VERSION} (re-export the model)"

@@ -139,6 +139,9 @@ class DeviceStages(Stages):
 
     def accumulate(self, maps: DeviceArray, chunk: Chunk, target: int, activations: DeviceArray, grads: DeviceArray,
                    path: PlacedPath, method) -> None:
+        if method.kernel is None:
+            raise Unavailable(f"method {method.name!r} has no form in the fused CUDA kernel yet; run it with "
+                              "providers='cpu'")
         _, targets, h, w = maps.shape
         channels, pixels = activations.shape[1], h * w
         base_pointer, per_image = 0, 0

@@ -116,7 +116,7 @@ class Explainer:
     def _call(self, images, targets, options: ExplainOptions):
         """(the call's inputs checked and placed where the stages work, whether targets came as [B, T])."""
         images = check_images(images, self.input_shape)
-        targets, multi = check_targets(targets, len(images), self.num_classes)
+        targets, multi = check_targets(targets, len(images), self.num_classes, self.limits.top_k)
         layer_shape, size = self.manifest.target_layer.shape, self.input_shape[1:]
         self.limits.check_maps(len(images), targets.shape[1], size, layer_shape[1:])
         base = baseline_images(options.baseline, len(images), self.input_shape, self.preprocess)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from igcam_engine.errors import InputError, LimitError, NotFound, OptionError
+from igcam_engine.validators import number
 
 MAX_PIXELS = 40_000_000  # the default bound on an image's width x height
 MAX_OVERLAY_SIDE = 2048  # overlays of larger photos are drawn on the photo scaled down to this longest side
@@ -140,8 +141,7 @@ def show_cam_on_image(image, mask: np.ndarray, image_weight: float = 0.5) -> np.
     `image` a PIL image or a numpy picture (as to_model_input takes: uint8, or float in [0, 1]), `mask` [h, w] of
     any range (min-max scaled; resized bilinearly to the image when its size differs). Returns uint8 RGB [H, W, 3]
     (not divided by its maximum, as theirs is)."""
-    if not 0 <= image_weight <= 1:
-        raise OptionError(f"image_weight must be in [0, 1], got {image_weight}")
+    image_weight = number(image_weight, "image_weight", 0, 1)
     picture = _from_array(image) if isinstance(image, np.ndarray) else _rgb(image, "the image")
     heatmap = np.asarray(mask, np.float32)
     if heatmap.ndim != 2 or not np.isfinite(heatmap).all():

@@ -34,6 +34,9 @@ def check_images(images, input_shape: tuple) -> np.ndarray:
     """Images [B, C, H, W] (or one [C, H, W]) in model input space, as contiguous finite float32."""
     shape = ", ".join(map(str, input_shape))
     array = as_array(images, f"images [B, {shape}]")
+    if array.ndim == 0:
+        raise InputError(f"images must be an array [B, {shape}] or [{shape}] in model input space, got "
+                         f"{type(images).__name__}")
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(input_shape):
@@ -49,16 +52,16 @@ def check_images(images, input_shape: tuple) -> np.ndarray:
     return array
 
 
-def check_targets(targets, batch: int, classes: int):
+def check_targets(targets, batch: int, classes: int, most: int | None = None):
     """(targets [B, T] int64, whether they were given as [B, T]): an int for every image, one per image, or T per
-    image."""
+    image, T at most `most` (default: the model's classes)."""
     if hasattr(targets, "detach"):
         targets = as_array(targets, "targets")
     try:
         array = np.asarray(targets)
     except ValueError:  # a ragged nested list
         raise OptionError("targets of shape [B, T] need the same number of classes T for every image") from None
-    if array.dtype.kind not in "iu" or array.ndim > 2 or isinstance(targets, (bool, np.bool_)):
+    if array.dtype.kind not in "iu" or array.ndim > 2:
         raise OptionError(f"targets must be an int, one int per image or [B, T] ints, got {targets!r}"[:200])
     multi = array.ndim == 2
     if array.ndim == 0:
@@ -68,6 +71,10 @@ def check_targets(targets, batch: int, classes: int):
     array = array.reshape(batch, -1)
     if array.size == 0:
         raise OptionError("no targets given: each image needs at least one class")
+    most = classes if most is None else min(most, classes)
+    if array.shape[1] > most:
+        raise OptionError(f"targets: {array.shape[1]} classes per image, more than {most} (the model's classes, or the "
+                          "top_k limit)")
     return np.ascontiguousarray(class_indices(array, classes, "targets")), multi
 
 

@@ -83,7 +83,11 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
     """Maps float32 [B, H, W] ([B, T, H, W] for targets [B, T]) of `model` at module `layer` for images [B, C, H, W]
     or [C, H, W] (a torch tensor or numpy array in model input space). targets None: each image's predicted class.
     `options` are Explainer.explain's (steps, integrate, variant, rule, channels, normalize, ...); `preprocess` is
-    the one the images went through (it defines the black baseline; see README "Python API")."""
+    the one the images went through (it defines the black baseline; see docs/api.md)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     array = as_array(images, "images")
     if array.ndim not in (3, 4):
         raise InputError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")

@@ -4,7 +4,7 @@
 option is checked, against `Limits` (the bounds: passes per map, channels, classes, memory, pixels) and, where it is
 known, the target layer's channel count. The CLI, the HTTP service, batch records, the evaluation and the Triton
 exporter build and store this object; text from a command line or a query string goes through `from_text`, so
-every front end refuses the same value with the same line. README "The method" and docs/method.md define each
+every front end refuses the same value with the same line. docs/method.md defines each
 option.
 """
 from __future__ import annotations
@@ -171,7 +171,9 @@ class ExplainOptions:
         if self.tolerance is not None or self.max_steps is not None:
             raise OptionError("tolerance and max_steps are for steps='auto' (the refinement stops when the maps change "
                               f"by less than tolerance); steps is {self.steps!r}")
-        steps = integer(steps, "steps", 1)
+        if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise OptionError(f"steps must be a positive integer or 'auto', got {shown(steps)}")
+        steps = int(steps)
         if integrated:
             _within_step_limit(steps, "steps", limits)
             check_rule(rule or VARIANTS[self.variant][0], steps)
@@ -185,14 +187,9 @@ class ExplainOptions:
             return None
         if not row.per_channel:
             raise OptionError(f"channels applies to scorecam and ablationcam (one pass per channel), not {method}")
-        high = min(x for x in (layer_channels, limits.channels) if x is not None) \
-            if layer_channels is not None or limits.channels is not None else None
+        high = min((x for x in (layer_channels, limits.channels) if x is not None), default=None)
         what = "the target layer's channels" if high == layer_channels else "the channel limit"
-        if isinstance(self.channels, (bool, np.bool_)) or not isinstance(self.channels, (int, np.integer)) or \
-                self.channels < 1 or (high is not None and self.channels > high):
-            raise OptionError(f"channels must be an integer in [1, {high}] ({what}), got {shown(self.channels)}"
-                              if high is not None else f"channels must be a positive integer, got {shown(self.channels)}")
-        return int(self.channels)
+        return integer(self.channels, "channels" if high is None else f"channels ({what})", 1, high)
 
     # What checked options mean: the method's row, whether it runs along the path, and the path.
 

@@ -8,7 +8,7 @@ size, then a centre crop), `scale` (multiplies pixel values 0..255) and per-chan
 from __future__ import annotations
 
 from igcam_engine.errors import OptionError
-from igcam_engine.validators import number
+from igcam_engine.validators import number, shown
 
 RESIZE_POLICIES = ("stretch", "crop")
 
@@ -24,7 +24,7 @@ def resolve_preprocess(spec, channels: int = 3, *, strict: bool = False):
     if spec is None or isinstance(spec, str):
         key = "none" if spec is None else spec
         if key not in PRESETS:
-            raise OptionError(f"unknown preprocess preset '{spec}'; accepted: {', '.join(PRESETS)} or a dict")
+            raise OptionError(f"unknown preprocess preset {shown(spec)}; accepted: {', '.join(PRESETS)} or a dict")
         spec = PRESETS[key]
         if spec is None:
             return None

@@ -41,7 +41,7 @@ def flag(value, name: str) -> bool:
     """A yes/no option: a bool, or 0 or 1 (a string such as "false" would otherwise read as true)."""
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
-    raise OptionError(f"{name} must be True or False (or 1/0), got {shown(value)}")
+    raise OptionError(f"{name} must be true or false (or 1/0), got {shown(value)}")
 
 
 def choice(value, name: str, accepted, what: str | None = None) -> str:
@@ -77,35 +77,40 @@ def shown(value) -> str:
 
 _INTEGER_TEXT = re.compile(r"[+-]?\d{1,30}")
 
-
-def integer_text(text: str, name: str) -> int:
-    if not isinstance(text, str) or not _INTEGER_TEXT.fullmatch(text.strip()):
-        raise OptionError(f"{name} must be an integer, got {shown(text)}")
-    return int(text)
+# The *_text readers convert what they recognize and hand anything else on unchanged, so that the validator then
+# refuses it with the same line as the same value given to the API ("steps must be ..., got 'many'").
 
 
-def number_text(text: str, name: str) -> float:
+def integer_text(text, name: str = ""):
+    """An integer's text as an int (up to 30 digits); anything else unchanged."""
+    if isinstance(text, str) and _INTEGER_TEXT.fullmatch(text.strip()):
+        return int(text)
+    return text
+
+
+def number_text(text, name: str = ""):
+    """A number's text as a float ("nan" and "inf" too, for the validator to refuse); anything else unchanged."""
     try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number, got {shown(text)}") from None
+        return float(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
 
 
-def flag_text(text: str, name: str) -> bool:
-    lowered = str(text).strip().lower()
+def flag_text(text, name: str = ""):
+    """1/0, true/false, yes/no (any case) as a bool; anything else unchanged."""
+    lowered = text.strip().lower() if isinstance(text, str) else None
     if lowered in ("1", "true", "yes"):
         return True
     if lowered in ("0", "false", "no"):
         return False
-    raise OptionError(f"{name} must be 1/0 or true/false, got {shown(text)}")
+    return text
 
 
-def steps_text(text: str, name: str = "steps"):
+def steps_text(text, name: str = "steps"):
+    """"auto", or an integer's text as an int; anything else unchanged."""
     if isinstance(text, str) and text.strip() == "auto":
         return "auto"
-    if not isinstance(text, str) or not _INTEGER_TEXT.fullmatch(text.strip()):
-        raise OptionError(f"{name} must be a positive integer or 'auto', got {shown(text)}")
-    return int(text)
+    return integer_text(text, name)
 
 
 def verbatim(text, name):

@@ -9,31 +9,18 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from comparisons import assert_maps_match, max_normalized_difference
-from processes import Scope
+from support.comparisons import assert_maps_match, max_normalized_difference
+from support.folders import bundle_and_photos
+from support.images import png_claiming
+from support.processes import Scope
 
-from igcam_engine import Explainer, zoo
+from igcam_engine import Explainer
 from igcam_engine.apps.cli import main
-from igcam_engine.data import sample_images
-from igcam_engine.export import from_torch
 from igcam_engine.images import load_image, to_model_input
 
 HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
-pytestmark = pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")
-
-
-def bundle_and_photos(root, count):
-    """A small MobileNetV2 bundle (random weights, 64 x 80) and a folder of `count` copies of the sample photos."""
-    torch.manual_seed(0)
-    model = zoo.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
-    bundle = from_torch(model, "features.18", (3, 64, 80), root / "bundle", preprocess="imagenet")
-    images = root / "images"
-    images.mkdir()
-    photos = sample_images()
-    for i in range(count):
-        shutil.copyfile(photos[i % len(photos)], images / f"photo{i:02d}{photos[i % len(photos)].suffix}")
-    return bundle, images
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif(not HAS_RAY_DATA and not os.environ.get("CI"), reason="ray[data] is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +28,8 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     bundle, images = bundle_and_photos(root, 20)
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not")
+    (images / "huge.png").write_bytes(png_claiming(50000, 50000))
+    (images / "looped.png").symlink_to("looped.png")  # a link to itself: never silently skipped
     return root, bundle, images
 
 
@@ -59,11 +48,13 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
     out = tmp_path / "out"
     first = batch(root, bundle, images, out)
     assert first.returncode == 1, first.stderr
-    assert "20 explained, 0 already done, 1 failed" in first.stdout
-    assert "corrupt.png: cannot read" in first.stderr
+    assert "20 explained, 0 already done, 3 failed" in first.stdout
+    assert "corrupt.png: cannot read 'corrupt.png' as an image" in first.stderr
+    assert "huge.png: 'huge.png' claims 2500000000 pixels, more than the limit" in first.stderr
+    assert "looped.png: 'looped.png' cannot be read: a broken link or a link loop" in first.stderr
     assert len(list(out.glob("*.npy"))) == 20 and len(list(out.glob("photo*.json"))) == 20
-    failures = json.loads((out / "failures.json").read_text())
-    assert [f["image"].split("/")[-1] for f in failures] == ["corrupt.png"]
+    failures = {f["image"].split("/")[-1]: f["kind"] for f in json.loads((out / "failures.json").read_text())}
+    assert failures == {"looped.png": "bad input", "corrupt.png": "bad input", "huge.png": "too large"}
 
     # same maps as igcam explain (one image at a time, in process)
     explained = tmp_path / "explain"
@@ -75,7 +66,8 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     second = batch(root, bundle, images, out)
     assert second.returncode == 0, second.stderr
-    assert "0 explained, 20 already done, 0 failed" in second.stdout and "failed in an earlier run" in second.stdout
+    assert "0 explained, 20 already done, 0 failed" in second.stdout and "3 image(s) failed in an earlier run" in \
+        second.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "the rerun wrote files"
 
 

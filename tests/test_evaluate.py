@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from comparisons import assert_maps_match
 from PIL import Image
-from reference import igcam_reference, randomized
+from support.comparisons import assert_maps_match
+from support.reference import igcam_reference, randomized
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.data import sample_images
@@ -382,9 +382,10 @@ def test_cli_errors(subject, tmp_path):
     assert "manifest.csv line 2: no such image file" in result.stderr
     assert not (tmp_path / "o2" / "results.json").exists()
     result = _cli(bundle, data, "-o", tmp_path / "o3", "--steps", "x")
-    assert result.returncode == 2 and "--steps must be a positive integer or 'auto', got 'x'" in result.stderr
+    assert result.returncode == 2 and "steps must be a positive integer or 'auto', got 'x'" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_runs_on_the_shipped_set(tmp_path):
     """The shipped set's classes are ImageNet's: a 1000-class model (random weights) evaluates its first entries."""
     torch.manual_seed(0)

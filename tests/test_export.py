@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from comparisons import assert_maps_match
 from onnx import TensorProto, helper, numpy_helper
-from reference import igcam_reference, randomized, top_classes
+from support.comparisons import assert_maps_match
+from support.reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.export import from_onnx, from_torch, layers

@@ -5,12 +5,13 @@ Needs onnxruntime-gpu (CUDA provider), pycuda and a device; the TensorRT cases a
 import numpy as np
 import onnxruntime as ort
 import pytest
-from comparisons import assert_maps_match, normalized
+from support.comparisons import assert_maps_match, normalized
 
 from igcam_engine import Explainer
 from igcam_engine.backends.onnxruntime import CUDA, TENSORRT, resolve_providers
 from igcam_engine.maps import upsample
 from igcam_engine.methods import METHOD_TABLE, accumulate
+from igcam_engine.stages import Chunk, PlacedPath
 
 
 def _gpu_missing():
@@ -29,7 +30,7 @@ def _gpu_missing():
     return None
 
 
-pytestmark = pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))]
 
 
 def _tensorrt_missing():
@@ -85,8 +86,9 @@ def test_kernel_equals_numpy_reduction(stages, case, dtype, base_rows, offsets, 
     accumulate(expected[first:first + n, 1], acts.astype(np.float32), grads.astype(np.float32),
                None if chunk_base is None else chunk_base.astype(np.float32), weights[start:start + m], method)
     maps = stages.maps(total, 2, (h, w))
-    stages.accumulate(maps, first, first + n, 1, stages.put(acts), stages.put(grads),
-                      None if base is None else stages.put(base), stages.put(weights), start, start + m, method)
+    path = PlacedPath(stages.put(weights), None if base is None else stages.put(base))
+    stages.accumulate(maps, Chunk(first, first + n, start, start + m), 1, stages.put(acts), stages.put(grads), path,
+                      method)
     got = stages.finish(maps, (h, w))
     np.testing.assert_array_equal(got[:, 0], 0)  # the other target's maps stay untouched
     np.testing.assert_array_equal(got[:first], 0)  # and so do the images outside the chunk

@@ -4,16 +4,15 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_without_torch import build_model
+from support.images import png_claiming
+from support.tiny_onnx import build_model
 
 from igcam_engine import Explainer, UserError
 from igcam_engine.apps.cli import main
@@ -135,16 +134,6 @@ def test_a_graph_onnx_runtime_refuses_is_one_line(copy):
 # ---------------------------------------------------------------- images
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height while its data holds a few rows: a decompression bomb's header."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 4096))
-            + chunk(b"IEND", b""))
-
-
 def test_decompression_bombs_are_refused_from_the_header(tmp_path):
     bomb = png_claiming(50000, 50000)
     assert len(bomb) < 2000
@@ -220,8 +209,8 @@ def images(count=2):
     (dict(images=images().astype(np.float64) * 1e300), r"NaN or infinite values \(in float32\)"),
     (dict(images=np.full((1, *SHAPE), 3e38, np.float32), targets=[1]), "overflowed float32"),
     (dict(baseline=np.full(SHAPE, np.nan)), "baseline contains NaN"),
-    (dict(subtract_baseline="false"), r"subtract_baseline must be True or False \(or 1/0\), got 'false'"),
-    (dict(normalize="no"), "normalize must be True or False"),
+    (dict(subtract_baseline="false"), r"subtract_baseline must be true or false \(or 1/0\), got 'false'"),
+    (dict(normalize="no"), "normalize must be true or false"),
     (dict(rule=""), "unknown quadrature rule ''"),
     (dict(method=""), "unknown method ''"),
     (dict(variant=""), "unknown variant ''"),

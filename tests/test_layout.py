@@ -13,6 +13,7 @@ The core additionally imports none of torch, onnx, Ray, matplotlib or the web st
 Pillow and onnxruntime alone.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,52 @@ def test_the_checks_can_fail():
             test_no_import_cycle()
     finally:
         GRAPH.update(saved)
+
+
+SOURCES = {module: path.read_text() for module, path in MODULES.items()}
+
+
+def _raises_of(module: str):
+    """(line, exception name) of every `raise Name(...)` in a module."""
+    for node in ast.walk(ast.parse(SOURCES[module])):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+            yield node.lineno, node.exc.func.id
+
+
+def test_errors_are_raised_by_kind():
+    """UserError is the common base; code raises a kind (igcam_engine.errors), which front ends answer by type."""
+    found = [f"{module}:{line}" for module in MODULES for line, name in _raises_of(module) if name == "UserError"]
+    assert not found, f"raise a kind of UserError (OptionError, InputError, ...), not UserError itself: {found}"
+
+
+TEXT_MATCHING = re.compile(r"""["'][^"']*["']\s+(not\s+)?in\s+str\(\w+\)|str\(\w+\)\.replace\(""")
+
+
+def test_no_error_is_told_by_its_wording():
+    found = [f"{module}:{n}" for module, source in SOURCES.items() for n, line in enumerate(source.splitlines(), 1)
+             if TEXT_MATCHING.search(line)]
+    assert not found, f"an error's text decides what happens at {found}: raise (and catch) a kind instead"
+
+
+def test_options_are_validated_by_the_validators():
+    """"An int but not a bool" and its kin are written once, in igcam_engine.validators."""
+    found = [f"{module}:{n}" for module, source in SOURCES.items() if module != "igcam_engine.validators"
+             for n, line in enumerate(source.splitlines(), 1) if re.search(r"isinstance\([^)]*\bbool\b", line)]
+    assert not found, f"hand-written type checks at {found}: use igcam_engine.validators"
+
+
+def test_the_explainer_stays_a_facade():
+    lines = len(SOURCES["igcam_engine.explainer"].splitlines())
+    assert lines < 200, f"igcam_engine/explainer.py has {lines} lines: its concerns belong in the modules it wires"
+
+
+def test_the_wording_checks_can_fail():
+    assert TEXT_MATCHING.search('        raise HTTPError(413 if "more than the limit" in str(e) else 422, str(e))')
+    assert TEXT_MATCHING.search('messages[index] = str(e).replace("image bytes", "the file", 1)')
+    saved = SOURCES["igcam_engine.maps"]
+    SOURCES["igcam_engine.maps"] = "def f(x):\n    raise UserError('no')\n"
+    try:
+        with pytest.raises(AssertionError, match="igcam_engine.maps:2"):
+            test_errors_are_raised_by_kind()
+    finally:
+        SOURCES["igcam_engine.maps"] = saved

@@ -3,8 +3,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from comparisons import assert_maps_match
-from reference import igcam_reference, randomized, top_classes
+from support.comparisons import assert_maps_match
+from support.reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.export import from_onnx, from_torch

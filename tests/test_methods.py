@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from comparisons import assert_maps_match
-from reference import randomized, top_classes
+from support.comparisons import assert_maps_match
+from support.reference import randomized, top_classes
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.export import from_torch
@@ -165,10 +165,10 @@ def test_several_targets_per_image_equal_separate_calls(subject, method):
     (dict(method="gradcam-plus"), "unknown method 'gradcam-plus'; accepted: igcam, gradcam, gradcam++"),
     (dict(method="eigencam", integrate=True), "eigencam has no gradient to integrate"),
     (dict(method="igcam", integrate=False), "for one pass use method='gradcam'"),
-    (dict(method="layercam", integrate="yes"), "integrate must be True or False"),
+    (dict(method="layercam", integrate="yes"), "integrate must be true or false"),
     (dict(method="gradcam", channels=4), "channels applies to scorecam and ablationcam"),
-    (dict(method="scorecam", channels=0), r"channels must be an integer in \[1, 128\]"),
-    (dict(method="scorecam", channels=129), r"channels must be an integer in \[1, 128\]"),
+    (dict(method="scorecam", channels=0), r"channels \(the target layer's channels\) must be an integer in \[1, 128\]"),
+    (dict(method="scorecam", channels=129), r"channels \(the target layer's channels\) must be an integer in \[1, 128\]"),
     (dict(method="gradcam++", steps="auto"), "method must be 'igcam' or a gradient method with integrate=True"),
 ])
 def test_method_options_are_checked(subject, kwargs, message):
@@ -185,6 +185,7 @@ def test_integrated_method_refines_automatically(subject):
     assert_maps_match(result.maps, fine)
 
 
+@pytest.mark.slow
 def test_explain_torch_matches_float64_torch_and_exports_once_per_model(tmp_path, monkeypatch):
     """The notebook path: maps of the predicted classes equal float64 torch's; the second call (and a new process's
     first: the explainers dropped) loads the cached bundle; changed weights export a new one."""
@@ -245,7 +246,7 @@ def test_show_cam_on_image_blends_the_jet_colour_map_over_the_photo():
     assert coloured[:, 0, 2].min() > 120 and coloured[:, -1, 0].min() > 120  # blue for low, red for high
     half = show_cam_on_image(photo, ramp, image_weight=0.25).astype(float)
     assert np.abs(half - (0.25 * photo + 0.75 * coloured)).max() <= 1
-    with pytest.raises(UserError, match=r"image_weight must be in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"image_weight must be a number in \[0, 1\]"):
         show_cam_on_image(photo, ramp, image_weight=1.5)
     with pytest.raises(UserError, match="a mask must be one finite map"):
         show_cam_on_image(photo, np.full((4, 4), np.nan))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match
+from support.comparisons import assert_maps_match
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.data import sample_images
@@ -19,8 +19,8 @@ from igcam_engine.images import load_image, to_model_input
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 READY = shutil.which("node") is not None and (EXAMPLE / "node_modules" / "onnxruntime-node").is_dir()
 # In CI the Node check must run: scripts/test.sh installs the example's packages, so a missing set-up is a failure.
-pytestmark = pytest.mark.skipif(not READY and not os.environ.get("CI"),
-                                reason="node or examples/node/node_modules missing (scripts/test.sh installs them)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not READY and not os.environ.get("CI"), reason="node or "
+                                                   "examples/node/node_modules missing (scripts/test.sh installs them)")]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, normalized
-from reference import igcam_reference, randomized, top_classes
+from support.comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, normalized
+from support.reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.apps.cli import main
@@ -192,6 +192,7 @@ def test_batch_checks_the_backend_before_ray_starts(resnet, tmp_path):
         run_batch(resnet[1], tmp_path, tmp_path / "out", backend=BackendOptions("cpu", precision="bf16"))
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None and not os.environ.get("CI"), reason="ray[serve] is not installed")
 def test_served_on_openvino(resnet, tmp_path):
     """igcam serve --providers openvino: /stats names the precision and the maps are the backend's."""
@@ -225,6 +226,7 @@ def test_served_on_openvino(resnet, tmp_path):
     assert not scope.members(), "igcam serve left processes behind"
 
 
+@pytest.mark.slow
 def test_bench_precision_runs_every_backend(tmp_path):
     """The study runs and writes every backend's row: the float32 backends agree, bf16 is off by more than
     rounding and int8 by more than bf16 (the maps themselves are checked against float64 torch above)."""

@@ -36,6 +36,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -63,6 +64,7 @@ def _probe(python, cwd, env=None) -> dict:
     return dict(line.split(" ", 1) for line in result.stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_regular_install_imports_from_the_repository_root(wheel, tmp_path):
     """`pip install .` (not editable) into a fresh virtualenv, then `python -c` from the repository root, where
     the checkout's igcam_engine/ comes first on sys.path, and from elsewhere, where the installed one does."""
@@ -84,6 +86,7 @@ def test_regular_install_imports_from_the_repository_root(wheel, tmp_path):
         assert elsewhere[name].startswith(str(venv)), f"{name} came from {elsewhere[name]}"
 
 
+@pytest.mark.slow
 def test_editable_install_imports_from_the_repository_root(tmp_path):
     """The test environment's own install (scripts/setup.sh installs the checkout in editable mode)."""
     for cwd in (ROOT, tmp_path):

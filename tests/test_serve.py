@@ -4,15 +4,14 @@ import importlib.util
 import io
 import json
 import os
-import socket
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match
-from processes import Scope
+from support.comparisons import assert_maps_match
+from support.processes import Scope
+from support.serving import serve_on
 
 from igcam_engine import Explainer, zoo
 from igcam_engine.benchmarks import serve_load
@@ -21,34 +20,8 @@ from igcam_engine.export import from_torch
 from igcam_engine.images import load_image, to_model_input
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
-pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")
-
-
-def free_port():
-    """A port the kernel just handed out; serve_on retries should another process take it first."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_on(scope: Scope, bundle, *options, attempts=3, ready_within=180):
-    """Starts `igcam serve` on a free port and waits for /ready; returns the base URL."""
-    for _ in range(attempts):
-        port = free_port()
-        process = scope.start(["serve", bundle, "--port", port, *options])
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + ready_within
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return base
-            except OSError:
-                time.sleep(1)
-        scope.stop()
-        if "Failed to bind to address" not in scope.output():
-            raise RuntimeError(f"igcam serve did not become ready in {ready_within} s:\n{scope.output()[-4000:]}")
-    raise RuntimeError(f"igcam serve found no free port in {attempts} attempts")
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +69,9 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
     (None, "image/png", "?steps=5000", 400, "steps 5000 is more than 256 passes per map, the step limit"),
     (None, "image/png", "?output=gif", 400, "unknown output 'gif'; accepted: png, npy, json"),
     (b"", "image/png", "", 400, "the request has no image"),
-    (None, "image/png", "?integrate=maybe", 400, "integrate must be 1/0 or true/false, got 'maybe'"),
+    (None, "image/png", "?integrate=maybe", 400, "integrate must be true or false (or 1/0), got 'maybe'"),
     (None, "image/png", "?method=eigencam&integrate=1", 400, "eigencam has no gradient to integrate"),
-    (None, "image/png", "?method=scorecam&channels=257", 400, "channels must be an integer in [1, 256]"),
+    (None, "image/png", "?method=scorecam&channels=257", 400, "must be an integer in [1, 256], got 257"),
     (None, "image/png", "?method=gradcam&channels=4", 400, "channels applies to scorecam and ablationcam"),
     (b"\x00" * (21 << 20), "image/png", "", 413, "exceeds the limit"),
 ])

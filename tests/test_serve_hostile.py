@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from processes import Scope
-from sockets import listening
-from test_hostile import png_claiming
-from test_serve import serve_on
+from support.images import png_claiming
+from support.processes import Scope
+from support.serving import serve_on
+from support.sockets import listening
 
 from igcam_engine import zoo
 from igcam_engine.benchmarks import serve_load
@@ -25,7 +25,8 @@ from igcam_engine.data import sample_images
 from igcam_engine.export import from_torch
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
-pytestmark = pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif(not HAS_RAY and not os.environ.get("CI"), reason="ray[serve] is not installed")]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from comparisons import assert_maps_match
+from support.comparisons import assert_maps_match
 
 from igcam_engine import Explainer, UserError, zoo
 from igcam_engine.apps.cli import main

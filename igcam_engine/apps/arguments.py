@@ -50,7 +50,7 @@ def positive(text: str, name: str = "value") -> int:
 
 
 def add_target_arguments(parser) -> None:
-    group = parser.add_mutually_exclusive_group()
+    group = parser.add_argument_group("targets")  # one or the other: TargetChoice says so, as everywhere
     group.add_argument("--target", metavar="C", help="class to explain (default: the predicted class)")
     group.add_argument("--top-k", metavar="K", help="explain the K highest-scoring classes")
 

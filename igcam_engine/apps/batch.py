@@ -96,15 +96,17 @@ class ExplainImages:
 
 
 def pending(source: Location, output: Location, options: dict, retry_failed: bool = False):
-    """(images still to explain, images done, images that failed before): file names in the input folder (top
-    level, by suffix). An image is done when its record exists in the output location and was made with the same
-    options; otherwise it is explained again."""
+    """(images still to explain, images done, images that failed before, images that cannot be read at all): file
+    names in the input folder (top level, by suffix). An image is done when its record exists in the output location
+    and was made with the same options; otherwise it is explained again. An entry that is no readable file (a
+    broken link, a link loop) is reported, never silently skipped."""
     if source.kind() != "folder":
         raise NotFound(f"input folder '{source.shown}' does not exist or is not a folder")
     if output.same_as(source):
         raise OptionError(f"the output folder is the input folder '{source.shown}': the overlays written would be "
                         "explained on the next run; choose another output folder")
-    images = sorted(name for name in source.files() if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES)
+    listing = source.files()
+    images = sorted(name for name in listing if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES)
     stems = Counter(PurePosixPath(name).stem for name in images)
     duplicates = sorted(stem for stem, n in stems.items() if n > 1)
     if duplicates:
@@ -113,7 +115,8 @@ def pending(source: Location, output: Location, options: dict, retry_failed: boo
     done = [n for n in images if _recorded(output, existing, f"{PurePosixPath(n).stem}.json", options)]
     failed = [n for n in images if not retry_failed and n not in done
               and _recorded(output, existing, f"{PurePosixPath(n).stem}.failed.json", options)]
-    return [n for n in images if n not in done and n not in failed], done, failed
+    unreadable = [n for n in images if listing[n] is None and n not in failed]
+    return [n for n in images if n not in done and n not in failed and n not in unreadable], done, failed, unreadable
 
 
 def _recorded(output: Location, existing: dict, name: str, options: dict) -> bool:
@@ -138,7 +141,7 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
               runtime_env=None) -> dict:
     """Explains every image of `input_dir` into `output_dir`; `batch_size` images per engine call, `actors` at most.
     Everything is checked before Ray starts."""
-    from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
+    from igcam_engine.apps.cluster import check_address
     from igcam_engine.bundle import load_manifest
     from igcam_engine.validators import integer
 
@@ -152,12 +155,29 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
     # a record names what its maps were computed with: a rerun with other options, or another precision, redoes them
     record = {"explain": options.record(), "targets": targets.record(), "precision": backend.precision}
     source, output = Location.parse(input_dir), Location.parse(output_dir)
-    todo, done, failed_before = pending(source, output, record, retry_failed)
-    summary = {"explained": 0, "already_done": len(done), "failed_before": failed_before, "failed": [],
+    todo, done, failed_before, unreadable = pending(source, output, record, retry_failed)
+    summary = {"explained": 0, "already_done": len(done), "failed_before": failed_before,
+               "failed": [{"image": name, "error": f"'{name}' cannot be read: a broken link or a link loop",
+                           "kind": InputError.kind} for name in unreadable],
                "actors": 0, "nodes": {}, "output": output.shown}
-    if not todo:
-        return summary
-    output.create()
+    if todo or unreadable:
+        output.create()
+    if todo:
+        _explain_on_ray(summary, todo, bundle, source, output, address, runtime_env, actors, batch_size,
+                        {"options": options, "targets": targets, "record": record}, backend, limits)
+    for failure in summary["failed"]:
+        output.write(f"{PurePosixPath(failure['image']).stem}.failed.json",
+                     (json.dumps({**failure, "options": record}, indent=2) + "\n").encode())
+    if summary["failed"]:
+        output.write("failures.json", (json.dumps(summary["failed"], indent=2) + "\n").encode())
+    return summary
+
+
+def _explain_on_ray(summary, todo, bundle, source, output, address, runtime_env, actors, batch_size, job, backend,
+                    limits) -> None:
+    """Explains `todo` with Ray Data's actors, writing each image's files as they come; counts into `summary`."""
+    from igcam_engine.apps.cluster import ship_bundle, start_ray, stop_ray
+
     ray = start_ray(address, "scale", "batch", runtime_env)
     try:
         shipped = ship_bundle(ray, bundle)
@@ -171,7 +191,6 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
         # Reading takes no CPU slot, so that the actors may hold every one without starving the readers.
         dataset = ray.data.read_binary_files(source.reader_paths(todo), include_paths=True,
                                              filesystem=source.reader_filesystem(), num_cpus=0)
-        job = {"options": options, "targets": targets, "record": record}
         dataset = dataset.map_batches(
             ExplainImages, fn_constructor_args=(shipped, output.shown, job, backend, limits),
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
@@ -189,12 +208,6 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
         summary["nodes"] = {f"{nodes.get(node, '?')} ({node[:8]})": count for node, count in worked.items()}
     finally:
         stop_ray(ray)
-    for failure in summary["failed"]:
-        output.write(f"{PurePosixPath(failure['image']).stem}.failed.json",
-                     (json.dumps({**failure, "options": record}, indent=2) + "\n").encode())
-    if summary["failed"]:
-        output.write("failures.json", (json.dumps(summary["failed"], indent=2) + "\n").encode())
-    return summary
 
 
 def arguments(parser) -> None:

@@ -86,15 +86,17 @@ def layers(args) -> None:
     if args.torch:
         if not shape:
             raise OptionError("--torch needs --input-shape C,H,W to report output shapes")
+        rows = exporter.torch_layers(_torch_factory(args.torch), shape)  # before any output: an error is one line
         print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
-        for row in exporter.torch_layers(_torch_factory(args.torch), shape):
+        for row in rows:
             print(f"{row['module']:40s} {row['type']:24s} {str(row['shape']):20s} "
                   f"{exporter.usability(row['shape'], calls=row['calls'])}")
         return
     if not args.onnx:
         raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
+    rows = exporter.layers(args.onnx, shape)
     print(f"{'tensor':48s} {'op':20s} {'shape':18s} --tensor?")
-    for row in exporter.layers(args.onnx, shape):
+    for row in rows:
         print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {exporter.usability(row['shape'], row['cut'])}")
 
 

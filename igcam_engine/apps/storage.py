@@ -5,6 +5,7 @@ check works from the output location itself, wherever it is."""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -67,16 +68,21 @@ class Location:
             raise Unavailable(f"cannot reach '{self.shown}': {_first_line(e)}") from None
 
     def files(self) -> dict:
-        """{file name: size} of the files directly in the folder (none when it does not exist)."""
+        """{file name: size} of the entries directly in the folder that are not folders (none when it does not
+        exist); size None for an entry that is no readable file (a broken link, a link loop), which pyarrow's own
+        listing would leave out without a word."""
         import pyarrow.fs
 
         if self.kind() == "missing":
             return {}
         try:
+            if self.local:
+                return {entry.name: _size(entry) for entry in os.scandir(self.path) if not _is_folder(entry)}
             infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, recursive=False))
         except OSError as e:
             raise InputError(f"cannot list '{self.shown}': {_first_line(e)}") from None
-        return {PurePosixPath(i.path).name: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+        return {PurePosixPath(i.path).name: i.size if i.type == pyarrow.fs.FileType.File else None
+                for i in infos if i.type != pyarrow.fs.FileType.Directory}
 
     def read(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.join(name)) as f:
@@ -121,3 +127,19 @@ class Location:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop
+        return False
+
+
+def _size(entry: os.DirEntry):
+    """A regular file's size (links followed), or None."""
+    try:
+        info = entry.stat()
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None

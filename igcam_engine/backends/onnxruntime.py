@@ -58,9 +58,12 @@ def tensorrt_options(fp16=False, engine_cache=None, workspace_bytes=None, device
     cache = str(engine_cache or default_engine_cache())
     try:
         Path(cache).mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(cache, os.W_OK | os.X_OK) else "not writable"
     except OSError as e:
-        raise OptionError(f"cannot use the TensorRT engine cache '{cache}': {e.strerror or e} (choose another with "
-                          "engine_cache / --engine-cache)") from None
+        problem = e.strerror or str(e)
+    if problem:
+        raise OptionError(f"cannot use the TensorRT engine cache '{cache}': {problem} (choose another with "
+                          "engine_cache / --engine-cache)")
     options = {
         "device_id": device_id, "trt_fp16_enable": bool(fp16),
         "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
@@ -118,9 +121,12 @@ def on_gpu(providers: list) -> bool:
 
 def check(options):
     """The options ONNX Runtime takes: it computes in float32 (TensorRT: fp16 on request)."""
+    if options.precision == "bf16":
+        raise OptionError("precision 'bf16' is the OpenVINO backend's (providers 'openvino'); ONNX Runtime computes in "
+                          "f32 (TensorRT: fp16, CUDA: tf32, each a flag)")
     if options.precision not in (None, "f32"):
-        raise OptionError(f"precision {options.precision!r} is the OpenVINO backend's (providers 'openvino'); ONNX "
-                          "Runtime computes in f32 (TensorRT: fp16)")
+        raise OptionError(f"unknown precision {options.precision!r} for ONNX Runtime; accepted: f32 (TensorRT: fp16, "
+                          "CUDA: tf32, each a flag)")
     return replace(options, precision="f32")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from igcam_engine.data import localization_dir, localization_photos
-from igcam_engine.errors import InputError, LimitError, NotFound, UserError
+from igcam_engine.errors import InputError, LimitError, NotFound, OptionError, UserError
 from igcam_engine.images import load_image
 from igcam_engine.validators import class_indices
 
@@ -64,6 +65,8 @@ class Entry:
 def read_annotations(source, num_classes: int, labels=None) -> tuple[Path, list[Entry]]:
     """(the data folder, its entries) from a folder holding manifest.csv or annotations.json, or from such a file
     (image names are relative to the folder the manifest is in)."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise OptionError(f"annotated data is a folder or manifest path, got {source!r:.80}")
     source = Path(source)
     if source.is_dir():
         found = [source / name for name in MANIFEST_NAMES if (source / name).is_file()]

@@ -12,6 +12,11 @@ import pytest
 ROWS = []
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # the whole tier is slow (10 to 17 minutes on 2 cores)
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def record():
     return ROWS.append

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, triviality
-from reference import ReferencePath, top_classes
 from subjects import ARCHITECTURES, calibrated, photos
+from support.comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, triviality
+from support.reference import ReferencePath, top_classes
 
 from igcam_engine import Explainer, UserError
 from igcam_engine.export import from_torch

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
-from comparisons import assert_maps_match, max_normalized_difference
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from reference import ReferencePath
 from subjects import _timm, _tv, calibrated, photos
+from support.comparisons import assert_maps_match, max_normalized_difference
+from support.reference import ReferencePath
 
 from igcam_engine import Explainer
 from igcam_engine.export import from_torch

@@ -20,9 +20,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from comparisons import assert_maps_match, max_normalized_difference
-from reference import ReferencePath, contract_maps, top_classes
 from subjects import calibrated, photos
+from support.comparisons import assert_maps_match, max_normalized_difference
+from support.reference import ReferencePath, contract_maps, top_classes
 
 from igcam_engine import Explainer
 from igcam_engine.data import sample_images
