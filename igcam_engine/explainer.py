@@ -107,7 +107,7 @@ class Explainer:
         """explain's maps with the passes they took (and, for steps="auto", the refinement's outcome)."""
         options = ExplainOptions.of(options, **overrides).checked(self.limits, self.manifest.target_layer.channels)
         call, multi = self._call(images, targets, options)
-        method = options.method_row
+        method = options.chosen_method
         layer_maps = method.passes(method, call)
         maps = _finite(self.backend.stages.finish(layer_maps.maps, call.input_size), "maps")
         maps = normalize_maps(maps) if options.normalize else maps

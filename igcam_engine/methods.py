@@ -1,4 +1,4 @@
-"""The CAM methods, one row each: what a method needs, the passes it makes through the stages
+"""The CAM methods, one entry of METHOD_TABLE each: what a method needs, the passes it makes through the stages
 (igcam_engine.stages) and how it reduces the target layer's activations A [K, h, w] (and their gradients dA) to a
 map at layer resolution. docs/method.md gives the formulas; they are pytorch-grad-cam 1.5's (its eps constants
 included), so that maps compare equal.
@@ -9,7 +9,7 @@ quadrature weights, on a fixed grid or one refined until the maps settle (steps=
 their own: EigenCAM one forward pass, Score-CAM one classifier pass per masked image, Ablation-CAM one pass of the
 layers after the target per ablated channel. Every reduction here is numpy on the host; each gradient method's
 `kernel` is its form in the fused CUDA kernel (kernels/igcam.cu, FORM_*), which computes the same reduction on the
-device. Adding a method is one reduction (or one passes function) and one row of METHOD_TABLE.
+device. Adding a method is one reduction (or one passes function) and one entry of METHOD_TABLE.
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ VARIANTS = {"official": ("left", False), "paper": ("right", True)}
 BASELINES = ("black", "zeros")
 DEFAULT_TOLERANCE, DEFAULT_MAX_STEPS = 0.01, 129  # steps="auto"
 DEFAULT_ROWS = 64  # interpolated images per engine call when rows_per_call is not given
-# A row's memory, in floats, as multiples of its image and of its activation at the target (the backbone's own
-# intermediate tensors peak at a few tens of images' worth in common CNNs).
+# An interpolated image's memory in an engine call, in floats, as multiples of its image and of its activation at
+# the target (the backbone's own intermediate tensors peak at a few tens of images' worth in common CNNs).
 IMAGE_FACTOR, ACTIVATION_FACTOR = 32, 4
 
 
@@ -171,31 +171,32 @@ class ExplainOptions:
         if self.tolerance is not None or self.max_steps is not None:
             raise OptionError("tolerance and max_steps are for steps='auto' (the refinement stops when the maps change "
                               f"by less than tolerance); steps is {self.steps!r}")
-        if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise OptionError(f"steps must be a positive integer or 'auto', got {shown(steps)}")
-        steps = int(steps)
+        try:
+            steps = integer(steps, "steps", 1)
+        except OptionError:
+            raise OptionError(f"steps must be a positive integer or 'auto', got {shown(steps)}") from None
         if integrated:
             _within_step_limit(steps, "steps", limits)
             check_rule(rule or VARIANTS[self.variant][0], steps)
         return steps, None, None
 
     def _channels(self, method: str, limits: Limits, layer_channels):
-        row = method_row(method)
+        chosen = method_named(method)
         if self.channels is None:
-            if row.per_channel and limits.channels is not None and (layer_channels or 0) > limits.channels:
+            if chosen.per_channel and limits.channels is not None and (layer_channels or 0) > limits.channels:
                 return limits.channels  # a bounded service: the channels of largest activation mass
             return None
-        if not row.per_channel:
+        if not chosen.per_channel:
             raise OptionError(f"channels applies to scorecam and ablationcam (one pass per channel), not {method}")
         high = min((x for x in (layer_channels, limits.channels) if x is not None), default=None)
         what = "the target layer's channels" if high == layer_channels else "the channel limit"
         return integer(self.channels, "channels" if high is None else f"channels ({what})", 1, high)
 
-    # What checked options mean: the method's row, whether it runs along the path, and the path.
+    # What checked options mean: the method they choose, whether it runs along the path, and the path.
 
     @property
-    def method_row(self) -> Method:
-        return method_row(self.method)
+    def chosen_method(self) -> Method:
+        return method_named(self.method)
 
     @property
     def integrated(self) -> bool:
@@ -237,18 +238,18 @@ TEXT = {"method": verbatim, "integrate": flag_text, "variant": verbatim, "rule":
         "channels": integer_text, "normalize": flag_text, "rows_per_call": integer_text}
 
 
-def method_row(method: str) -> Method:
-    """The row of a method name ("igcam" is Grad-CAM's, integrated)."""
+def method_named(method: str) -> Method:
+    """The Method of a method's name ("igcam" is Grad-CAM's, integrated)."""
     return METHOD_TABLE["gradcam" if method == INTEGRATED_GRADCAM else method]
 
 
 def _integrated(method: str, integrate) -> bool:
-    row = method_row(method)
+    chosen = method_named(method)
     if method == INTEGRATED_GRADCAM:
         if integrate is not None and not integrate:
             raise OptionError("method 'igcam' is integrated Grad-CAM; for one pass use method='gradcam'")
         return True
-    if integrate and not row.integrable:
+    if integrate and not chosen.integrable:
         gradient_methods = ", ".join(m.name for m in METHOD_TABLE.values() if m.integrable)
         raise OptionError(f"integrate applies to the gradient methods ({gradient_methods}); {method} has no gradient "
                           "to integrate")

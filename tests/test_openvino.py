@@ -201,8 +201,8 @@ def test_served_on_openvino(resnet, tmp_path):
     import urllib.request
 
     from PIL import Image
-    from processes import Scope
-    from test_serve import serve_on
+    from support.processes import Scope
+    from support.serving import serve_on
 
     precision = "bf16" if HAS_BF16 else "f32"
     picture = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)

@@ -65,7 +65,7 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
     (b"hello", "text/plain", "", 415, "content type 'text/plain' is not accepted"),
     (b"\x89PNG broken", "image/png", "", 422, "cannot read image bytes"),
     (None, "image/png", "?target=10", 400, "target must be a class index in [0, 9], got 10"),
-    (None, "image/png", "?steps=0", 400, "steps must be a positive integer, got 0"),
+    (None, "image/png", "?steps=0", 400, "steps must be a positive integer or 'auto', got 0"),
     (None, "image/png", "?steps=5000", 400, "steps 5000 is more than 256 passes per map, the step limit"),
     (None, "image/png", "?output=gif", 400, "unknown output 'gif'; accepted: png, npy, json"),
     (b"", "image/png", "", 400, "the request has no image"),

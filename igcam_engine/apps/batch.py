@@ -29,7 +29,6 @@ from igcam_engine.apps.arguments import (
     backend_options,
     explain_options,
     limits,
-    positive,
     target_choice,
 )
 from igcam_engine.apps.storage import Location
@@ -37,6 +36,7 @@ from igcam_engine.backends import BackendOptions
 from igcam_engine.errors import InputError, NotFound, OptionError, UserError
 from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
 from igcam_engine.targets import TargetChoice
+from igcam_engine.validators import integer, integer_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -143,7 +143,6 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
     Everything is checked before Ray starts."""
     from igcam_engine.apps.cluster import check_address
     from igcam_engine.bundle import load_manifest
-    from igcam_engine.validators import integer
 
     check_address(address, "batch")
     batch_size = integer(batch_size, "batch_size", 1)
@@ -196,15 +195,15 @@ def _explain_on_ray(summary, todo, bundle, source, output, address, runtime_env,
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
             batch_format="numpy")
         worked = Counter()
-        for row in dataset.iter_rows():
-            name = str(row["path"])
-            if row["status"] == "ok":
-                for file, data in pickle.loads(row["outputs"]):  # the record comes last
+        for result in dataset.iter_rows():
+            name = str(result["path"])
+            if result["status"] == "ok":
+                for file, data in pickle.loads(result["outputs"]):  # the record comes last
                     output.write(file, data)
                 summary["explained"] += 1
-                worked[str(row["node"])] += 1
+                worked[str(result["node"])] += 1
             else:
-                summary["failed"].append({"image": name, "error": str(row["message"]), "kind": str(row["kind"])})
+                summary["failed"].append({"image": name, "error": str(result["message"]), "kind": str(result["kind"])})
         summary["nodes"] = {f"{nodes.get(node, '?')} ({node[:8]})": count for node, count in worked.items()}
     finally:
         stop_ray(ray)
@@ -234,8 +233,8 @@ def run(args) -> int:
 
     summary = run_batch(args.bundle, args.input, args.output, explain_options(args), target_choice(args),
                         backend=backend_options(args), limits=limits(args), address=args.address,
-                        actors=None if args.actors is None else positive(args.actors, "--actors"),
-                        batch_size=positive(args.batch_size, "--batch-size"), retry_failed=args.retry_failed,
+                        actors=None if args.actors is None else integer_text(args.actors),
+                        batch_size=integer_text(args.batch_size), retry_failed=args.retry_failed,
                         runtime_env=parse_runtime_env(args.runtime_env))
     print(f"{summary['explained']} explained, {summary['already_done']} already done, "
           f"{len(summary['failed'])} failed; outputs in {summary['output']}/")

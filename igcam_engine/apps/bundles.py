@@ -86,18 +86,19 @@ def layers(args) -> None:
     if args.torch:
         if not shape:
             raise OptionError("--torch needs --input-shape C,H,W to report output shapes")
-        rows = exporter.torch_layers(_torch_factory(args.torch), shape)  # before any output: an error is one line
+        found = exporter.torch_layers(_torch_factory(args.torch), shape)  # before any output: an error is one line
         print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
-        for row in rows:
-            print(f"{row['module']:40s} {row['type']:24s} {str(row['shape']):20s} "
-                  f"{exporter.usability(row['shape'], calls=row['calls'])}")
+        for layer in found:
+            print(f"{layer['module']:40s} {layer['type']:24s} {str(layer['shape']):20s} "
+                  f"{exporter.usability(layer['shape'], calls=layer['calls'])}")
         return
     if not args.onnx:
         raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
-    rows = exporter.layers(args.onnx, shape)
+    found = exporter.layers(args.onnx, shape)
     print(f"{'tensor':48s} {'op':20s} {'shape':18s} --tensor?")
-    for row in rows:
-        print(f"{row['tensor']:48s} {row['op']:20s} {str(row['shape']):18s} {exporter.usability(row['shape'], row['cut'])}")
+    for layer in found:
+        print(f"{layer['tensor']:48s} {layer['op']:20s} {str(layer['shape']):18s} "
+              f"{exporter.usability(layer['shape'], layer['cut'])}")
 
 
 def _exporter():

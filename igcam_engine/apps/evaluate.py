@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from igcam_engine.apps.arguments import Command, add_backend_arguments, add_limit_arguments, backend_options, limits, positive
+from igcam_engine.apps.arguments import Command, add_backend_arguments, add_limit_arguments, backend_options, limits
 from igcam_engine.apps.outputs import prepare_output
 from igcam_engine.errors import InputError
 from igcam_engine.evaluation import DEFAULT_METHODS, METHOD_NAMES, evaluate, summary_table
 from igcam_engine.images import overlay
-from igcam_engine.validators import steps_text
+from igcam_engine.validators import integer_text, steps_text
 
 
 def run_evaluation(bundle, data, output, log=print, **options) -> dict:
@@ -143,16 +143,15 @@ def arguments(parser) -> None:
 
 
 def run(args) -> None:
-    def count(text, name):
-        return None if text is None else positive(text, name)
+    def count(text):
+        return None if text is None else integer_text(text)
 
     run_evaluation(args.bundle, args.data, Path(args.output), methods=args.methods,
                    steps=tuple(steps_text(part.strip(), "--steps") for part in args.steps.split(",")),
-                   perturbation_steps=positive(args.perturbation_steps, "--perturbation-steps"),
+                   perturbation_steps=integer_text(args.perturbation_steps),
                    deletion=args.deletion, insertion=args.insertion, sanity=not args.no_sanity,
-                   sanity_images=count(args.sanity_images, "--sanity-images"), only_correct=args.only_correct,
-                   limit=count(args.limit, "--limit"), channels=count(args.channels, "--channels"),
-                   rows_per_call=count(args.rows_per_call, "--rows-per-call"), backend=backend_options(args),
+                   sanity_images=count(args.sanity_images), only_correct=args.only_correct, limit=count(args.limit),
+                   channels=count(args.channels), rows_per_call=count(args.rows_per_call), backend=backend_options(args),
                    limits=limits(args))
 
 

@@ -114,10 +114,15 @@ class EngineModel(Model):
     def probabilities(self, images):
         return class_probabilities(self.explainer.predict(images))
 
+    def options_for(self, config: Config) -> ExplainOptions:
+        """The configuration's options with this model's rows per call and channels, checked."""
+        per_channel = config.options.chosen_method.per_channel
+        return ExplainOptions.of(config.options, rows_per_call=self.rows_per_call,
+                                 channels=self.channels if per_channel else None).checked(
+            self.explainer.limits, self.explainer.manifest.target_layer.channels)
+
     def explain(self, images, targets, config):
-        per_channel = config.options.method_row.per_channel
-        return self.explainer.explain(images, targets, config.options, rows_per_call=self.rows_per_call,
-                                      channels=self.channels if per_channel else None)
+        return self.explainer.explain(images, targets, self.options_for(config))
 
     def randomized(self, directory):
         from igcam_engine.export.randomize import randomized_head
@@ -147,6 +152,9 @@ def evaluate(bundle_or_model, data, *, methods=DEFAULT_METHODS, steps=(50,), per
     evaluated = configs(methods, steps)
     model = bundle_or_model if isinstance(bundle_or_model, Model) else \
         EngineModel(bundle_or_model, backend, rows_per_call, channels, limits)
+    if isinstance(model, EngineModel):
+        for config in evaluated:  # before any image: a bad option is one error, not one per image
+            model.options_for(config)
     log, warn = log or (lambda line: None), warn or (lambda line: None)
     with tempfile.TemporaryDirectory(prefix="igcam-evaluate-") as scratch:
         source = shipped_set(Path(scratch) / "shipped") if str(data) == "shipped" else data

@@ -100,7 +100,7 @@ def test_paddle_classifier(case, tmp_path, record):
     path = from_wheel(prefix, member, tmp_path)
     explainer = Explainer(from_onnx(path, tmp_path / "bundle", input_shape=input_shape, preprocess=preprocess))
     manifest = explainer.manifest
-    assert manifest["logits"]["before"] == "Softmax"  # both end in Softmax (PaddleOCR's then Identity)
+    assert manifest.logits.before == "Softmax"  # both end in Softmax (PaddleOCR's then Identity)
     images = np.stack([to_model_input(load_image(p), explainer.input_shape, explainer.preprocess)[0]
                        for p in sample_images()[:2]])
     scores = explainer.predict(images)
@@ -109,7 +109,7 @@ def test_paddle_classifier(case, tmp_path, record):
     exponentials = np.exp(scores - scores.max(axis=1, keepdims=True))
     np.testing.assert_allclose(exponentials / exponentials.sum(axis=1, keepdims=True), probabilities, atol=1e-5)
     targets = scores.argmax(axis=1)
-    reference = OnnxTailPath(path, manifest["target_layer"]["tensor"], manifest["logits"]["tensor"],
+    reference = OnnxTailPath(path, manifest.target_layer.tensor, manifest.logits.tensor,
                              explainer.input_shape)
     black = np.array(black_input(explainer.preprocess))[None, :, None, None] * np.ones((1, *explainer.input_shape))
     worst = 0.0
@@ -119,8 +119,8 @@ def test_paddle_classifier(case, tmp_path, record):
         maps = explainer.explain(images, targets, **options)
         assert_maps_match(maps, expected)
         worst = max(worst, max_normalized_difference(maps, expected))
-    record({"family": "third-party ONNX", "model": f"{case}, target {manifest['target_layer']['tensor']} "
-            f"{manifest['target_layer']['shape']}", "exported": True, "normalized": worst})
+    record({"family": "third-party ONNX", "model": f"{case}, target {manifest.target_layer.tensor} "
+            f"{list(manifest.target_layer.shape)}", "exported": True, "normalized": worst})
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
@@ -134,7 +134,7 @@ def test_torch_exports_with_a_fixed_batch(exporter, tmp_path, record):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, *shape),), str(path), dynamo=exporter == "dynamo")
     explainer = Explainer(from_onnx(path, tmp_path / "bundle", preprocess="imagenet"))
-    assert explainer.manifest["target_layer"]["shape"] == [512, 3, 3]
+    assert explainer.manifest.target_layer.shape == (512, 3, 3)
     images = photos(shape, count=3)
     targets = top_classes(model, images)[:, 0]
     black = np.array(black_input(explainer.preprocess))[None, :, None, None] * np.ones((1, *explainer.input_shape))
