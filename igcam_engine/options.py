@@ -137,7 +137,7 @@ class ExplainOptions:
 
     def checked(self, limits: Limits = DEFAULT_LIMITS, layer_channels: int | None = None) -> "ExplainOptions":
         """Every option checked (against the limits, and the target layer's channels where known); the same
-        options with their values normalised (ints, bools). Raises OptionError naming the option."""
+        options with their values normalized (ints, bools). Raises OptionError naming the option."""
         method = choice(self.method, "method", METHODS)
         integrate = None if self.integrate is None else flag(self.integrate, "integrate")
         integrated = _integrated(method, integrate)
@@ -156,7 +156,7 @@ class ExplainOptions:
 
     def _path(self, integrated: bool, rule, limits: Limits):
         steps = self.steps
-        if steps == "auto":
+        if isinstance(steps, str) and steps == "auto":
             if not integrated:
                 raise OptionError("steps='auto' refines a path integral: method must be 'igcam' or a gradient method "
                                   f"with integrate=True, got {self.method!r}"
@@ -204,7 +204,7 @@ class ExplainOptions:
 
     @property
     def adaptive(self) -> bool:
-        return self.steps == "auto"
+        return isinstance(self.steps, str) and self.steps == "auto"
 
     @property
     def subtract(self) -> bool:
