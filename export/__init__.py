@@ -22,6 +22,7 @@ from igcam_engine.validators import integer
 from .autodiff import MissingRules
 from .builder import default_opset
 from .graphs import build_graphs, candidate_layers, later_target_hint, prepare, split
+from .layouts import LayoutChoice
 from .triton import triton_repository
 from .writer import staged, write_bundle
 
@@ -56,33 +57,38 @@ def torch_layers(model, input_shape) -> list[dict]:
     return listing(model, tuple(input_shape))
 
 
-def usability(shape, cut: bool = True, calls: int = 1) -> str:
-    """Whether a layer (its output shape [K, h, w]; `cut`: every path to the logits passes through it; `calls` per
-    forward pass) can be the target, and why not."""
+def usability(shape, calls: int = 1) -> str:
+    """Whether a PyTorch module (its output's dims after the batch; `calls` per forward pass) can be the target, and
+    why not; its layout is read from the exported graph (`layers` of an ONNX file shows it)."""
     if calls != 1:
         return f"no (runs {calls} times per forward pass)"
-    if not cut:
-        return "no (bypassed by a skip path)"
-    if shape[1] * shape[2] == 1:
-        return "no (1x1: after global pooling, a map of one pixel)"
+    if len(shape) not in (2, 3):
+        return f"no ({len(shape) + 1}-D: a target is [batch, K, h, w], [batch, h, w, K] or [batch, N, K])"
+    if sorted(shape)[-2] == 1:
+        return "no (a single position: after global pooling, a map of one pixel)"
     return "yes"
 
 
-def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None) -> Path:
+def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None, layout=None, grid=None,
+              prefix_tokens=None) -> Path:
     """Bundle from an ONNX classifier (one float NCHW input, logits or softmax as first output).
 
-    `tensor` names the target activation; None picks the last 4-D activation with spatial size > 1x1 that every
-    path from the input to the logits passes through. `input_shape` (C, H, W) fixes dynamic spatial dims.
+    `tensor` names the target activation; None picks one by the model's layout (docs/supported.md). `input_shape`
+    (C, H, W) fixes dynamic spatial dims. `layout` ("NCHW", "NHWC", "tokens"), `grid` (h, w) and `prefix_tokens`
+    state the target's layout where the graph does not tell it.
     """
     _path(path, "the ONNX file")
     input_shape = None if input_shape is None else _shape(input_shape)
     if tensor is not None and not isinstance(tensor, str):
         raise OptionError(f"tensor must be the name of an activation tensor (see `igcam layers`), got {tensor!r:.80}")
-    return _export(_load(path), out, tensor, preprocess, input_shape, labels, layer=tensor)
+    stated = LayoutChoice.of(layout, grid, prefix_tokens)
+    return _export(_load(path), out, tensor, preprocess, input_shape, labels, stated, layer=tensor)
 
 
-def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None) -> Path:
-    """Bundle from a torch.nn.Module; `layer` is a module path as in named_modules() ("layer4", "features.29")."""
+def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None, layout=None, grid=None,
+               prefix_tokens=None) -> Path:
+    """Bundle from a torch.nn.Module; `layer` is a module path as in named_modules() ("layer4", "features.29",
+    "blocks.11.norm1"); `layout`, `grid`, `prefix_tokens` as in from_onnx."""
     try:
         from ._torch import export_with_layer
     except ModuleNotFoundError as e:
@@ -97,9 +103,11 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
     if not isinstance(layer, str) or not layer:
         raise OptionError(f"layer must be a module path as in named_modules() (e.g. 'layer4'), got {layer!r:.80}")
     input_shape = _shape(input_shape)
+    stated = LayoutChoice.of(layout, grid, prefix_tokens)
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
-    return _export(onnx_model, out, tensor, preprocess, input_shape, labels, layer=layer, reference=reference)
+    return _export(onnx_model, out, tensor, preprocess, input_shape, labels, stated, layer=layer,
+                   reference=reference)
 
 
 def _path(value, what: str):
@@ -115,12 +123,12 @@ def _shape(value) -> tuple:
     return tuple(integer(v, f"input_shape[{i}]", 1, 1 << 16) for i, v in enumerate(value))
 
 
-def _export(model, out, tensor, preprocess, input_shape, labels, layer, reference=None) -> Path:
+def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, reference=None) -> Path:
     _path(out, "out (the bundle folder to write)")
     if labels is not None and (not isinstance(labels, (list, tuple)) or isinstance(labels, str)):
         raise OptionError(f"labels must be a list of class names, got {type(labels).__name__}")
     prepared = prepare(model, input_shape)
-    s = split(prepared.model, tensor)
+    s = split(prepared.model, tensor, stated)
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
     if labels is not None:
         labels = [str(label) for label in labels]
@@ -133,7 +141,9 @@ def _export(model, out, tensor, preprocess, input_shape, labels, layer, referenc
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32"},
         "preprocess": preprocess,
-        "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape},
+        "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape,
+                         "tensor_shape": s.target_shape, **s.layout.record()},
+        "held": [h.record() for h in s.held],
         "logits": {"tensor": s.logits, "before": s.scores_after},
         "num_classes": s.num_classes,
         "labels": labels,
@@ -215,8 +225,9 @@ def _batch_hint(prepared) -> str:
         return "the model's graph does not accept this batch size"
     made = (f"; Reshape node(s) {', '.join(repr(n) for n in prepared.batch_rewrites)} were made to copy the batch"
             if prepared.batch_rewrites else "")
+    name = prepared.model.graph.input[0].name
     return (f"the model was exported with its batch fixed at {prepared.fixed_batch}{made}, but other ops still "
-            "carry that size; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={'input': "
+            f"carry that size; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={{{name!r}: "
             "{0: 'batch'}}) or dynamo=True with dynamic_shapes)")
 
 

@@ -97,9 +97,10 @@ def _eager_check(wrapper: _Exposed, layer: str, images) -> np.ndarray:
     if len(calls) != 1:
         raise ModelError(f"layer '{layer}' runs {len(calls)} times per forward pass; the target layer must run exactly "
                         "once (a module reused in several places cannot be told apart: hook one that runs once)")
-    if not isinstance(calls[0], torch.Tensor) or calls[0].dim() != 4:
+    if not isinstance(calls[0], torch.Tensor) or calls[0].dim() not in (3, 4):
         found = type(calls[0]).__name__ if not isinstance(calls[0], torch.Tensor) else f"{calls[0].dim()}-D"
-        raise ModelError(f"layer '{layer}' must output one 4-D tensor [batch, K, h, w], it outputs {found}")
+        raise ModelError(f"layer '{layer}' must output one tensor [batch, K, h, w], [batch, h, w, K] or tokens "
+                         f"[batch, N, K]; it outputs {found}")
     return scores.numpy()
 
 
@@ -154,12 +155,13 @@ def _source_of(model: onnx.ModelProto, name: str) -> str:
 
 
 def torch_layers(model: torch.nn.Module, input_shape) -> list[dict]:
-    """The modules producing a 4-D tensor, once each: {module, type, shape [K, h, w], calls per forward pass}. The
+    """The modules producing a 3-D or 4-D tensor, once each: {module, type, shape (after the batch), calls per
+    forward pass}. The
     model runs in eval mode on zeros and is handed back as it was (modes restored, no hook left)."""
     found, handles = {}, []
 
     def record(module, args, output, name):
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
+        if isinstance(output, torch.Tensor) and output.dim() in (3, 4):
             entry = found.setdefault(name, {"module": name, "type": type(module).__name__,
                                             "shape": list(output.shape[1:]), "calls": 0})
             entry["calls"] += 1

@@ -47,18 +47,20 @@ def _without_rule(nodes: list) -> list[str]:
     return sorted({f"{n.op_type} (node '{n.name}')" for n in nodes if n.op_type not in RULES})
 
 
-def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str, output: str, seed: str) -> str:
+def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str, output: str, seed: str,
+                    about: str | None = None) -> str:
     """Appends to `builder` the nodes computing d<seed . output>/d<wrt> through `nodes` (topologically sorted).
 
-    Returns the name of the gradient tensor, shaped like `wrt`.
+    Returns the name of the gradient tensor, shaped like `wrt`; messages name `about` (the model's target tensor,
+    where `wrt` is a form of it the exporter made) or `wrt`.
     """
     depends, on_path = differentiated(builder, nodes, wrt)
     builder.differentiable = depends
     if output not in depends:
-        raise ModelError(f"output '{output}' does not depend on tensor '{wrt}'")
+        raise ModelError(f"output '{output}' does not depend on tensor '{about or wrt}'")
     missing = _without_rule(on_path)
     if missing:
-        raise MissingRules(missing, wrt)
+        raise MissingRules(missing, about or wrt)
 
     cotangents: dict[str, list[str]] = {output: [seed]}
     for node in reversed(on_path):

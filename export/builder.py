@@ -19,6 +19,7 @@ from igcam_engine.errors import ModelError
 MIN_OPSET = 18
 # Ops whose outputs depend on their input's shape, never its values: no gradient flows through them.
 SHAPE_READERS = {"Shape", "Size"}
+FOLD_NODES = 32  # the most nodes of shape arithmetic `constant` evaluates
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -56,6 +57,7 @@ class GraphBuilder:
         self._types: dict[str, int] = {}
         self._constants: dict[str, np.ndarray] = {}
         self._initializers: dict[str, onnx.TensorProto] = {}  # decoded lazily: weights are rarely needed
+        self._producers: dict[str, onnx.NodeProto] = {}
         self._names: set[str] = set()
         self._counter = 0
         self.differentiable: set[str] = set()  # tensors the running backward pass carries gradients for
@@ -76,8 +78,11 @@ class GraphBuilder:
             self._initializers[init.name] = init
             self._shapes[init.name] = tuple(init.dims)
             self._types[init.name] = init.data_type
+        self._opsets = list(model.opset_import)
         for node in graph.node:
             self._names.update(node.output)
+            for out in node.output:
+                self._producers[out] = node
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 tensor = node.attribute[0].t
                 self._register_constant(node.output[0], numpy_helper.to_array(tensor), tensor.data_type)
@@ -88,6 +93,12 @@ class GraphBuilder:
         self._shapes[name] = tuple(value.shape)
         self._types[name] = data_type
         self._names.add(name)
+
+    def declare(self, name: str, shape, data_type: int = TensorProto.FLOAT) -> str:
+        """Records the shape and type of a tensor this builder made, for the rules that read them; returns it."""
+        self._shapes[name] = tuple(shape)
+        self._types[name] = data_type
+        return name
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -135,10 +146,60 @@ class GraphBuilder:
         return list(selected)
 
     def constant(self, name: str):
-        """The value of a tensor known at export time (initializer or Constant output), else None."""
+        """The value of a tensor known at export time (an initializer, a Constant's output, or shape arithmetic on
+        fixed dims, see `_folded`), else None."""
+        if not name:
+            return None
         if name in self._initializers and name not in self._constants:
             self._constants[name] = numpy_helper.to_array(self._initializers[name])
-        return self._constants.get(name) if name else None
+        if name not in self._constants and name in self._producers:
+            value = self._folded(name)
+            if value is not None:
+                self._constants[name] = value
+        return self._constants.get(name)
+
+    def _folded(self, name: str):
+        """The value of `name` where it is computed from constants and the shapes of tensors (Shape, Size) alone
+        and does not depend on the batch: legacy exports compute Slice bounds and Reshape sizes that way
+        (x.chunk(3, -1), x.shape[-1] // heads). The few nodes involved are evaluated at two batch sizes; the
+        value is a constant when both agree."""
+        from onnx.reference import ReferenceEvaluator
+
+        nodes, stack, seen, shapes = [], [name], set(), {}
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or tensor in self._initializers or not tensor:
+                continue
+            seen.add(tensor)
+            node = self._producers.get(tensor)
+            if node is None or len(nodes) >= FOLD_NODES or node.op_type in ("RandomNormal", "RandomUniform"):
+                return None
+            nodes.append(node)
+            if node.op_type in SHAPE_READERS:
+                shapes[node.input[0]] = self._shapes.get(node.input[0])
+                continue
+            stack.extend(node.input)
+        order = {id(n): i for i, n in enumerate(self._producers.values())}
+        nodes = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
+        values = []
+        for batch in (1, 3):
+            feeds = {}
+            for tensor, dims in shapes.items():
+                if dims is None or not all(isinstance(d, int) or d == "batch" for d in dims):
+                    return None
+                feeds[tensor] = np.zeros([batch if d == "batch" else d for d in dims], np.float32)
+            initializers = [self._initializers[x] for n in nodes for x in n.input if x in self._initializers]
+            graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                                      for t in feeds], [helper.make_value_info(name, onnx.TypeProto())],
+                                      list({i.name: i for i in initializers}.values()))
+            try:
+                values.append(ReferenceEvaluator(helper.make_model(graph, opset_imports=self._opsets)).run(
+                    None, feeds)[0])
+            except Exception:  # the reference evaluator's errors have no common base class: not foldable
+                return None
+        if values[0].shape != values[1].shape or not np.array_equal(values[0], values[1]):
+            return None
+        return values[0]
 
     def is_float(self, name: str) -> bool:
         """Whether the tensor is floating point; one shape inference gave no type (the outputs of some function

@@ -14,16 +14,20 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
 
-from igcam_engine.errors import ModelError, OptionError
+from igcam_engine.errors import ModelError, OptionError, UserError
 
+from . import layouts
 from .autodiff import append_backward
-from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
+from .builder import FLOAT_TYPES, SHAPE_READERS, GraphBuilder, Node, at_min_opset
+from .contrib import unfused
+from .layouts import Layout, LayoutChoice
 
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.
 IO_NAMES = (
     "images", "baseline", "alphas", "weights", "targets", "subtract_baseline",
     "activations", "activation_grad", "logits", "maps",
-)
+) + tuple(f"held_{i}" for i in range(32))
+MAX_HELD = 32  # tensors held constant besides the target (graph inputs held_0 ...)
 BATCH = "batch"
 # Ops after which a Softmax may still be followed to the output: they only copy, reshape or retype the scores.
 COPIES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
@@ -46,7 +50,7 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     copy the batch instead (0). The export then verifies the result against the original at batch 1 and 3."""
     original, model = model, onnx.ModelProto()
     model.CopyFrom(original)  # the caller's model stays as it was (the export verifies against it)
-    model = at_min_opset(onnx.inliner.inline_local_functions(model))
+    model = unfused(at_min_opset(onnx.inliner.inline_local_functions(model)))
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -75,13 +79,87 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     for output in model.graph.output:
         output.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
-    model.ir_version = max(helper.find_min_ir_version_for(list(model.opset_import)), 8)
+    model.ir_version = _ir_version(model)
     rewrites = _free_the_batch(model, fixed_batch) if fixed_batch else []
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
+    _name_the_batch(inferred)
     return Prepared(inferred, fixed_batch, rewrites)
+
+
+PROBE_BATCHES = (1, 3)
+
+
+def _name_the_batch(model: onnx.ModelProto) -> None:
+    """Completes what shape inference left open, by measuring: the first dim of a float tensor that inference left
+    unknown or gave a fresh symbol (a Reshape to -1, an Expand or a Resize sized from computed shapes, a legacy
+    export's shape arithmetic), and the whole shape of a tensor it could not see (after an op of another domain,
+    which onnx has no schema for). The model runs at batches 1 and 3 with those tensors as outputs; a tensor is
+    [batch, ...] when its first dim follows the batch and its other dims stay as they are. A model ONNX Runtime
+    cannot run is refused here when inference is incomplete, naming the op it could not see through."""
+    infos = {info.name: info for info in model.graph.value_info}
+    for output in model.graph.output:
+        if output.type.tensor_type.HasField("shape"):
+            infos.setdefault(output.name, output)
+    unsure = [name for name, info in infos.items() if info.type.tensor_type.elem_type in FLOAT_TYPES
+              and info.type.tensor_type.HasField("shape") and len(info.type.tensor_type.shape.dim)
+              and info.type.tensor_type.shape.dim[0].dim_param != BATCH]
+    unseen = [o for n in model.graph.node for o in n.output if o and o not in infos
+              and not (n.op_type == "Constant")]
+    if not unsure and not unseen:
+        return
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend([infos[name] for name in unsure] + [onnx.ValueInfoProto(name=name) for name in unseen])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    image = model.graph.input[0]
+    dims = [d.dim_value for d in image.type.tensor_type.shape.dim[1:]]
+    names = unsure + unseen
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runs = [session.run(names, {image.name: np.random.default_rng(0).standard_normal((n, *dims), np.float32)})
+                for n in PROBE_BATCHES]
+    except Exception as e:  # onnxruntime's errors have no common base class
+        if unseen:
+            node = next(n for n in model.graph.node if any(o in unseen for o in n.output))
+            raise ModelError(f"onnx's shape inference cannot see through op '{node.op_type}' (domain "
+                             f"'{node.domain or 'ai.onnx'}', node '{node.name}') and ONNX Runtime cannot run the model "
+                             f"to measure it: {str(e).splitlines()[0][:200]}") from None
+        return  # shapes are complete up to the batch's name: the export's verification says what fails
+    for index, name in enumerate(names):
+        shapes = [np.shape(run[index]) for run in runs]
+        batch_first = [shape[:1] for shape in shapes] == [(n,) for n in PROBE_BATCHES] and len({s[1:] for s in shapes}) == 1
+        if name in infos:
+            inferred = infos[name].type.tensor_type.shape.dim
+            if not batch_first or len(inferred) != len(shapes[0]) or any(
+                    d.HasField("dim_value") and d.dim_value != size for d, size in zip(inferred[1:], shapes[0][1:])):
+                continue
+            inferred[0].dim_param = BATCH
+            for dim, size in zip(inferred[1:], shapes[0][1:]):
+                if not dim.HasField("dim_value"):
+                    dim.dim_value = size
+        elif batch_first or len(set(shapes)) == 1:
+            elem_type = helper.np_dtype_to_tensor_dtype(runs[0][index].dtype)
+            shape = [BATCH, *shapes[0][1:]] if batch_first else list(shapes[0])
+            model.graph.value_info.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+
+def _ir_version(model: onnx.ModelProto) -> int:
+    """The IR version the default-domain opset needs (at least 8); other domains (com.microsoft's contrib ops in
+    the files ONNX Runtime's optimizer writes, custom domains) are ONNX Runtime's business, not onnx's."""
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    try:
+        return max(helper.find_min_ir_version_for(default), 8)
+    except ValueError:
+        raise ModelError(f"the model's opset {default[0].version} is newer than the installed onnx "
+                         f"{onnx.__version__} knows; upgrade onnx (pip install -U onnx)") from None
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -153,31 +231,53 @@ class Split:
     model: onnx.ModelProto
     image: str  # the model's image input
     target: str  # the activation tensor the maps are computed at
+    layout: Layout  # the target's layout; the graphs hand the runtime its canonical form [K, h, w]
     logits: str  # class scores [batch, classes] (the input of a final Softmax)
     scores_after: str | None  # the op (Softmax, LogSoftmax) between the logits and the model's first output, if any
-    head: list  # nodes from the image to the target, in graph order
+    head: list  # nodes from the image to the target and the held tensors, in graph order
     tail: list  # nodes from the target to the logits, in graph order (shape reads of head tensors rewritten)
+    held: list  # Held: what the tail takes besides the target, computed by the forward graph and held constant
     input_shape: list  # C, H, W
-    activation_shape: list  # K, h, w
+    target_shape: list  # the target's dims after the batch, in its own layout
     num_classes: int
+
+    @property
+    def activation_shape(self) -> list:
+        return self.layout.canonical_shape
+
+
+@dataclass(frozen=True)
+class Held:
+    """A tensor the part after the target takes besides it: `tensor` (a model tensor that bypasses the target, or
+    None for the target's prefix tokens), passed between the graphs as input/output `name`, [rows, *shape]."""
+
+    name: str
+    tensor: str | None
+    shape: list
+    elem_type: int = TensorProto.FLOAT
+
+    def record(self) -> dict:
+        return {"name": self.name, "tensor": self.tensor, "shape": list(self.shape)}
 
 
 def _producers(graph: onnx.GraphProto) -> dict:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _ancestors(graph, start: str, stop: str | None = None, *, values_only: bool = True, producers=None):
-    """Nodes needed to compute `start`, treating `stop` as given, and the tensors reached. With `values_only`, the
-    walk does not go past a Shape or Size node: it reads its input's shape, never its values, so that input is not
-    needed (the gradient graph knows every shape but the batch, which it shares with the target)."""
+def _ancestors(graph, start: str, stop=(), *, values_only: bool = True, producers=None):
+    """Nodes needed to compute `start`, treating the tensors `stop` (a name or a collection) as given, and the
+    tensors reached. With `values_only`, the walk does not go past a Shape or Size node: it reads its input's
+    shape, never its values, so that input is not needed (the gradient graph knows every shape but the batch,
+    which it shares with the target)."""
     producers = producers if producers is not None else _producers(graph)
+    stop = {stop} if isinstance(stop, str) else set(stop)
     needed, stack, seen = set(), [start], set()
     while stack:
         name = stack.pop()
         if name in seen:
             continue
         seen.add(name)
-        if name == stop:
+        if name in stop:
             continue
         node = producers.get(name)
         if node is not None and id(node) not in needed:
@@ -223,30 +323,83 @@ def _symbolic_shape(model: onnx.ModelProto, name: str):
 
 
 def candidate_layers(model: onnx.ModelProto) -> list[dict]:
-    """Every 4-D float activation of a prepared model, in graph order, with whether it separates the image
-    input from the logits (only such a tensor can be a target layer)."""
+    """Every float activation [batch, ...] of rank 3 or 4 with fixed dims of a prepared model, in graph order: its
+    shape (after the batch), layout, grid and prefix tokens as `layouts.infer` reads them, `cut` (no path from the
+    image to the logits bypasses it) and `usable` ("yes", or "no (the reason)")."""
     image = model.graph.input[0].name
     logits, _ = scores_of(model)
     producers = _producers(model.graph)
+    float_types = {i.name for i in model.graph.value_info if i.type.tensor_type.elem_type == TensorProto.FLOAT}
     rows = []
     for node in model.graph.node:
         for out in node.output:
-            shape = _shape(model, out)
-            if shape is None or len(shape) != 4:
+            shape = _symbolic_shape(model, out)
+            if out not in float_types or shape is None or len(shape) not in (3, 4) or shape[0] != BATCH \
+                    or not all(isinstance(d, int) for d in shape[1:]):
                 continue
             _, reached = _ancestors(model.graph, logits, stop=out, producers=producers)
-            rows.append({"tensor": out, "op": node.op_type, "node": node.name, "shape": shape[1:],
-                         "cut": image not in reached and out in reached})
+            row = {"tensor": out, "op": node.op_type, "node": node.name, "shape": shape[1:], "layout": None,
+                   "grid": None, "prefix_tokens": None, "cut": image not in reached and out in reached}
+            try:
+                layout = layouts.infer(model, out, shape[1:])
+                row.update(layout.record())
+                row["usable"] = "yes" if out in reached else "no (the logits do not depend on it)"
+            except UserError as e:
+                row["usable"] = f"no ({_reason(e)})"
+            rows.append(row)
     return rows
 
 
+def _reason(error: UserError) -> str:
+    if isinstance(error, layouts.Pooled):
+        return "1x1 grid: after global pooling, a map of one pixel"
+    if isinstance(error, layouts.UnclearLayout):
+        return "layout unclear: state --layout"
+    return str(error)
+
+
 def default_target(model: onnx.ModelProto) -> str:
-    """The last 4-D activation with a spatial size above 1x1 through which every path from the image to the logits
-    passes: the output of the last convolutional stage before global pooling and the classifier."""
-    rows = [r for r in candidate_layers(model) if r["cut"] and r["shape"][1] * r["shape"][2] > 1]
+    """The target when none is named, by the layout of the last usable tensor: for a CNN the last NCHW tensor
+    through which every path from the image to the logits passes (the last convolutional stage's output); for a
+    vision transformer the last block's first norm (the last LayerNormalization over tokens before an attention
+    product: a class-token head gives the last block's patch tokens no gradient); for channels-last stages the last
+    channels-last tensor."""
+    rows = [r for r in candidate_layers(model) if r["usable"] == "yes"]
     if not rows:
-        raise ModelError("found no 4-D activation (spatial size > 1x1) that separates the input from the logits")
-    return rows[-1]["tensor"]
+        raise ModelError("found no activation with a spatial grid above 1x1 and a layout that can be told (see "
+                         "`igcam layers`); name one with tensor=... (CLI --tensor) and --layout")
+    kind = rows[-1]["layout"]
+    if kind == "tokens":
+        norms = [r for r in rows if r["layout"] == "tokens" and r["op"] == "LayerNormalization"
+                 and _feeds_attention(model, r["tensor"])]
+        if not norms:
+            raise ModelError("found no LayerNormalization before an attention product over the tokens to default "
+                             "to; name the target with tensor=... (CLI --tensor; see `igcam layers`)")
+        return norms[-1]["tensor"]
+    if kind == "NCHW":
+        rows = [r for r in rows if r["layout"] == "NCHW" and r["cut"]] or rows
+    return [r for r in rows if r["layout"] == kind][-1]["tensor"]
+
+
+def _feeds_attention(model: onnx.ModelProto, tensor: str) -> bool:
+    """Whether a product of two computed tensors (attention's q k^T or its weights times v) follows `tensor`
+    before the next LayerNormalization."""
+    consumers = {}
+    for node in model.graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    constants = {i.name for i in model.graph.initializer}
+    seen, stack = set(), [tensor]
+    while stack and len(seen) < layouts.SEARCH_NODES:
+        name = stack.pop()
+        for node in consumers.get(name, []):
+            if node.name in seen or node.op_type == "LayerNormalization":
+                continue
+            seen.add(node.name)
+            if node.op_type in ("MatMul", "Einsum") and not any(x in constants for x in node.input):
+                return True
+            stack.extend(node.output)
+    return False
 
 
 def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
@@ -257,16 +410,16 @@ def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
     names = [r["tensor"] for r in rows]
     later = rows[names.index(s.target) + 1:] if s.target in names else []
     for row in later:
-        if not row["cut"]:
+        if row["usable"] != "yes":
             continue
         tail, _ = _ancestors(model.graph, s.logits, stop=row["tensor"])
         if not missing_rules(GraphBuilder(model), tail, row["tensor"]):
             return (f"a later target avoids them: tensor '{row['tensor']}' {row['shape']} (node '{row['node']}'; "
                     "from_onnx(tensor=...) or --tensor)")
-    return "no later 4-D tensor avoids them, so this model cannot be explained at this layer yet"
+    return "no later tensor avoids them, so this model cannot be explained at this layer yet"
 
 
-def split(model: onnx.ModelProto, target: str | None = None) -> Split:
+def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoice = LayoutChoice()) -> Split:
     graph = model.graph
     image = graph.input[0].name
     logits, scores_after = scores_of(model)
@@ -275,23 +428,72 @@ def split(model: onnx.ModelProto, target: str | None = None) -> Split:
         raise ModelError(f"the model's first output must be class scores [batch, classes] (or their Softmax); "
                         f"'{logits}' is {logits_shape}")
     target = target or default_target(model)
-    shape = _shape(model, target)
+    shape = _symbolic_shape(model, target)
     if target not in _producers(graph):
         raise OptionError(f"'{target}' is not an activation tensor of the model (see `igcam layers`)")
-    if shape is None or len(shape) != 4 or None in shape[1:]:
-        raise ModelError(f"target tensor '{target}' must be 4-D [batch, K, h, w] with static K, h, w; it is {shape}")
-    head, _ = _ancestors(graph, target, values_only=False)
-    tail, reached = _ancestors(graph, logits, stop=target)
-    if image in reached:
-        raise ModelError(
-            f"target tensor '{target}' does not separate the input from the logits: some path (a skip connection "
-            "around it?) bypasses it. Choose a block output (see `igcam layers`)"
-        )
+    if shape is None or len(shape) < 2 or shape[0] != BATCH or not all(isinstance(d, int) for d in shape[1:]):
+        raise ModelError(f"target tensor '{target}' must be [batch, fixed dims...] (K, h, w fixed at export); it is "
+                         f"{shape}")
+    layout = layouts.infer(model, target, shape[1:], stated)
+    everything, reached = _ancestors(graph, logits, stop=target)
     if target not in reached:
         raise ModelError(f"the logits do not depend on target tensor '{target}'")
+    held = _held(model, everything, target, image)
+    tail, _ = _ancestors(graph, logits, stop={target, *(h.tensor for h in held)})
+    if layout.prefix:
+        held.append(Held(f"held_{len(held)}", None, [layout.prefix, layout.channels]))
+    producers = _producers(graph)  # the same node objects throughout: their ids are compared
+    order = {id(n): i for i, n in enumerate(producers.values())}
+    needed = {}
+    for tensor in [target, *(h.tensor for h in held if h.tensor)]:
+        for node in _ancestors(graph, tensor, values_only=False, producers=producers)[0]:
+            needed.setdefault(id(node), node)
+    head = sorted(needed.values(), key=lambda n: order[id(n)])
     tail = _shape_reads_from_target(model, tail, target)
-    return Split(model, image, target, logits, scores_after, head, tail, _shape(model, image)[1:], shape[1:],
-                 logits_shape[1])
+    return Split(model, image, target, layout, logits, scores_after, head, tail, held, _shape(model, image)[1:],
+                 shape[1:], logits_shape[1])
+
+
+def _dependents(nodes, seeds) -> set:
+    """The tensors whose values depend on `seeds` through `nodes` (topologically sorted); a Shape or Size reads no
+    values."""
+    depends = set(seeds)
+    for node in nodes:
+        if node.op_type not in SHAPE_READERS and any(x in depends for x in node.input):
+            depends.update(node.output)
+    return depends
+
+
+def _held(model: onnx.ModelProto, tail: list, target: str, image: str) -> list:
+    """The tensors that the target's descendants take from the image by paths that bypass the target (a skip
+    connection around a block's norm, a U-Net's encoder features, a detector's other scales): the forward graph
+    computes them, the gradient graph takes them as inputs held at their values, as autograd's gradient at the
+    target holds every other path."""
+    from_image, from_target = _dependents(model.graph.node, {image}), _dependents(tail, {target})
+    names = []
+    for node in tail:
+        if node.op_type in SHAPE_READERS or not any(o in from_target for o in node.output):
+            continue
+        names.extend(x for x in node.input if x in from_image and x not in from_target and x not in names)
+    if len(names) > MAX_HELD:
+        raise ModelError(f"{len(names)} tensors bypass target tensor '{target}' (at most {MAX_HELD} can be held); "
+                         "choose a tensor nearer the logits (see `igcam layers`)")
+    held = []
+    for name in names:
+        dims = _symbolic_shape(model, name)
+        if not dims or dims[0] != BATCH or not all(isinstance(d, int) for d in dims[1:]):
+            raise ModelError(f"tensor '{name}' bypasses target tensor '{target}' and is {dims}, not [batch, fixed "
+                             "dims...], so it cannot be held per image; choose a tensor after it (see `igcam layers`)")
+        elem_type = _elem_type(model, name)
+        held.append(Held(f"held_{len(held)}", name, dims[1:], elem_type))
+    return held
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    for info in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if info.name == name:
+            return info.type.tensor_type.elem_type
+    return TensorProto.FLOAT
 
 
 def _shape_reads_from_target(model: onnx.ModelProto, tail: list, target: str) -> list:
@@ -350,10 +552,30 @@ def _per_row(b: GraphBuilder, targets: str) -> str:
     return b.Reshape(b.Expand(b.Unsqueeze(targets, [1]), rows), [-1])
 
 
-def _backward(b: GraphBuilder, s: Split, targets_per_row: str) -> str:
-    """d logits[row, target[row]] / d activations: the seed is the one-hot of each row's target."""
+def _backward(b: GraphBuilder, s: Split, nodes: list, activations: str, targets_per_row: str) -> str:
+    """d logits[row, target[row]] / d activations through `nodes` (the target rebuilt from the canonical
+    activations, then the tail): the seed is the one-hot of each row's target."""
     seed = b.Cast(b.Equal(b.Unsqueeze(targets_per_row, [1]), np.arange(s.num_classes)[None]), to=TensorProto.FLOAT)
-    return append_backward(b, s.tail, s.target, s.logits, seed)
+    return append_backward(b, nodes, activations, s.logits, seed, about=s.target)
+
+
+def _rebuilt(s: Split, g: GraphBuilder, activations: str, held: dict) -> list:
+    """Nodes that give the tail what it reads: the target rebuilt in its layout from the canonical `activations`
+    (and the prefix tokens), and the held tensors (`held`: Held.name -> the tensor carrying it here). They are made
+    with the gradient's builder `g`, which learns their shapes, and handed back rather than kept in it."""
+    prefix = next((held[h.name] for h in s.held if h.tensor is None), None)
+    target = layouts.native(g, s.layout, activations, prefix, BATCH)
+    nodes = list(g.nodes)
+    g.nodes.clear()
+    return nodes + [_alias(target, s.target)] + [_alias(held[h.name], h.tensor) for h in s.held
+                                                 if h.tensor and held[h.name] != h.tensor]
+
+
+def _canonical(s: Split, b: GraphBuilder, target: str, held: dict):
+    """(the canonical activations, Held.name -> tensor): the target's canonical form, appended to `b`, and the
+    held tensors, read from the head's `target` and from `held` (Held.tensor -> the tensor carrying it here)."""
+    activations, prefix = layouts.canonical(b, s.layout, target)
+    return activations, {h.name: prefix if h.tensor is None else held.get(h.tensor, h.tensor) for h in s.held}
 
 
 def _alias(src: str, dst: str):
@@ -401,6 +623,7 @@ def build_graphs(s: Split) -> dict:
     activations = _info("activations", f, ["rows", k, ah, aw])
     activation_grad = _info("activation_grad", f, ["rows", k, ah, aw])
     logits = _info("logits", f, ["rows", s.num_classes])
+    held = [_info(x.name, x.elem_type, ["rows", *x.shape]) for x in s.held]
 
     def builder(prefix):
         return GraphBuilder(s.model, prefix=f"igcam/{prefix}")
@@ -410,25 +633,36 @@ def build_graphs(s: Split) -> dict:
     b = builder("interpolate")
     rows = _interpolate(b, s, "images", "baseline")
     forward_nodes = b.nodes + [_alias(rows, s.image)] + s.head
+    lay = builder("layout")
+    canonical, carriers = _canonical(s, lay, s.target, {})
     graphs["forward"] = _model(
-        s, "forward", forward_nodes + [_alias(s.target, "activations")], [b], [images, baseline, alphas], [activations]
+        s, "forward",
+        forward_nodes + lay.nodes + [_alias(canonical, "activations")]
+        + [_alias(carriers[x.name], x.name) for x in s.held],
+        [b, lay], [images, baseline, alphas], [activations, *held],
     )
 
     g = builder("gradient")
-    grad = _backward(g, s, "targets")
+    differentiated = _rebuilt(s, g, "activations", {x.name: x.name for x in s.held}) + s.tail
+    grad = _backward(g, s, differentiated, "activations", "targets")
     graphs["gradient"] = _model(
-        s, "gradient",
-        [_alias("activations", s.target)] + s.tail + g.nodes + [_alias(grad, "activation_grad"), _alias(s.logits, "logits")],
-        [g], [activations, _info("targets", i64, ["rows"])], [activation_grad, logits],
+        s, "gradient", differentiated + g.nodes + [_alias(grad, "activation_grad"), _alias(s.logits, "logits")],
+        [g], [activations, *held, _info("targets", i64, ["rows"])], [activation_grad, logits],
     )
 
+    # One graph: the head's target is renamed, so that the tail reads the target rebuilt from the activations.
+    head_target = b.fresh("target")
+    head = b.nodes + [_alias(rows, s.image)] + _renamed(s.head, s.target, head_target)
+    lay = builder("layout")
+    canonical, carriers = _canonical(s, lay, head_target, {})
     g = builder("gradient")
-    grad = _backward(g, s, _per_row(g, "targets"))
+    differentiated = _rebuilt(s, g, canonical, carriers) + s.tail
+    grad = _backward(g, s, differentiated, canonical, _per_row(g, "targets"))
     graphs["igcam"] = _model(
         s, "igcam",
-        forward_nodes + s.tail + g.nodes
-        + [_alias(s.target, "activations"), _alias(grad, "activation_grad"), _alias(s.logits, "logits")],
-        [b, g], [images, baseline, alphas, targets], [activations, activation_grad, logits],
+        head + lay.nodes + differentiated + g.nodes
+        + [_alias(canonical, "activations"), _alias(grad, "activation_grad"), _alias(s.logits, "logits")],
+        [b, lay, g], [images, baseline, alphas, targets], [activations, activation_grad, logits],
     )
 
     graphs["explain"] = _explain_graph(s, builder, images, baseline, alphas, targets)
@@ -441,16 +675,27 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
     k, _, _ = s.activation_shape
     b = builder("interpolate")
     every_row = b.Concat(_interpolate(b, s, "images", "baseline"), "baseline", axis=0)
-    all_activations = b.fresh("all_activations")
-    head = _renamed(s.head, s.target, all_activations)
+    # The head runs on every row; its target and held tensors are renamed, and split into the path's rows (which
+    # the tail reads) and the baseline's.
+    all_target = b.fresh("all_target")
+    head = _renamed(s.head, s.target, all_target)
+    every_held = {}
+    for x in s.held:
+        if x.tensor:
+            every_held[x.tensor] = b.fresh("all_held")
+            head = _renamed(head, x.tensor, every_held[x.tensor])
+    lay = builder("layout")
+    all_activations, all_carriers = _canonical(s, lay, all_target, every_held)
 
     p = builder("split")
     steps = p.Shape("alphas")
     sizes = p.Concat(p.Mul(p.Shape("images", start=0, end=1), steps), p.Shape("baseline", start=0, end=1), axis=0)
     path, base = p.op("Split", [all_activations, sizes], outputs=2)
+    carriers = {name: p.op("Split", [carrier, sizes], outputs=2)[0] for name, carrier in all_carriers.items()}
 
     g = builder("gradient")
-    grad = _backward(g, s, _per_row(g, "targets"))
+    differentiated = _rebuilt(s, g, path, carriers) + s.tail
+    grad = _backward(g, s, differentiated, path, _per_row(g, "targets"))
 
     r = builder("reduce")
     channel_weights = r.Reshape(r.ReduceMean(grad, [2, 3], keepdims=1), r.Concat([-1], steps, [k, 1, 1], axis=0))
@@ -463,11 +708,11 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
     maps = r.Squeeze(upsampled, [1])
 
     nodes = (
-        b.nodes + [_alias(every_row, s.image)] + head + p.nodes + [_alias(path, s.target)]
-        + s.tail + g.nodes + r.nodes + [_alias(maps, "maps")]
+        b.nodes + [_alias(every_row, s.image)] + head + lay.nodes + p.nodes + differentiated + g.nodes + r.nodes
+        + [_alias(maps, "maps")]
     )
     inputs = [
         images, baseline, alphas, _info("weights", TensorProto.FLOAT, ["steps"]), targets,
         _info("subtract_baseline", TensorProto.FLOAT, [1]),
     ]
-    return _model(s, "explain", nodes, [b, p, g, r], inputs, [_info("maps", TensorProto.FLOAT, [BATCH, h, w])])
+    return _model(s, "explain", nodes, [b, lay, p, g, r], inputs, [_info("maps", TensorProto.FLOAT, [BATCH, h, w])])

@@ -26,7 +26,10 @@ from igcam_engine.errors import BundleError, NotFound, OptionError, UserError
 from igcam_engine.preprocess import resolve_preprocess
 
 FORMAT = "igcam-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the target's layout and the held tensors; version 1 bundles (NCHW, none held) still load
+READABLE_VERSIONS = (1, 2)
+LAYOUTS = ("NCHW", "NHWC", "tokens")
+MAX_HELD = 32
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 GRAPHS = ("forward", "gradient", "igcam", "explain")
@@ -36,7 +39,7 @@ LIMITS = {
     "channels": 64,  # image channels
     "side": 16384,  # image height and width
     "input_elements": 64 << 20,  # C * H * W
-    "activation_elements": 64 << 20,  # K * h * w
+    "activation_elements": 64 << 20,  # K * h * w, and the held tensors' elements per row together
     "classes": 1 << 20,
 }
 SCORE_OPS = (None, "Softmax", "LogSoftmax")
@@ -63,7 +66,9 @@ class InputSpec:
 class TargetLayer:
     name: str  # as the user named it (a module path, or the ONNX tensor)
     tensor: str  # the ONNX tensor
-    shape: tuple  # K, h, w
+    shape: tuple  # K, h, w: the canonical form the graphs give the runtime
+    layout: str = "NCHW"  # the tensor's own layout (LAYOUTS)
+    prefix_tokens: int = 0  # tokens before the patch tokens (layout "tokens")
 
     @property
     def channels(self) -> int:
@@ -72,6 +77,16 @@ class TargetLayer:
     @property
     def size(self) -> tuple:
         return self.shape[1:]
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    """A tensor the gradient graph takes besides the activations, held at the forward graph's value: graph
+    input/output `name`, [rows, *shape]; `tensor` the model's tensor, or None for the target's prefix tokens."""
+
+    name: str
+    tensor: str | None
+    shape: tuple
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,12 @@ class Manifest:
     opset: int | None
     graphs: dict  # graph name -> FileEntry
     weights: FileEntry
+    held: tuple = ()  # HeldTensor, in graph input order
+
+    @property
+    def held_elements(self) -> int:
+        """Elements per row of the held tensors together."""
+        return sum(math.prod(h.shape) for h in self.held)
 
     def graph_path(self, graph: str) -> str:
         return str(self.root / self.graphs[graph].file)
@@ -139,14 +160,14 @@ def load_manifest(bundle, verify: bool = True) -> Manifest:
         raise BundleError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
     try:
-        known = manifest.get("format") == FORMAT and validators.integer(version, "format_version", FORMAT_VERSION,
-                                                                         FORMAT_VERSION) == FORMAT_VERSION
+        known = manifest.get("format") == FORMAT and validators.integer(version, "format_version", 1,
+                                                                         FORMAT_VERSION) in READABLE_VERSIONS
     except OptionError:  # true, 1.0, "1"
         known = False
     if not known:
         raise BundleError(
             f"{path}: bundle format {manifest.get('format')!r} v{version!r} is not supported; "
-            f"this igcam-engine reads {FORMAT} v{FORMAT_VERSION} (re-export the model)"
+            f"this igcam-engine reads {FORMAT} v{READABLE_VERSIONS[0]} to v{FORMAT_VERSION} (re-export the model)"
         )
     checked = _checked(manifest, root, f"bundle '{bundle}'")
     for entry in [checked.graphs[g] for g in GRAPHS] + [checked.weights]:
@@ -199,6 +220,13 @@ def _checked(manifest: dict, root: Path, where: str) -> Manifest:
     activation = dims(get(layer, "shape", "target_layer.shape"), "target_layer.shape", "K, h, w")
     if math.prod(activation) > LIMITS["activation_elements"]:
         fail("target_layer.shape", f"at most {LIMITS['activation_elements']} elements", activation)
+    kind = layer.get("layout", "NCHW")
+    if kind not in LAYOUTS:
+        fail("target_layer.layout", f"one of {list(LAYOUTS)}", kind)
+    prefix = integer(layer.get("prefix_tokens", 0), "target_layer.prefix_tokens", 0, 64)
+    if prefix and kind != "tokens":
+        fail("target_layer.prefix_tokens", "0 unless the layout is 'tokens'", prefix)
+    held = _held(manifest.get("held", []), prefix, activation, fail, integer, text)
     classes = integer(get(manifest, "num_classes", "num_classes"), "num_classes", 1, LIMITS["classes"])
     labels = get(manifest, "labels", "labels")
     if labels is not None and (not isinstance(labels, list) or len(labels) != classes
@@ -219,9 +247,39 @@ def _checked(manifest: dict, root: Path, where: str) -> Manifest:
     if opset is not None:
         integer(opset, "opset", 1, 1000)
     return Manifest(root=root, input=InputSpec(image["name"], tuple(shape)), preprocess=preprocess,
-                    target_layer=TargetLayer(str(layer.get("name", "")), str(layer.get("tensor", "")), tuple(activation)),
+                    target_layer=TargetLayer(str(layer.get("name", "")), str(layer.get("tensor", "")), tuple(activation),
+                                             kind, prefix),
                     logits=Logits(str(logits.get("tensor", "")), logits["before"]), num_classes=classes,
-                    labels=None if labels is None else tuple(labels), opset=opset, graphs=files, weights=weights)
+                    labels=None if labels is None else tuple(labels), opset=opset, graphs=files, weights=weights,
+                    held=held)
+
+
+def _held(entries, prefix: int, activation, fail, integer, text) -> tuple:
+    """The held tensors: inputs held_0, held_1, ... in order, each [rows, fixed dims], their elements per row
+    bounded together; the prefix tokens [P, K] among them exactly when the layout has P > 0."""
+    if not isinstance(entries, list) or len(entries) > MAX_HELD:
+        fail("held", f"a list of at most {MAX_HELD} {{name, tensor, shape}}", entries)
+    held, total = [], 0
+    for index, entry in enumerate(entries):
+        field = f"held[{index}]"
+        if not isinstance(entry, dict) or entry.get("name") != f"held_{index}":
+            fail(field, f"{{name: 'held_{index}', tensor, shape}}", entry)
+        tensor = entry.get("tensor")
+        if tensor is not None:
+            text(tensor, f"{field}.tensor")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not 0 <= len(shape) <= 8:
+            fail(f"{field}.shape", "a list of at most 8 dims", shape)
+        shape = [integer(d, f"{field}.shape[{i}]", 1, 1 << 24) for i, d in enumerate(shape)]
+        total += math.prod(shape)
+        if total > LIMITS["activation_elements"]:
+            fail("held", f"at most {LIMITS['activation_elements']} elements per row together", entries)
+        held.append(HeldTensor(entry["name"], tensor, tuple(shape)))
+    prefixes = [h for h in held if h.tensor is None]
+    if len(prefixes) != (1 if prefix else 0) or (prefixes and list(prefixes[0].shape) != [prefix, activation[0]]):
+        fail("held", f"one entry with tensor null and shape [{prefix}, {activation[0]}] (the prefix tokens) exactly "
+             "when target_layer.prefix_tokens > 0", entries)
+    return tuple(held)
 
 
 def _file_entry(entry, field, fail) -> FileEntry:

@@ -17,10 +17,11 @@ import threading
 import numpy as np
 
 from igcam_engine.errors import Unavailable, install_hint
-from igcam_engine.stages import Chunk, PlacedPath, Stages
+from igcam_engine.stages import Chunk, Forward, PlacedPath, Stages
 
 THREADS = 256
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+HELD_DTYPES = {**DTYPES, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 class DeviceArray:
@@ -38,7 +39,7 @@ class DeviceArray:
 
 
 class DeviceStages(Stages):
-    def __init__(self, forward, gradient, device_id: int = 0):
+    def __init__(self, forward, gradient, device_id: int = 0, held=()):
         try:
             import onnxruntime as ort
             import pycuda.driver as cuda
@@ -50,6 +51,7 @@ class DeviceStages(Stages):
         # The device's primary context: the one ONNX Runtime's CUDA provider works in.
         self._primary = cuda.Device(device_id).retain_primary_context()
         self._forward, self._gradient = forward, gradient
+        self._held = [h.name for h in held]  # forward outputs, gradient inputs: ONNX Runtime allocates them on the device
         self._activation_type = DTYPES[forward.get_outputs()[0].type]
         with self._context():
             module = _load_module(cuda)
@@ -86,16 +88,16 @@ class DeviceStages(Stages):
                            array.row(first))
 
     def interpolate(self, images: DeviceArray, chunk: Chunk, base: DeviceArray, alphas: np.ndarray,
-                    keep: bool = False) -> DeviceArray:
+                    keep: bool = False) -> Forward:
         return self._run_forward(images, chunk.first, chunk.last, base, *((0, 1) if len(base) == 1 else
                                                                            (chunk.first, chunk.last)), alphas, keep)
 
-    def activations(self, images: DeviceArray, keep: bool = False) -> DeviceArray:
+    def activations(self, images: DeviceArray, keep: bool = False) -> Forward:
         # forward.onnx interpolates; at alpha 1 from the image itself, base + 1 * (x - base) is x exactly
         return self._run_forward(images, 0, len(images), images, 0, len(images), np.ones(1, np.float32), keep)
 
     def _run_forward(self, images: DeviceArray, first: int, last: int, base: DeviceArray, base_first: int,
-                     base_last: int, alphas: np.ndarray, keep: bool) -> DeviceArray:
+                     base_last: int, alphas: np.ndarray, keep: bool) -> Forward:
         binding = self._forward.io_binding()
         self._bind(binding, "images", images, first, last)
         self._bind(binding, "baseline", base, base_first, base_last)
@@ -107,25 +109,32 @@ class DeviceStages(Stages):
         else:
             out = self._buffer("activations", shape, self._activation_type)
         binding.bind_output("activations", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
+        for name in self._held:
+            binding.bind_output(name, "cuda", self._device_id)
         self._forward.run_with_iobinding(binding)
-        return out
+        held = [DeviceArray(value, value.data_ptr(), value.shape(), HELD_DTYPES[value.data_type()])
+                for value in binding.get_outputs()[1:]]
+        return Forward(out, tuple(held))
 
-    def _gradient_binding(self, activations: DeviceArray, targets: np.ndarray):
+    def _gradient_binding(self, forward: Forward, targets: np.ndarray):
         binding = self._gradient.io_binding()
-        self._bind(binding, "activations", activations, 0, len(activations))
+        self._bind(binding, "activations", forward.activations, 0, len(forward.activations))
+        for name, value in zip(self._held, forward.held):
+            self._bind(binding, name, value, 0, len(value))
         binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
         return binding
 
-    def gradient(self, activations: DeviceArray, targets: np.ndarray) -> DeviceArray:
-        binding = self._gradient_binding(activations, targets)
+    def gradient(self, forward: Forward, targets: np.ndarray) -> DeviceArray:
+        binding = self._gradient_binding(forward, targets)
+        activations = forward.activations
         out = self._buffer("activation_grad", activations.shape, activations.dtype)
         binding.bind_output("activation_grad", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
         self._gradient.run_with_iobinding(binding)
         return out
 
-    def scores(self, activations: DeviceArray) -> np.ndarray:
+    def scores(self, forward: Forward) -> np.ndarray:
         # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
-        binding = self._gradient_binding(activations, np.zeros(len(activations), np.int64))
+        binding = self._gradient_binding(forward, np.zeros(len(forward.activations), np.int64))
         binding.bind_output("logits", "cpu")
         self._gradient.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

@@ -49,7 +49,8 @@ class Explainer:
         backend_options = BackendOptions(providers, precision, fp16, tf32, engine_cache, workspace_bytes,
                                          device_id).checked()  # a bad choice is refused before anything loads
         self.manifest = load_manifest(bundle, verify=verify)
-        self.max_rows_per_call = self.limits.rows_per_call(self.input_shape, self.manifest.target_layer.shape)
+        self.max_rows_per_call = self.limits.rows_per_call(self.input_shape, self.manifest.target_layer.shape,
+                                                           self.manifest.held_elements)
         self.backend = open_backend(self.manifest, backend_options)
         self._baselines = BaselineActivations(self.backend.stages)
 

@@ -7,35 +7,44 @@ import numpy as np
 
 from igcam_engine.maps import upsample
 from igcam_engine.methods import accumulate
-from igcam_engine.stages import Chunk, PlacedPath, Stages
+from igcam_engine.stages import Chunk, Forward, PlacedPath, Stages
 
 AT_THE_IMAGE = np.ones(1, np.float32)  # one node at alpha 1 with the image as its own baseline: the image itself
 
 
 class HostStages(Stages):
-    def __init__(self, forward, gradient):
+    def __init__(self, forward, gradient, held=()):
         self._forward, self._gradient = forward, gradient
+        self._held = [h.name for h in held]  # the bundle's held tensors: forward outputs, gradient inputs
+        self._outputs = ["activations", *self._held]
+
+    def _run_forward(self, feeds) -> Forward:
+        activations, *held = self._forward.run(self._outputs, feeds)
+        return Forward(activations, tuple(held))
+
+    def _gradient_feeds(self, forward: Forward, targets: np.ndarray) -> dict:
+        return {"activations": forward.activations, "targets": targets, **dict(zip(self._held, forward.held))}
 
     def put(self, array: np.ndarray):
         return array
 
-    def interpolate(self, images, chunk: Chunk, base, alphas: np.ndarray, keep: bool = False):
+    def interpolate(self, images, chunk: Chunk, base, alphas: np.ndarray, keep: bool = False) -> Forward:
         feeds = {"images": images[chunk.first:chunk.last],
                  "baseline": base if len(base) == 1 else base[chunk.first:chunk.last],
                  "alphas": np.asarray(alphas, np.float32)}
-        return self._forward.run(["activations"], feeds)[0]
+        return self._run_forward(feeds)
 
-    def activations(self, images, keep: bool = False):
+    def activations(self, images, keep: bool = False) -> Forward:
         # forward.onnx interpolates; at alpha 1 from the image itself, base + 1 * (x - base) is x exactly
-        return self._forward.run(["activations"], {"images": images, "baseline": images, "alphas": AT_THE_IMAGE})[0]
+        return self._run_forward({"images": images, "baseline": images, "alphas": AT_THE_IMAGE})
 
-    def gradient(self, activations, targets: np.ndarray):
-        return self._gradient.run(["activation_grad"], {"activations": activations, "targets": targets})[0]
+    def gradient(self, forward: Forward, targets: np.ndarray):
+        return self._gradient.run(["activation_grad"], self._gradient_feeds(forward, targets))[0]
 
-    def scores(self, activations) -> np.ndarray:
+    def scores(self, forward: Forward) -> np.ndarray:
         # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
-        return self._gradient.run(["logits"], {"activations": activations,
-                                               "targets": np.zeros(len(activations), np.int64)})[0]
+        targets = np.zeros(len(forward.activations), np.int64)
+        return self._gradient.run(["logits"], self._gradient_feeds(forward, targets))[0]
 
     def maps(self, images: int, targets: int, size):
         return np.zeros((images, targets, *size), np.float32)

@@ -107,8 +107,8 @@ class BaselineActivations:
 
     def get(self, baseline, base: np.ndarray):
         if not isinstance(baseline, str):
-            return self._stages.activations(self._stages.put(base), keep=True)
+            return self._stages.activations(self._stages.put(base), keep=True).activations
         with self._lock:
             if baseline not in self._named:
-                self._named[baseline] = self._stages.activations(self._stages.put(base), keep=True)
+                self._named[baseline] = self._stages.activations(self._stages.put(base), keep=True).activations
             return self._named[baseline]

@@ -21,7 +21,7 @@ import numpy as np
 
 from igcam_engine.maps import upsample
 from igcam_engine.quadrature import REFINEMENTS, largest_change
-from igcam_engine.stages import Call, PlacedPath, chunks
+from igcam_engine.stages import Call, Forward, PlacedPath, chunks
 
 GRADCAM_PLUSPLUS_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
@@ -116,10 +116,10 @@ def integrate(method: Method, call: Call, alphas: np.ndarray, weights: np.ndarra
     maps = stages.maps(call.count, call.targets.shape[1], call.layer_shape[1:])
     path = PlacedPath(stages.put(np.asarray(weights, np.float32)), call.base_activations)
     for chunk in chunks(call.count, len(alphas), call.rows):
-        activations = stages.interpolate(call.images, chunk, call.base, alphas[chunk.start:chunk.stop])
+        forward = stages.interpolate(call.images, chunk, call.base, alphas[chunk.start:chunk.stop])
         for t in range(call.targets.shape[1]):
-            grads = stages.gradient(activations, np.repeat(call.targets[chunk.first:chunk.last, t], chunk.nodes))
-            stages.accumulate(maps, chunk, t, activations, grads, path, method)
+            grads = stages.gradient(forward, np.repeat(call.targets[chunk.first:chunk.last, t], chunk.nodes))
+            stages.accumulate(maps, chunk, t, forward.activations, grads, path, method)
     return maps
 
 
@@ -145,16 +145,19 @@ def _along_the_path(method: Method, call: Call) -> LayerMaps:
 
 
 def _each_image(call: Call, image_maps: Callable) -> LayerMaps:
-    """A gradient-free method's maps: each image's activations (one plain pass per chunk of images, brought to the
-    host) turned into its targets' maps [T, h, w] by `image_maps(call, n, activations [K, h, w])`."""
+    """A gradient-free method's maps: each image's forward pass (one plain pass per chunk of images, brought to
+    the host) turned into its targets' maps [T, h, w] by `image_maps(call, n, activations [K, h, w], held)` (`held`:
+    the image's held tensors, each [1, ...])."""
     _, h, w = call.layer_shape
     maps = np.zeros((call.count, call.targets.shape[1], h, w), np.float32)
+    stages = call.stages
     for first in range(0, call.count, call.rows):
         last = min(first + call.rows, call.count)
-        activations = call.stages.to_host(call.stages.activations(call.stages.put(call.host_images[first:last])))
-        for n, a in zip(range(first, last), activations.astype(np.float32)):
-            maps[n] = image_maps(call, n, a)
-    return LayerMaps(call.stages.put(maps), 1)
+        forward = stages.activations(stages.put(call.host_images[first:last]))
+        activations, held = stages.to_host(forward.activations), [stages.to_host(x) for x in forward.held]
+        for i, a in enumerate(activations.astype(np.float32)):
+            maps[first + i] = image_maps(call, first + i, a, tuple(x[i:i + 1] for x in held))
+    return LayerMaps(stages.put(maps), 1)
 
 
 def _kept_channels(call: Call, a: np.ndarray) -> np.ndarray:
@@ -165,7 +168,7 @@ def _kept_channels(call: Call, a: np.ndarray) -> np.ndarray:
 
 
 def _eigencam_passes(method: Method, call: Call) -> LayerMaps:
-    def image_maps(call, n, a):
+    def image_maps(call, n, a, held):
         k, h, w = a.shape
         return np.maximum(method.reduce(a.reshape(1, k, h * w), None), 0).reshape(1, h, w)  # the same for every target
 
@@ -173,7 +176,7 @@ def _eigencam_passes(method: Method, call: Call) -> LayerMaps:
 
 
 def _scorecam_passes(method: Method, call: Call) -> LayerMaps:
-    def image_maps(call, n, a):
+    def image_maps(call, n, a, held):
         kept = _kept_channels(call, a)
         return combine(scorecam_weights(_masked_scores(call, call.host_images[n], a, kept)[:, call.targets[n]]), a[kept])
 
@@ -181,10 +184,10 @@ def _scorecam_passes(method: Method, call: Call) -> LayerMaps:
 
 
 def _ablationcam_passes(method: Method, call: Call) -> LayerMaps:
-    def image_maps(call, n, a):
+    def image_maps(call, n, a, held):
         kept, targets = _kept_channels(call, a), call.targets[n]
-        original = call.stages.scores(call.stages.put(a[None]))[0, targets]
-        return combine(ablation_weights(original, _ablated_scores(call, a, kept)[:, targets]), a[kept])
+        original = call.stages.scores(_placed(call, a[None], held, 1))[0, targets]
+        return combine(ablation_weights(original, _ablated_scores(call, a, held, kept)[:, targets]), a[kept])
 
     return _each_image(call, image_maps)
 
@@ -202,15 +205,21 @@ def _masked_scores(call: Call, image: np.ndarray, activations: np.ndarray, kept)
     return np.concatenate(scores)
 
 
-def _ablated_scores(call: Call, activations: np.ndarray, kept) -> np.ndarray:
-    """Class scores [len(kept), classes] from the layers after the target, each kept channel ablated in turn."""
+def _ablated_scores(call: Call, activations: np.ndarray, held: tuple, kept) -> np.ndarray:
+    """Class scores [len(kept), classes] from the layers after the target, each kept channel ablated in turn (the
+    image's held tensors as they are)."""
     value, scores = ablation_value(activations), []
     for start in range(0, len(kept), call.rows):
         chunk = kept[start:start + call.rows]
         batch = np.repeat(activations[None], len(chunk), axis=0)
         batch[np.arange(len(chunk)), chunk] = value
-        scores.append(call.stages.scores(call.stages.put(batch)))
+        scores.append(call.stages.scores(_placed(call, batch, held, len(chunk))))
     return np.concatenate(scores)
+
+
+def _placed(call: Call, activations: np.ndarray, held: tuple, rows: int) -> Forward:
+    """A forward pass made on the host (ablated activations), with one image's held tensors repeated for its rows."""
+    return Forward(call.stages.put(activations), tuple(call.stages.put(np.repeat(x, rows, axis=0)) for x in held))
 
 
 METHOD_TABLE = {m.name: m for m in (

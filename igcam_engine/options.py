@@ -70,9 +70,11 @@ class Limits:
             pixels=integer(self.pixels, "max_pixels", 1),
         )
 
-    def rows_per_call(self, input_shape, layer_shape) -> int:
-        """The most interpolated images one engine call may hold within the memory budget."""
-        per_row = 4 * (IMAGE_FACTOR * math.prod(input_shape) + ACTIVATION_FACTOR * math.prod(layer_shape))
+    def rows_per_call(self, input_shape, layer_shape, held_elements: int = 0) -> int:
+        """The most interpolated images one engine call may hold within the memory budget (the target layer's
+        activations and the bundle's held tensors counted alike)."""
+        per_row = 4 * (IMAGE_FACTOR * math.prod(input_shape)
+                       + ACTIVATION_FACTOR * (math.prod(layer_shape) + held_elements))
         if per_row > self.memory:
             raise LimitError(f"one interpolated image of this model needs about {_mib(per_row)} in an engine call, "
                              f"more than the memory budget of {_mib(self.memory)} (memory_budget, --memory-budget "

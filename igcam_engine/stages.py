@@ -51,6 +51,16 @@ def chunks(images: int, nodes: int, rows: int):
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A forward pass's results for some rows, where the stages keep them: the target layer's activations
+    [R, K, h, w] and the held tensors (the bundle's `held`: what the layers after the target take besides it --
+    a skip connection around it, a transformer's class token -- held at their values), in the bundle's order."""
+
+    activations: object
+    held: tuple = ()
+
+
+@dataclass(frozen=True)
 class PlacedPath:
     """What every step map of a call is weighed by and measured from, placed where the stages work: the float32
     quadrature weights of all the path's nodes, and the baseline's activations [1 or B, K, h, w] (None: no
@@ -86,22 +96,24 @@ class Stages(ABC):
         """Makes a host array (images, a baseline, weights, maps) available to the stages."""
 
     @abstractmethod
-    def interpolate(self, images, chunk: Chunk, base, alphas: np.ndarray, keep: bool = False):
-        """Activations [chunk.rows, K, h, w] of the interpolated images base + alphas[i] * (images[n] - base) of
-        the chunk's images (`base`: one baseline or one per image; `alphas`: the chunk's nodes); `keep` marks a
-        result cached across calls, which no buffer reuse may overwrite."""
+    def interpolate(self, images, chunk: Chunk, base, alphas: np.ndarray, keep: bool = False) -> Forward:
+        """The forward pass (activations [chunk.rows, K, h, w], held tensors) of the interpolated images
+        base + alphas[i] * (images[n] - base) of the chunk's images (`base`: one baseline or one per image;
+        `alphas`: the chunk's nodes); `keep` marks a result cached across calls, which no buffer reuse may
+        overwrite."""
 
     @abstractmethod
-    def activations(self, images, keep: bool = False):
-        """Activations [N, K, h, w] of the images themselves (a plain forward pass)."""
+    def activations(self, images, keep: bool = False) -> Forward:
+        """The forward pass of the images themselves (activations [N, K, h, w], held tensors)."""
 
     @abstractmethod
-    def gradient(self, activations, targets: np.ndarray):
-        """d scores[r, targets[r]] / d activations[r] for every row r."""
+    def gradient(self, forward: Forward, targets: np.ndarray):
+        """d scores[r, targets[r]] / d activations[r] for every row r, the held tensors held."""
 
     @abstractmethod
-    def scores(self, activations) -> np.ndarray:
-        """Class scores [R, classes] computed from activations by the layers after the target, as a host array."""
+    def scores(self, forward: Forward) -> np.ndarray:
+        """Class scores [R, classes] computed by the layers after the target from a forward pass's activations
+        (and held tensors), as a host array."""
 
     @abstractmethod
     def maps(self, images: int, targets: int, size):

@@ -280,10 +280,12 @@ def test_bundle_manifest_and_graphs(bundle):
 
     _, _, shape, _, _, path = bundle("resnet50-layer3")
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 2
+    assert manifest["held"] == []
     assert manifest["input"] == {"name": "images", "shape": list(shape), "layout": "NCHW", "dtype": "float32"}
     assert manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["target_layer"]["name"] == "layer3" and manifest["target_layer"]["shape"] == [128, 4, 5]
+    assert manifest["target_layer"]["layout"] == "NCHW" and manifest["target_layer"]["grid"] == [4, 5]
     assert manifest["num_classes"] == 10
     for entry in list(manifest["graphs"].values()) + [manifest["weights"]]:
         assert sha256(path / entry["file"]) == entry["sha256"]

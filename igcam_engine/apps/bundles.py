@@ -11,7 +11,7 @@ from pathlib import Path
 from igcam_engine.apps.arguments import Command, positive
 from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable
 from igcam_engine.options import ExplainOptions
-from igcam_engine.validators import steps_text
+from igcam_engine.validators import integer_text, steps_text
 
 
 def export_arguments(parser) -> None:
@@ -21,6 +21,11 @@ def export_arguments(parser) -> None:
     parser.add_argument("--layer", help="target module path for --torch, as in named_modules() (e.g. layer4)")
     parser.add_argument("--tensor", help="target activation tensor for --onnx (default: see `igcam layers`)")
     parser.add_argument("--input-shape", metavar="C,H,W", help="model input shape (required for --torch)")
+    parser.add_argument("--layout", default="auto", metavar="auto|NCHW|NHWC|tokens", help="the target's layout "
+                        "(default: read from the graph; the export refuses when it cannot tell)")
+    parser.add_argument("--grid", metavar="HxW", help="rows and columns of a token target's patch tokens")
+    parser.add_argument("--prefix-tokens", metavar="N", help="class, distillation and register tokens before a "
+                        "token target's patch tokens")
     parser.add_argument("--preprocess", default="none", help="'imagenet', 'none', or a JSON dict/file with resize "
                         "(stretch|crop), scale, mean, std (default: none)")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line")
@@ -53,20 +58,23 @@ def export(args) -> None:
         triton = ExplainOptions(steps=steps_text(args.triton_steps, "--triton-steps"), variant=args.triton_variant,
                                 rule=args.triton_rule).checked()
         max_batch = positive(args.triton_max_batch, "--triton-max-batch")
+    layout = {"layout": args.layout, "grid": _grid(args.grid),
+              "prefix_tokens": None if args.prefix_tokens is None else integer_text(args.prefix_tokens)}
     started = time.perf_counter()
     if args.torch:
         if not args.layer or not shape:
             raise OptionError("--torch needs --layer NAME and --input-shape C,H,W")
         path = exporter.from_torch(_torch_factory(args.torch), args.layer, shape, args.output, preprocess=preprocess,
-                                   labels=labels)
+                                   labels=labels, **layout)
     else:
         if args.layer:
             raise OptionError("--layer is for --torch; with --onnx name the activation with --tensor")
         path = exporter.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
-                                  input_shape=shape, labels=labels)
+                                  input_shape=shape, labels=labels, **layout)
     manifest = json.loads((path / "manifest.json").read_text())
     layer = manifest["target_layer"]
-    print(f"wrote bundle {path} (target '{layer['name']}' {layer['shape']}, {manifest['num_classes']} classes) "
+    print(f"wrote bundle {path} (target '{layer['name']}' {layer['tensor_shape']}, {layer['layout']} "
+          f"{layer['grid'][0]}x{layer['grid'][1]}, {manifest['num_classes']} classes) "
           f"in {time.perf_counter() - started:.1f} s")
     if triton is not None:
         folder = exporter.triton_repository(path, args.triton_repo, options=triton, max_batch_size=max_batch,
@@ -75,7 +83,7 @@ def export(args) -> None:
 
 
 def layers_arguments(parser) -> None:
-    parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its 4-D activation tensors")
+    parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its activation tensors, their layouts and which can be the target")
     parser.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
     parser.add_argument("--input-shape", metavar="C,H,W")
 
@@ -90,15 +98,33 @@ def layers(args) -> None:
         print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
         for layer in found:
             print(f"{layer['module']:40s} {layer['type']:24s} {str(layer['shape']):20s} "
-                  f"{exporter.usability(layer['shape'], calls=layer['calls'])}")
+                  f"{exporter.usability(layer['shape'], layer['calls'])}")
         return
     if not args.onnx:
         raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
     found = exporter.layers(args.onnx, shape)
-    print(f"{'tensor':48s} {'op':20s} {'shape':18s} --tensor?")
+    print(f"{'tensor':48s} {'op':20s} {'shape':18s} {'layout':22s} --tensor?")
     for layer in found:
-        print(f"{layer['tensor']:48s} {layer['op']:20s} {str(layer['shape']):18s} "
-              f"{exporter.usability(layer['shape'], layer['cut'])}")
+        print(f"{layer['tensor']:48s} {layer['op']:20s} {str(layer['shape']):18s} {_layout_text(layer):22s} "
+              f"{layer['usable']}")
+
+
+def _layout_text(layer: dict) -> str:
+    if layer["layout"] is None:
+        return "?"
+    grid = f"{layer['grid'][0]}x{layer['grid'][1]}"
+    prefix = f" +{layer['prefix_tokens']}" if layer["prefix_tokens"] else ""
+    return f"{layer['layout']} {grid}{prefix}"
+
+
+def _grid(text):
+    """--grid HxW: two positive integers (checked by the exporter)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise OptionError(f"--grid must be HxW (e.g. 14x14), got {text!r:.80}")
+    return tuple(integer_text(p) for p in parts)
 
 
 def _exporter():

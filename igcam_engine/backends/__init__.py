@@ -110,6 +110,10 @@ def _check_graphs(manifest, sessions: dict) -> None:
         "num_classes": ({o.name: dims(o) for o in gradient.get_outputs()}.get("logits", [None, None])[1:],
                         [manifest.num_classes]),
     }
+    outputs, inputs = {o.name: dims(o) for o in forward.get_outputs()}, {i.name: dims(i) for i in gradient.get_inputs()}
+    for held in manifest.held:
+        found[f"held ({held.name})"] = (outputs.get(held.name, [None])[1:], list(held.shape))
+        found[f"held ({held.name}, gradient)"] = (inputs.get(held.name, [None])[1:], list(held.shape))
     for field, (graph, claimed) in found.items():
         if graph != claimed:
             raise BundleError(f"bundle '{manifest.root}': manifest field '{field}' says {claimed}, the graphs "

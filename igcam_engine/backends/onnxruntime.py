@@ -143,11 +143,11 @@ def load(manifest, options):
     if on_gpu(providers):
         from igcam_engine.device import DeviceStages
 
-        stages = DeviceStages(sessions["forward"], sessions["gradient"], options.device_id)
+        stages = DeviceStages(sessions["forward"], sessions["gradient"], options.device_id, manifest.held)
     else:
         from igcam_engine.host import HostStages
 
-        stages = HostStages(sessions["forward"], sessions["gradient"])
+        stages = HostStages(sessions["forward"], sessions["gradient"], manifest.held)
     return Backend(NAME, stages, precision, providers, lambda: placement(manifest, providers), sessions)
 
 
@@ -178,8 +178,10 @@ def placement(manifest, providers) -> dict:
             options.profile_file_prefix = f"{directory}/igcam-{graph}"
             sessions[graph] = _session(manifest, graph, providers, options)
         feeds = {"images": image, "baseline": image, "alphas": np.array([0.5, 1.0], np.float32)}
-        activations = sessions["forward"].run(["activations"], feeds)[0]
-        sessions["gradient"].run(None, {"activations": activations, "targets": np.zeros(2, np.int64)})
+        held = [h.name for h in manifest.held]
+        activations, *values = sessions["forward"].run(["activations", *held], feeds)
+        sessions["gradient"].run(None, {"activations": activations, "targets": np.zeros(2, np.int64),
+                                        **dict(zip(held, values))})
         for graph, session in sessions.items():
             report[graph] = node_placement(session.end_profiling())
     return report

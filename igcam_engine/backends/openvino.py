@@ -44,7 +44,7 @@ def load(manifest, options):
     from igcam_engine.host import HostStages
 
     compiled = sessions({graph: manifest.graph_path(graph) for graph in GRAPHS}, options.precision, manifest.root)
-    return Backend(NAME, HostStages(compiled["forward"], compiled["gradient"]), compiled["forward"].precision,
+    return Backend(NAME, HostStages(compiled["forward"], compiled["gradient"], manifest.held), compiled["forward"].precision,
                    [f"OpenVINO {DEVICE}"], lambda: {graph: session.placement() for graph, session in compiled.items()},
                    compiled)
 

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 class ReferencePath:
     """The contract's activations and gradients at points of the straight path, by autograd in `dtype`, one image
-    and one point at a time, cached: several quadrature rules on one model share their passes."""
+    and one point at a time, cached: several quadrature rules on one model share their passes. `reshape` turns the
+    layer's output (and its gradient) into [1, K, h, w], as pytorch-grad-cam's reshape_transform does."""
 
-    def __init__(self, model, layer, dtype=torch.float64):
+    def __init__(self, model, layer, dtype=torch.float64, reshape=None):
         self.model = copy.deepcopy(model).to(dtype).eval()
         self.dtype = dtype
+        self.reshape = reshape or (lambda t: t)
         self._captured = []
         dict(self.model.named_modules())[layer].register_forward_hook(lambda m, i, o: self._captured.append(o))
         self._points = {}
@@ -27,7 +29,7 @@ class ReferencePath:
             x = (base + float(alpha) * (image - base))[None].clone().requires_grad_(True)
             score = self.model(x)[0, target]
             (grad,) = torch.autograd.grad(score, self._captured[0])
-            self._points[key] = (self._captured[0].detach()[0], grad[0])
+            self._points[key] = (self.reshape(self._captured[0].detach())[0], self.reshape(grad)[0])
         return self._points[key]
 
     def maps(self, images, targets, alphas, weights, baseline, subtract) -> np.ndarray:
@@ -51,9 +53,10 @@ def contract_maps(point, images, targets, alphas, weights, baseline, subtract, d
     return torch.stack(maps).numpy()
 
 
-def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64):
+def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64,
+                    reshape=None):
     """Maps [B, H, W] of the contract (see ReferencePath), float64 by default."""
-    return ReferencePath(model, layer, dtype).maps(images, targets, alphas, weights, baseline, subtract)
+    return ReferencePath(model, layer, dtype, reshape).maps(images, targets, alphas, weights, baseline, subtract)
 
 
 def top_classes(model, images, k=1):

@@ -1,0 +1,311 @@
+"""Target layouts: channels-last stages and vision-transformer tokens (with class and distillation tokens before
+the patch tokens), and targets that a skip connection bypasses, each against float64 autograd on the same tensor
+rearranged to [K, h, w] as pytorch-grad-cam's reshape_transform does. No map may be silently wrong: every tensor
+`layers` calls usable is checked, and what the graph cannot tell is refused."""
+import contextlib
+import copy
+import io
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from support.comparisons import assert_maps_match
+from support.reference import contract_maps, igcam_reference, top_classes
+
+from igcam_engine import Explainer, UserError
+from igcam_engine.export import from_onnx, from_torch, layers
+from igcam_engine.quadrature import quadrature
+
+SHAPE = (3, 32, 32)
+STEPS = 4
+
+
+def images(count=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((count, *SHAPE)).astype(np.float32)
+
+
+class Tapped(torch.nn.Module):
+    """A model whose forward records every intermediate tensor with the layout it is in (`taps`), so that the
+    ONNX tensor of each can be found and its reference computed by autograd on exactly that tensor."""
+
+    def tap(self, x, layout):
+        self.taps.append((x, layout))
+        return x
+
+    def forward(self, x):
+        self.taps = []
+        return self.body(x)
+
+
+class ChannelsLast(Tapped):
+    """A convolutional stem, then ConvNeXt/Swin-like blocks on [B, h, w, K]: LayerNorm over the channels, a
+    per-position MLP (Linear layers) inside a residual, a strided convolution between two stages."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(8), torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)])
+        self.fc1 = torch.nn.ModuleList([torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(16, 24, bias=False)])
+        self.fc2 = torch.nn.ModuleList([torch.nn.Linear(12, 8, bias=False), torch.nn.Linear(24, 16, bias=False)])
+        self.down = torch.nn.Conv2d(8, 16, 2, stride=2)
+        self.head = torch.nn.Linear(16, 5)
+
+    def block(self, x, i):
+        y = self.tap(self.norms[i](x), "NHWC")
+        y = self.tap(torch.relu(self.tap(self.fc1[i](y), "NHWC")), "NHWC")
+        return self.tap(x + self.tap(self.fc2[i](y), "NHWC"), "NHWC")
+
+    def body(self, x):
+        x = self.tap(self.stem(x), "NCHW")  # [B, 8, 8, 8]
+        x = self.tap(x.permute(0, 2, 3, 1), "NHWC")
+        x = self.block(x, 0)
+        x = self.tap(self.down(self.tap(x.permute(0, 3, 1, 2), "NCHW")), "NCHW")  # [B, 16, 4, 4]
+        x = self.block(self.tap(x.permute(0, 2, 3, 1), "NHWC"), 1)
+        x = self.tap(self.norms[2](x), "NHWC")
+        return self.head(x.mean(dim=(1, 2)))
+
+
+class TinyViT(Tapped):
+    """A vision transformer: an 8x8-patch embedding (a 4x4 grid), `prefix` class/distillation tokens in front,
+    position embeddings, pre-norm blocks of single-head attention and an MLP, a final norm and a head on the
+    prefix tokens (averaged, as DeiT's distilled head)."""
+
+    def __init__(self, prefix=1, depth=2, width=16):
+        super().__init__()
+        torch.manual_seed(1)
+        self.prefix = prefix
+        self.patches = torch.nn.Conv2d(3, width, 8, stride=8)
+        self.tokens = torch.nn.Parameter(torch.randn(1, prefix, width))
+        self.position = torch.nn.Parameter(torch.randn(1, prefix + 16, width) * 0.5)
+        self.norm1 = torch.nn.ModuleList([torch.nn.LayerNorm(width) for _ in range(depth)])
+        self.qkv = torch.nn.ModuleList([torch.nn.Linear(width, 3 * width) for _ in range(depth)])
+        self.proj = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(depth)])
+        self.norm2 = torch.nn.ModuleList([torch.nn.LayerNorm(width) for _ in range(depth)])
+        self.mlp = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.ReLU(),
+                                                            torch.nn.Linear(2 * width, width)) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, 5)
+
+    def body(self, x):
+        x = self.patches(x).flatten(2).transpose(1, 2)  # [B, 16, K]
+        x = torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1) + self.position
+        for i in range(len(self.norm1)):
+            y = self.norm1[i](x)
+            q, k, v = self.qkv[i](y).chunk(3, dim=-1)
+            attention = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+            x = x + self.proj[i](attention @ v)
+            x = x + self.mlp[i](self.norm2[i](x))
+        x = self.norm(x)
+        return self.head(x[:, :self.prefix].mean(dim=1))
+
+
+def tokens_to_grid(prefix, grid=(4, 4)):
+    """pytorch-grad-cam's reshape_transform for ViTs: drop the prefix tokens, tokens to a grid, channels first."""
+    return lambda t: t[:, prefix:].reshape(len(t), *grid, t.shape[-1]).permute(0, 3, 1, 2)
+
+
+def channels_first(layout):
+    return (lambda t: t.permute(0, 3, 1, 2)) if layout == "NHWC" else (lambda t: t)
+
+
+def export_with_taps(model, path):
+    """The model's ONNX file (legacy exporter, dynamic batch) and the ONNX tensor of each tap, in tap order."""
+    with torch.no_grad():
+        model(torch.zeros(1, *SHAPE))
+    count = len(model.taps)
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return (self.model(x), *[t for t, _ in self.model.taps])
+
+    names = ["logits", *[f"tap_{i}" for i in range(count)]]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Outputs().eval(), (torch.zeros(1, *SHAPE),), str(path), dynamo=False, input_names=["x"],
+                          output_names=names, dynamic_axes={n: {0: "batch"} for n in ["x", *names]})
+    graph = onnx.load(str(path))
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    tensors = []
+    for name in names[1:]:
+        while producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        tensors.append(name)
+    del graph.graph.output[1:]
+    onnx.save(graph, str(path))
+    return path, tensors
+
+
+def tap_reference(model, index, reshape, x, targets):
+    """IG-CAM maps (left rule, STEPS, zero baseline) at tap `index` by float64 autograd."""
+    reference = copy.deepcopy(model).double().eval()
+
+    def point(image, base, alpha, target):
+        z = (base + alpha * (image - base))[None].clone()
+        score = reference(z)[0, target]
+        tensor = reference.taps[index][0]
+        (grad,) = torch.autograd.grad(score, tensor)
+        return reshape(tensor.detach())[0], reshape(grad)[0]
+
+    alphas, weights = quadrature("left", STEPS)
+    return contract_maps(point, x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
+
+
+def test_every_usable_target_of_a_channels_last_model_matches_autograd(tmp_path):
+    """Every tensor `layers` calls usable is a tap whose layout it reads right, and its map matches autograd on
+    that tensor: channels-last stages, the norm and MLP inside residual blocks (held skip paths), the strided
+    convolution between stages."""
+    model = ChannelsLast().eval()
+    path, tensors = export_with_taps(model, tmp_path / "channels_last.onnx")
+    known = {tensor: (index, layout) for index, (tensor, (_, layout)) in enumerate(zip(tensors, model.taps))}
+    usable = [row for row in layers(path) if row["usable"] == "yes"]
+    assert {row["tensor"] for row in usable} == set(known), "every tap is usable, nothing else is listed usable"
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    held_seen = False
+    for row in usable:
+        index, layout = known[row["tensor"]]
+        assert row["layout"] == layout, row
+        bundle = from_onnx(path, tmp_path / f"b{index}", tensor=row["tensor"])
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        held_seen |= bool(manifest["held"])
+        maps = Explainer(bundle).explain(x, targets, steps=STEPS)
+        assert_maps_match(maps, tap_reference(model, index, channels_first(layout), x, targets))
+    assert held_seen, "some target inside a residual block must hold its skip path"
+
+
+def test_the_pooled_norm_is_never_a_default_nor_usable(tmp_path):
+    """After the mean over the grid a channels-last norm is [1, 1, K]: refused with the reason, never a default."""
+    class Pooled(ChannelsLast):
+        def body(self, x):
+            x = self.stem(x).permute(0, 2, 3, 1)
+            x = self.norms[0](x.mean(dim=(1, 2), keepdim=True))  # [B, 1, 1, 8]
+            return x.flatten(1) @ self.fc1[0].weight.T[:, :5]
+
+    model = Pooled().eval()
+    path, _ = export_with_taps(model, tmp_path / "pooled.onnx")
+    rows = {row["tensor"]: row for row in layers(path)}
+    pooled = [row for row in rows.values() if row["op"] == "LayerNormalization"]
+    assert pooled and pooled[0]["usable"].startswith("no (1x1 grid")
+    bundle = from_onnx(path, tmp_path / "default")
+    assert json.loads((bundle / "manifest.json").read_text())["target_layer"]["layout"] == "NHWC"
+    with pytest.raises(UserError, match="1x1 grid"):
+        from_onnx(path, tmp_path / "chosen", tensor=pooled[0]["tensor"])
+
+
+@pytest.mark.parametrize("prefix", [1, 2], ids=["class token", "class and distillation tokens"])
+def test_vision_transformer_maps_match_autograd_with_the_reshape_transform(tmp_path, prefix):
+    """The default target is the last block's first norm; it and a block's output (inside and outside the
+    residual) give autograd's maps with pytorch-grad-cam's reshape transform; the manifest records the layout."""
+    model = TinyViT(prefix).eval()
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    alphas, weights = quadrature("left", STEPS)
+    reshape = tokens_to_grid(prefix)
+    default = from_torch(model, "norm1.1", SHAPE, tmp_path / "norm1")
+    layer = json.loads((default / "manifest.json").read_text())["target_layer"]
+    assert (layer["layout"], layer["grid"], layer["prefix_tokens"]) == ("tokens", [4, 4], prefix)
+    expected = igcam_reference(model, "norm1.1", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False,
+                               reshape=reshape)
+    assert_maps_match(Explainer(default).explain(x, targets, steps=STEPS), expected)
+    for name in ("mlp.0", "norm2.0"):
+        bundle = from_torch(model, name, SHAPE, tmp_path / name)
+        expected = igcam_reference(model, name, x, targets, alphas, weights, np.zeros((1, *SHAPE)), False,
+                                   reshape=reshape)
+        assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
+
+
+def test_the_default_target_of_an_onnx_vision_transformer_is_the_last_blocks_first_norm(tmp_path):
+    model = TinyViT(1).eval()
+    path, tensors = export_with_taps(model, tmp_path / "vit.onnx")
+    rows = [row for row in layers(path) if row["usable"] == "yes" and len(row["shape"]) == 2]
+    norms = [row for row in rows if row["op"] == "LayerNormalization"]
+    assert len(rows) > 30 and len(norms) == 5
+    assert all(row["layout"] == "tokens" and row["grid"] == [4, 4] and row["prefix_tokens"] == 1 for row in rows)
+    attention = [row for row in layers(path) if row["shape"] == [17, 17]]
+    assert attention and all(row["usable"].startswith("no (layout unclear") for row in attention)
+    bundle = from_onnx(path, tmp_path / "default")
+    assert json.loads((bundle / "manifest.json").read_text())["target_layer"]["tensor"] == norms[-3]["tensor"]
+
+
+def test_ablation_on_tokens_holds_the_class_token(tmp_path):
+    """Ablation-CAM on a token target ablates each channel of the patch tokens; the class token keeps its value:
+    against a torch hook doing exactly that."""
+    model = TinyViT(1).eval()
+    bundle = from_torch(model, "norm1.1", SHAPE, tmp_path / "bundle")
+    x = images(1)
+    target = int(top_classes(model, x)[0, 0])
+    model = copy.deepcopy(model).double()
+    maps = Explainer(bundle).explain(x, target, method="ablationcam", normalize=False)
+    captured = {}
+    module = dict(model.named_modules())["norm1.1"]
+
+    def run(ablate=None):
+        def hook(m, args, out):
+            captured["out"] = out.detach()
+            if ablate is None:
+                return out
+            out = out.clone()
+            patches = out[:, 1:]
+            low = float(patches.min())
+            patches[..., ablate] = 0.0 if low == 0 else low - 1e7
+            return out
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return float(model(torch.from_numpy(x).double())[0, target])
+        finally:
+            handle.remove()
+
+    original = run()
+    activations = tokens_to_grid(1)(captured["out"])[0]
+    weights = torch.tensor([(original - run(k)) / original for k in range(activations.shape[0])], dtype=torch.float64)
+    coarse = F.relu((weights[:, None, None] * activations).sum(0))
+    expected = F.interpolate(coarse[None, None], size=SHAPE[1:], mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert_maps_match(maps[0], expected)
+
+
+def test_a_layout_the_graph_cannot_tell_is_refused_and_can_be_stated(tmp_path):
+    """A [B, 4, 4, 4] tensor made by a Reshape of a Linear layer's output into a cube: no op says which axis holds
+    the channels. The export refuses naming the flags; stated, it exports and matches autograd."""
+    class Cube(Tapped):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.fc = torch.nn.Linear(3 * 32 * 32, 64)
+            self.head = torch.nn.Linear(64, 5)
+
+        def body(self, x):
+            cube = self.tap(torch.tanh(self.fc(x.flatten(1))).reshape(x.shape[0], 4, 4, 4), "NCHW")
+            return self.head(cube.flatten(1) * 2)
+
+    model = Cube().eval()
+    path, tensors = export_with_taps(model, tmp_path / "cube.onnx")
+    row = {r["tensor"]: r for r in layers(path)}[tensors[0]]
+    assert row["usable"] == "no (layout unclear: state --layout)"
+    with pytest.raises(UserError, match="--layout"):
+        from_onnx(path, tmp_path / "refused", tensor=tensors[0])
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    for layout in ("NCHW", "NHWC"):
+        bundle = from_onnx(path, tmp_path / layout, tensor=tensors[0], layout=layout)
+        assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS),
+                          tap_reference(model, 0, channels_first(layout), x, targets))
+
+
+def test_stated_token_layouts_are_checked(tmp_path):
+    model = TinyViT(1).eval()
+    with pytest.raises(UserError, match="does not add up"):
+        from_torch(model, "norm1.1", SHAPE, tmp_path / "a", grid=(4, 4), prefix_tokens=2)
+    with pytest.raises(UserError, match="grid and prefix_tokens describe a token layout"):
+        from_torch(model, "norm1.1", SHAPE, tmp_path / "b", layout="NHWC", grid=(4, 4))
+    bundle = from_torch(model, "norm1.1", SHAPE, tmp_path / "c", layout="tokens", grid=(2, 8))
+    assert json.loads((bundle / "manifest.json").read_text())["target_layer"]["grid"] == [2, 8]
