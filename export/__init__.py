@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,50 @@ from .writer import staged, write_bundle
 __all__ = ["from_torch", "from_onnx", "layers", "torch_layers", "usability", "triton_repository"]
 
 
+MAX_MODEL_BYTES = 2 << 30  # protobuf's limit for one message: larger weights live in external data files
+
+
 def _load(path) -> onnx.ModelProto:
+    """The ONNX file at `path`: a regular file of at most MAX_MODEL_BYTES (a device or a pipe would be read
+    without end), a valid graph by onnx's checker (SSA, topological order, outputs), an IR and opset onnx knows."""
     try:
-        return onnx.load(str(path))
+        status = os.stat(path)
     except FileNotFoundError:
         raise NotFound(f"no such ONNX file: '{path}'") from None
-    except Exception as e:
-        raise InputError(f"'{path}' is not a readable ONNX model: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read '{path}': {e.strerror or e}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"'{path}' is not a regular file; an ONNX model is a .onnx file")
+    if status.st_size > MAX_MODEL_BYTES:
+        raise InputError(f"'{path}' is {status.st_size} bytes; an ONNX file is at most {MAX_MODEL_BYTES} (larger "
+                         "weights go in external data files beside it)")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf's and onnx's errors have no common base class
+        raise InputError(f"'{path}' is not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelError(f"'{path}' has IR version {model.ir_version}, newer than the installed onnx "
+                         f"{onnx.__version__} reads (up to {onnx.IR_VERSION}); upgrade onnx (pip install -U onnx)")
+    if not model.graph.output:
+        raise ModelError(f"'{path}' has no outputs; a classifier's first output is its class scores")
+    _check_graph(model.graph, path)
+    return model
+
+
+def _check_graph(graph, path) -> None:
+    """What everything after relies on and a model file may break: every tensor made once (SSA) and by a node
+    before the nodes that read it (topological order)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    for node in graph.node:
+        missing = [x for x in node.input if x not in available]
+        if missing:
+            raise ModelError(f"'{path}' is not a valid ONNX graph: node '{node.name}' ({node.op_type}) reads "
+                             f"'{missing[0]}' before any node makes it (not topologically sorted)")
+        for out in node.output:
+            if out and out in available:
+                raise ModelError(f"'{path}' is not a valid ONNX graph: tensor '{out}' is made twice (the graph is "
+                                 "not in single static assignment form)")
+            available.add(out)
 
 
 def layers(path, input_shape=None) -> list[dict]:

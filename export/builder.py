@@ -65,28 +65,16 @@ class GraphBuilder:
         self.add_model(model)
 
     def add_model(self, model: onnx.ModelProto) -> None:
-        """Registers the tensors of a (shape-inferred) model so that rules can query them."""
-        graph = model.graph
-        for info in list(graph.input) + list(graph.value_info) + list(graph.output):
-            tensor_type = info.type.tensor_type
-            self._types[info.name] = tensor_type.elem_type
-            if tensor_type.HasField("shape"):
-                self._shapes[info.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-                )
-        for init in graph.initializer:
-            self._initializers[init.name] = init
-            self._shapes[init.name] = tuple(init.dims)
-            self._types[init.name] = init.data_type
-        self._opsets = list(model.opset_import)
-        for node in graph.node:
-            self._names.update(node.output)
-            for out in node.output:
-                self._producers[out] = node
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                tensor = node.attribute[0].t
-                self._register_constant(node.output[0], numpy_helper.to_array(tensor), tensor.data_type)
-        self._names.update(self._shapes)
+        """Registers the tensors of a (shape-inferred) model so that rules can query them. The exporter makes a
+        dozen builders of one model: what they read of it is indexed once (see _index)."""
+        index = _index(model)
+        self._types.update(index.types)
+        self._shapes.update(index.shapes)
+        self._initializers.update(index.initializers)
+        self._producers.update(index.producers)
+        self._constants.update(index.constants)
+        self._names.update(index.names)
+        self._opsets = index.opsets
 
     def _register_constant(self, name: str, value: np.ndarray, data_type: int) -> None:
         self._constants[name] = value
@@ -211,6 +199,53 @@ class GraphBuilder:
         if name not in self._types:
             raise ModelError(f"shape inference found no type for tensor '{name}'")
         return self._types[name]
+
+
+@dataclass
+class _ModelIndex:
+    types: dict
+    shapes: dict
+    initializers: dict
+    producers: dict
+    constants: dict
+    names: set
+    opsets: list
+
+
+_LAST_INDEX: list = []  # [(model, its sizes, index)]: the model is held, so its id is never another's
+
+
+def _index(model: onnx.ModelProto) -> _ModelIndex:
+    """The tensors of a (shape-inferred) model: types, shapes, initializers, producers and Constant values. The
+    last model's index is kept: a model with 200,000 initializers would otherwise be walked by every builder."""
+    sizes = (len(model.graph.node), len(model.graph.initializer), len(model.graph.value_info))
+    if _LAST_INDEX and _LAST_INDEX[0][0] is model and _LAST_INDEX[0][1] == sizes:
+        return _LAST_INDEX[0][2]
+    index = _ModelIndex({}, {}, {}, {}, {}, set(), list(model.opset_import))
+    graph = model.graph
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor_type = info.type.tensor_type
+        index.types[info.name] = tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            index.shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    for init in graph.initializer:
+        index.initializers[init.name] = init
+        index.shapes[init.name] = tuple(init.dims)
+        index.types[init.name] = init.data_type
+    for node in graph.node:
+        for out in node.output:
+            index.producers[out] = node
+            index.names.add(out)
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            name = node.output[0]
+            index.constants[name] = numpy_helper.to_array(tensor)
+            index.shapes[name] = tuple(index.constants[name].shape)
+            index.types[name] = tensor.data_type
+    index.names.update(index.shapes)
+    _LAST_INDEX[:] = [(model, sizes, index)]
+    return index
 
 
 def default_opset(model: onnx.ModelProto):

@@ -283,7 +283,7 @@ def _ancestors(graph, start: str, stop=(), *, values_only: bool = True, producer
         if node is not None and id(node) not in needed:
             needed.add(id(node))
             if not (values_only and node.op_type in SHAPE_READERS):
-                stack.extend(x for x in node.input if x)
+                stack.extend(_inputs(node))
     return [n for n in graph.node if id(n) in needed], seen
 
 
@@ -459,7 +459,7 @@ def _dependents(nodes, seeds) -> set:
     values."""
     depends = set(seeds)
     for node in nodes:
-        if node.op_type not in SHAPE_READERS and any(x in depends for x in node.input):
+        if node.op_type not in SHAPE_READERS and any(x in depends for x in _inputs(node)):
             depends.update(node.output)
     return depends
 
@@ -598,8 +598,20 @@ def _prune(nodes: list, outputs: list) -> list:
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(x for x in node.input if x)
+            needed.update(_inputs(node))
     return kept[::-1]
+
+
+def _inputs(node: onnx.NodeProto) -> list:
+    """A node's inputs and the outer tensors its subgraphs (If's branches, Loop's and Scan's bodies) read."""
+    names = [x for x in node.input if x]
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            inner = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+            for child in graph.node:
+                names.extend(x for x in _inputs(child) if x not in inner)
+                inner.update(child.output)
+    return names
 
 
 def _renamed(nodes: list, old: str, new: str) -> list:

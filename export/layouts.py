@@ -9,7 +9,8 @@ on the host and in the fused kernel, reads one layout.
 `infer` reads the layout from the graph and never guesses: the ops around the tensor (through ops that keep a
 layout: elementwise ops, Concat, Resize, ...) vote -- convolutions, pools and batch norms for channels first,
 LayerNormalization over the last axis, a Linear layer (MatMul by a weight matrix) and Transposes for channels
-last -- and a token grid comes from the patch-embedding convolution before the tensor. No vote, or votes that
+last -- and a token grid comes from the patch-embedding convolution before the tensor, or from the channels-last
+grid a Reshape makes the tokens of (or of them: Swin's blocks). No vote, or votes that
 disagree, and the export refuses in one line naming the flags that settle it.
 """
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _tokens(model, tensor: str, dims: list, stated: LayoutChoice) -> Layout:
                                          "axis says it is tokens [batch, N, K])"))
     grid = stated.grid
     if grid is None:
-        grids = {g for g in _patch_grids(model, tensor)
+        grids = {g for g in _patch_grids(model, tensor) | _reshaped_grids(model, tensor, count, channels)
                  if math.prod(g) <= count <= math.prod(g) + MAX_PREFIX_TOKENS
                  and (stated.prefix_tokens is None or math.prod(g) + stated.prefix_tokens == count)}
         if len(grids) != 1:
@@ -216,8 +217,8 @@ def _transpose_vote(perm, produced: bool) -> str | None:
 
 
 def _patch_grids(model, tensor: str) -> set:
-    """The spatial sizes (h, w) of the channels-first 4-D tensors made by convolutions before `tensor`: where its
-    patch tokens come from."""
+    """The spatial sizes (h, w) of the channels-first 4-D tensors made by convolutions before `tensor`: where a
+    vision transformer's patch tokens come from."""
     producers, _ = _producers_and_consumers(model.graph)
     shapes = _shapes(model)
     grids, seen, stack = set(), set(), [tensor]
@@ -235,6 +236,39 @@ def _patch_grids(model, tensor: str) -> set:
                 grids.add(tuple(shape[2:]))
             continue  # the nearest convolution on each path
         stack.extend(x for x in node.input if x)
+    return grids
+
+
+def _reshaped_grids(model, tensor: str, count: int, channels: int) -> set:
+    """The grids (h, w) of the channels-last tensors [B, h, w, K] with h*w = `count` that a Reshape turns into
+    `tensor`'s tokens or makes of them (through ops whose output keeps the tokens' shape): a Swin block flattens
+    its grid to tokens around its second norm and MLP, and shapes them back after."""
+    producers, consumers = _producers_and_consumers(model.graph)
+    shapes = _shapes(model)
+    grids, seen, stack = set(), set(), [tensor]
+
+    def grid_of(name):
+        shape = shapes.get(name)
+        if shape and len(shape) == 4 and shape[3] == channels and all(isinstance(d, int) for d in shape[1:3]) \
+                and shape[1] * shape[2] == count:
+            grids.add((shape[1], shape[2]))
+
+    while stack and len(seen) < SEARCH_NODES:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is not None:
+            if node.op_type == "Reshape":
+                grid_of(node.input[0])
+            else:  # through ops whose output has the tokens' shape: norms, residual adds, elementwise ops
+                stack.extend(x for x in node.input if x and shapes.get(x) == shapes.get(name))
+        for consumer in consumers.get(name, []):
+            if consumer.op_type == "Reshape" and consumer.input[0] == name:
+                grid_of(consumer.output[0])
+            else:
+                stack.extend(o for o in consumer.output if shapes.get(o) == shapes.get(name))
     return grids
 
 

@@ -13,8 +13,8 @@ import re
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from igcam_engine.errors import InputError, LimitError, NotFound, OptionError
-from igcam_engine.validators import number
+from igcam_engine.errors import InputError, LimitError, NotFound, OptionError, Unavailable
+from igcam_engine.validators import flag, integer, number
 
 MAX_PIXELS = 40_000_000  # the default bound on an image's width x height
 MAX_OVERLAY_SIDE = 2048  # overlays of larger photos are drawn on the photo scaled down to this longest side
@@ -128,27 +128,52 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).astype(np.uint8)
 
 
-def overlay(picture: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5) -> Image.Image:
-    """Blends a map (any range; min-max scaled here) over an RGB uint8 picture of the same H, W."""
+def overlay(picture: np.ndarray, heatmap: np.ndarray, opacity: float = 0.5, colors=colormap) -> Image.Image:
+    """Blends a map (any range; min-max scaled here) over an RGB uint8 picture of the same H, W; `colors` maps
+    [0, 1] to uint8 colours [..., 3]."""
     span = heatmap.max() - heatmap.min()
     scaled = (heatmap - heatmap.min()) / span if span > 0 else np.zeros_like(heatmap)
-    blended = (1 - opacity) * picture.astype(np.float32) + opacity * colormap(scaled).astype(np.float32)
+    blended = (1 - opacity) * picture.astype(np.float32) + opacity * colors(scaled).astype(np.float32)
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
-def show_cam_on_image(image, mask: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
-    """image_weight * image + (1 - image_weight) * jet(mask), called as pytorch-grad-cam's helper of this name:
-    `image` a PIL image or a numpy picture (as to_model_input takes: uint8, or float in [0, 1]), `mask` [h, w] of
-    any range (min-max scaled; resized bilinearly to the image when its size differs). Returns uint8 RGB [H, W, 3]
-    (not divided by its maximum, as theirs is)."""
+JET = 2  # OpenCV's cv2.COLORMAP_JET, pytorch-grad-cam's default colormap
+
+
+def show_cam_on_image(image, mask: np.ndarray, use_rgb: bool = True, colormap: int = JET,
+                      image_weight: float = 0.5) -> np.ndarray:
+    """image_weight * image + (1 - image_weight) * colormap(mask), called as pytorch-grad-cam's helper of this name
+    (same arguments, same order): `image` a PIL image or a numpy picture (as to_model_input takes: uint8, or float
+    in [0, 1]), `mask` [h, w] of any range (min-max scaled; resized bilinearly to the image when its size differs);
+    `use_rgb` False: the heatmap's colours in BGR order, for a BGR picture as OpenCV reads it (pytorch-grad-cam's
+    default; here the default is RGB, as every picture this engine reads is); `colormap` an OpenCV colormap (JET
+    here, any other through OpenCV). Returns uint8 [H, W, 3] (not divided by its maximum, as theirs is)."""
     image_weight = number(image_weight, "image_weight", 0, 1)
+    colors = _colors(integer(colormap, "colormap", 0, 255), flag(use_rgb, "use_rgb"))
     picture = _from_array(image) if isinstance(image, np.ndarray) else _rgb(image, "the image")
     heatmap = np.asarray(mask, np.float32)
     if heatmap.ndim != 2 or not np.isfinite(heatmap).all():
         raise InputError(f"a mask must be one finite map [h, w], got shape {list(heatmap.shape)}")
     if heatmap.shape != (picture.height, picture.width):
         heatmap = np.asarray(Image.fromarray(heatmap, mode="F").resize(picture.size, Image.BILINEAR))
-    return np.asarray(overlay(np.asarray(picture), heatmap, opacity=1 - image_weight))
+    return np.asarray(overlay(np.asarray(picture), heatmap, opacity=1 - image_weight, colors=colors))
+
+
+def _colors(code: int, rgb: bool):
+    """[0, 1] -> uint8 colours of OpenCV's colormap `code` (JET without OpenCV), in RGB or BGR order."""
+    if code == JET:
+        table = colormap
+    else:
+        try:
+            import cv2
+        except ModuleNotFoundError:
+            raise Unavailable(f"colormap {code} is OpenCV's; without opencv-python installed only JET ({JET}) is "
+                              "drawn") from None
+
+        def table(values):
+            bgr = cv2.applyColorMap(np.uint8(np.clip(values, 0, 1) * 255), code)
+            return bgr[..., ::-1]
+    return table if rgb else (lambda values: table(values)[..., ::-1])
 
 
 def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess) -> Image.Image:

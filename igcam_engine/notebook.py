@@ -5,14 +5,21 @@
     show_cam_on_image(photo, maps[0])                                      # uint8 RGB overlay
 
 The bundle is kept under a key made of the model's class, its structure (repr), every parameter and buffer
-(bytes, dtype, shape), the layer, the input shape and the preprocessing: a second call on the same model loads it
-(and, in the same process, reuses its sessions); a model whose weights changed is exported again.
+(bytes, dtype, shape), the layer, its layout, the input shape and the preprocessing: a second call on the same
+model loads it (and, in the same process, reuses its sessions); a model whose weights changed is exported again.
+The weights are hashed once per model state: torch counts every in-place change of a tensor (its version), and a
+model whose tensors and versions are unchanged keeps its key. The cache folder keeps at most CACHE_BUNDLES bundles
+and CACHE_BYTES bytes ($IGCAM_CACHE_BUNDLES, $IGCAM_CACHE_BYTES), the least recently used evicted first; the
+process keeps at most OPEN_EXPLAINERS explainers.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +29,16 @@ from igcam_engine.errors import InputError, OptionError
 from igcam_engine.explainer import Explainer
 from igcam_engine.images import show_cam_on_image
 from igcam_engine.inputs import as_array
+from igcam_engine.options import ExplainOptions
 from igcam_engine.targets import TargetChoice
 
 __all__ = ["explain_torch", "bundle_for", "show_cam_on_image"]
 
-_explainers: dict = {}
+CACHE_BUNDLES = 16
+CACHE_BYTES = 4 << 30
+OPEN_EXPLAINERS = 8
+_explainers: OrderedDict = OrderedDict()  # (key, providers) -> Explainer, least recently used first
+_keys: dict = {}  # id(model) -> (weak reference, state signature, inputs of the key, key)
 _lock = threading.Lock()
 
 
@@ -37,14 +49,14 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "igcam-engine" / "bundles"
 
 
-def model_key(model, layer: str, input_shape, preprocess) -> str:
-    """A hash of what the bundle depends on: the model's code identity, structure and state, the layer, the input
-    shape and the preprocessing."""
+def model_key(model, layer: str, input_shape, preprocess, layout=None) -> str:
+    """A hash of what the bundle depends on: the model's code identity, structure and state, the layer and its
+    stated layout, the input shape and the preprocessing."""
     import torch
 
     digest = hashlib.sha256()
     for part in (f"format {FORMAT_VERSION}", type(model).__module__, type(model).__qualname__, repr(model), layer,
-                 repr(tuple(input_shape)), repr(preprocess)):
+                 repr(tuple(input_shape)), repr(preprocess), repr(layout)):
         digest.update(part.encode() + b"\0")
     for name, tensor in model.state_dict().items():
         value = tensor.detach().cpu().contiguous()
@@ -53,18 +65,39 @@ def model_key(model, layer: str, input_shape, preprocess) -> str:
     return digest.hexdigest()
 
 
-def bundle_for(model, layer: str, input_shape, *, preprocess=None, cache_dir=None) -> Path:
+def _state(model) -> tuple:
+    """What changes when the model's weights do: each tensor's storage and torch's count of its in-place changes."""
+    return tuple((name, t.data_ptr(), t._version, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+
+
+def _key(model, layer: str, input_shape, preprocess, layout) -> str:
+    """model_key, hashed again only when the model's state or the key's other inputs changed."""
+    inputs, state = (layer, tuple(input_shape), repr(preprocess), repr(layout)), _state(model)
+    known = _keys.get(id(model))
+    if known is not None and known[0]() is model and known[1:3] == (state, inputs):
+        return known[3]
+    key = model_key(model, layer, input_shape, preprocess, layout)
+    _keys[id(model)] = (weakref.ref(model, lambda _, i=id(model): _keys.pop(i, None)), state, inputs, key)
+    return key
+
+
+def bundle_for(model, layer: str, input_shape, *, preprocess=None, cache_dir=None, layout=None, grid=None,
+               prefix_tokens=None) -> Path:
     """The model's bundle in the cache, exported on the first call for this key."""
-    key = model_key(model, layer, input_shape, preprocess)
-    return _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key)
+    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens}
+    key = _key(model, layer, input_shape, preprocess, stated)
+    return _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key, stated)
 
 
-def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str) -> Path:
-    """The bundle stored under `key` (the model's model_key), exported there when it is missing."""
+def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str, stated: dict) -> Path:
+    """The bundle stored under `key` (the model's model_key), exported there when it is missing; the cache is
+    bounded after each export."""
     from igcam_engine.export import from_torch
 
     path = Path(cache_dir or default_cache()) / key[:24]
-    if not (path / "manifest.json").is_file():
+    if (path / "manifest.json").is_file():
+        os.utime(path)  # recently used: evicted last
+    else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             writable = os.access(path.parent, os.W_OK | os.X_OK)
@@ -74,16 +107,38 @@ def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str) -
         if not writable:
             raise OptionError(f"the bundle cache '{path.parent}' is not writable (set IGCAM_CACHE or cache_dir to a "
                               "writable folder)")
-        from_torch(model, layer, tuple(input_shape), path, preprocess=preprocess)
+        from_torch(model, layer, tuple(input_shape), path, preprocess=preprocess, **stated)
+        _evict(path.parent, keep=path)
     return path
 
 
+def _evict(cache: Path, keep: Path) -> None:
+    """Removes the least recently used bundles while the cache holds more than its bounds allow."""
+    bundles, limit = int(os.environ.get("IGCAM_CACHE_BUNDLES", CACHE_BUNDLES)), int(
+        os.environ.get("IGCAM_CACHE_BYTES", CACHE_BYTES))
+    entries = []
+    for entry in cache.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and (entry / "manifest.json").is_file():
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file() and not f.is_symlink())
+            entries.append((entry.stat().st_mtime, entry, size))
+    entries.sort(key=lambda e: e[0])
+    total = sum(size for _, _, size in entries)
+    while entries and (len(entries) > bundles or total > limit):
+        _, entry, size = entries.pop(0)
+        if entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+
+
 def explain_torch(model, layer: str, images, targets=None, *, method: str = "igcam", preprocess=None, cache_dir=None,
-                  providers="cpu", **options) -> np.ndarray:
+                  providers="cpu", layout=None, grid=None, prefix_tokens=None, **options) -> np.ndarray:
     """Maps float32 [B, H, W] ([B, T, H, W] for targets [B, T]) of `model` at module `layer` for images [B, C, H, W]
     or [C, H, W] (a torch tensor or numpy array in model input space). targets None: each image's predicted class.
-    `options` are Explainer.explain's (steps, integrate, variant, rule, channels, normalize, ...); `preprocess` is
-    the one the images went through (it defines the black baseline; see docs/api.md)."""
+    `options` are Explainer.explain's (steps, integrate, variant, rule, channels, normalize, ...; any other name is
+    refused); `preprocess` is the one the images went through (it defines the black baseline; see docs/api.md);
+    `layout`, `grid`, `prefix_tokens` state the layer's layout where the graph does not tell it (as from_torch's:
+    a vision transformer's tokens need no reshape_transform)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -92,12 +147,17 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
     if array.ndim not in (3, 4):
         raise InputError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")
     input_shape = tuple(array.shape[-3:])
-    key = model_key(model, layer, input_shape, preprocess)  # hashes every weight: once per call
+    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens}
+    options = ExplainOptions.of(None, method=method, **options)  # an unknown option is refused before any export
     with _lock:
+        key = _key(model, layer, input_shape, preprocess, stated)
         explainer = _explainers.get((key, repr(providers)))
         if explainer is None:
-            bundle = _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key)
+            bundle = _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key, stated)
             explainer = _explainers[(key, repr(providers))] = Explainer(bundle, providers=providers)
+            while len(_explainers) > OPEN_EXPLAINERS:
+                _explainers.popitem(last=False)
+        _explainers.move_to_end((key, repr(providers)))
     if targets is None:
         targets = TargetChoice().select(explainer.predict(array))[:, 0]
-    return explainer.explain(array, targets, method=method, **options)
+    return explainer.explain(array, targets, options)

@@ -74,7 +74,7 @@ def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
     torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(plain), dynamo=False)
     listing = _run(root, "layers", str(plain))
     assert listing.returncode == 0, listing.stderr
-    assert "[4, 14, 14]" in listing.stdout and "yes" in listing.stdout
+    assert "[4, 14, 14]" in listing.stdout and "NCHW 14x14" in listing.stdout and "yes" in listing.stdout
     not_a_classifier = _run(root, "layers", str(out / "forward.onnx"))
     assert not_a_classifier.returncode == 2 and "exactly one (image) input" in not_a_classifier.stderr
     torch_listing = _run(root, "layers", "--torch", "tiny_models:small", "--input-shape", "3,64,64")
@@ -89,6 +89,12 @@ def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
     (["export", "--torch", "tiny_models:small", "--layer", "layer4", "-o", "b"], "needs --layer NAME and --input-shape"),
     (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64",
       "--preprocess", "vgg", "-o", "b2"], "unknown preprocess preset"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64", "--layout", "NWHC",
+      "-o", "b3"], "unknown layout 'NWHC'; accepted: NCHW, NHWC, tokens"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64", "--grid", "4by4",
+      "-o", "b4"], "--grid must be HxW"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64", "--layout", "NCHW",
+      "--prefix-tokens", "1", "-o", "b5"], "grid and prefix_tokens describe a token layout"),
     (["explain", "bundle", "x.png", "--method", "eigencam", "--integrate", "-o", "o"], "no gradient to integrate"),
     (["explain", "bundle", "x.png", "--method", "gradcam", "--channels", "3", "-o", "o"],
      "channels applies to scorecam and ablationcam"),

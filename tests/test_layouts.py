@@ -309,3 +309,45 @@ def test_stated_token_layouts_are_checked(tmp_path):
         from_torch(model, "norm1.1", SHAPE, tmp_path / "b", layout="NHWC", grid=(4, 4))
     bundle = from_torch(model, "norm1.1", SHAPE, tmp_path / "c", layout="tokens", grid=(2, 8))
     assert json.loads((bundle / "manifest.json").read_text())["target_layer"]["grid"] == [2, 8]
+
+
+def test_the_notebook_path_explains_a_vision_transformer_and_keeps_its_caches_bounded(tmp_path, monkeypatch):
+    """explain_torch on a token layer needs no reshape_transform (maps equal autograd's with it); the weights are
+    hashed once per model state (again after an in-place change); the bundle cache keeps IGCAM_CACHE_BUNDLES
+    bundles, the least recently used evicted; an unknown option is refused before anything is exported."""
+    from igcam_engine import notebook
+
+    hashes = []
+    original = notebook.model_key
+    monkeypatch.setattr(notebook, "model_key", lambda *a, **k: hashes.append(a[1]) or original(*a, **k))
+    monkeypatch.setenv("IGCAM_CACHE_BUNDLES", "1")
+    model = TinyViT(1).eval()
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    alphas, weights = quadrature("left", STEPS)
+    maps = notebook.explain_torch(model, "norm1.1", x, targets, steps=STEPS, cache_dir=tmp_path)
+    expected = igcam_reference(model, "norm1.1", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False,
+                               reshape=tokens_to_grid(1))
+    assert_maps_match(maps, expected)
+    np.testing.assert_array_equal(notebook.explain_torch(model, "norm1.1", x, targets, steps=STEPS,
+                                                         cache_dir=tmp_path), maps)
+    assert hashes == ["norm1.1"], "the second call on the same weights hashes nothing"
+    notebook.explain_torch(model, "norm2.0", x, targets, steps=STEPS, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1, "one bundle kept: the least recently used was evicted"
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    notebook.explain_torch(model, "norm2.0", x, targets, steps=STEPS, cache_dir=tmp_path)
+    assert hashes == ["norm1.1", "norm2.0", "norm2.0"], "an in-place change of the weights is seen"
+    with pytest.raises(UserError, match="unknown option"):
+        notebook.explain_torch(model, "norm2.0", x, targets, stepz=3, cache_dir=tmp_path)
+
+
+def test_show_cam_on_image_takes_pytorch_grad_cams_use_rgb_and_colormap():
+    from igcam_engine.notebook import show_cam_on_image
+
+    photo = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    mask = np.linspace(0, 1, 80, dtype=np.float32).reshape(8, 10)
+    rgb = show_cam_on_image(photo, mask, True, 2, image_weight=0.0)
+    np.testing.assert_array_equal(show_cam_on_image(photo, mask, use_rgb=False, image_weight=0.0), rgb[..., ::-1])
+    with pytest.raises(UserError, match="use_rgb must be"):
+        show_cam_on_image(photo, mask, use_rgb="yes")

@@ -1,6 +1,8 @@
 """The CAM family (README "Methods") against float64 torch: each method's definition written here in torch, on the
 activations and gradients torch autograd computes, upsampled by torch; raw values and normalized maps compared.
 pytorch-grad-cam itself is the reference in the corpus tier (tests/corpus/test_methods.py)."""
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -213,7 +215,7 @@ def test_explain_torch_matches_float64_torch_and_exports_once_per_model(tmp_path
     assert exports == ["layer3"] and len(list(tmp_path.iterdir())) == 1
 
     np.testing.assert_array_equal(notebook.explain_torch(model, "layer3", images, **options), maps)
-    monkeypatch.setattr(notebook, "_explainers", {})  # as in a new process: the bundle is read from the cache
+    monkeypatch.setattr(notebook, "_explainers", OrderedDict())  # as in a new process: the bundle is read from the cache
     np.testing.assert_array_equal(notebook.explain_torch(model, "layer3", images.numpy(), **options), maps)
     assert exports == ["layer3"]
 

@@ -83,7 +83,7 @@ def export(args) -> None:
 
 
 def layers_arguments(parser) -> None:
-    parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its activation tensors, their layouts and which can be the target")
+    parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its activation tensors and their layouts")
     parser.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
     parser.add_argument("--input-shape", metavar="C,H,W")
 
