@@ -61,10 +61,11 @@ CASES = [
                 "tokens", (4, 4)),  # the block flattens its grid around norm2: tokens [B, 16, K], no prefix
     Transformer("swin_tiny_patch4_window7_224 (final norm)",
                 _timm("swin_tiny_patch4_window7_224", img_size=128, window_size=4), "norm", 128, "NHWC", (4, 4)),
-    Transformer("convnext_tiny (last block's channels-last norm)", _timm("convnext_tiny"), "stages.3.blocks.2.norm",
-                128, "NHWC", (4, 4)),
-    Transformer("convnext_nano (last block's norm, LayerNorm2d)", _timm("convnext_nano"), "stages.3.blocks.1.norm",
-                128, "NCHW", (4, 4)),
+    # layer scale at 1, not timm's 1e-6 initial value: with it a block's branch, and so its norm's map, is ~0
+    Transformer("convnext_tiny (last block's channels-last norm)", _timm("convnext_tiny", ls_init_value=1.0),
+                "stages.3.blocks.2.norm", 64, "NHWC", (2, 2)),
+    Transformer("convnext_nano (last block's norm, LayerNorm2d)", _timm("convnext_nano", ls_init_value=1.0),
+                "stages.3.blocks.1.norm", 64, "NCHW", (2, 2)),
 ]
 IGCAM = dict(variant="official", steps=4)
 
