@@ -12,7 +12,7 @@ from onnx import helper
 
 from igcam_engine.errors import ModelError
 
-from .builder import SHAPE_READERS, GraphBuilder, Node, at_min_opset
+from .builder import SHAPE_READERS, GraphBuilder, Node, ShapeUnknown, at_min_opset
 from .rules import RULES
 
 
@@ -67,7 +67,10 @@ def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str
         grads_out = [_total(builder, cotangents.get(o)) for o in node.outputs]
         if all(g is None for g in grads_out):
             continue
-        grads_in = RULES[node.op_type](builder, node, grads_out)
+        try:
+            grads_in = RULES[node.op_type](builder, node, grads_out)
+        except ShapeUnknown as e:
+            raise ModelError(f"the gradient of {node.op_type} node '{node.name}': {e}") from None
         for name, grad in zip(node.inputs, grads_in):
             if name not in depends:
                 continue

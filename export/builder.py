@@ -23,6 +23,10 @@ FOLD_NODES = 32  # the most nodes of shape arithmetic `constant` evaluates
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
+class ShapeUnknown(ModelError):
+    """A rule needs a dim that is not fixed at export time (the walker names the op and node it was for)."""
+
+
 @dataclass
 class Node:
     """An ONNX node with its attributes decoded to Python values."""
@@ -123,14 +127,15 @@ class GraphBuilder:
     def shape(self, name: str) -> tuple:
         """Dims of a tensor: ints where static, the symbol or None where not."""
         if name not in self._shapes:
-            raise ModelError(f"shape inference found no shape for tensor '{name}'; the model needs static ranks")
+            raise ShapeUnknown(f"shape inference found no shape for tensor '{name}'; the model needs static ranks")
         return self._shapes[name]
 
     def static_shape(self, name: str, dims: slice = slice(None)) -> list[int]:
         """Static dims of a tensor (a slice of them); errors if any of those dims is not fixed at export time."""
         selected = self.shape(name)[dims]
         if not all(isinstance(d, int) and d > 0 for d in selected):
-            raise ModelError(f"tensor '{name}' needs fixed dims {dims.start or 0}.. at export time, has {self.shape(name)}")
+            raise ShapeUnknown(f"tensor '{name}' needs fixed dims {dims.start or 0}.. at export time, has "
+                               f"{self.shape(name)}")
         return list(selected)
 
     def constant(self, name: str):

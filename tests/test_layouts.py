@@ -351,3 +351,26 @@ def test_show_cam_on_image_takes_pytorch_grad_cams_use_rgb_and_colormap():
     np.testing.assert_array_equal(show_cam_on_image(photo, mask, use_rgb=False, image_weight=0.0), rgb[..., ::-1])
     with pytest.raises(UserError, match="use_rgb must be"):
         show_cam_on_image(photo, mask, use_rgb="yes")
+
+
+def test_a_resize_after_the_target_keeps_the_batch(tmp_path):
+    """F.interpolate after the target: shape inference gives the Resize's output a fresh batch symbol (it once
+    failed as "needs fixed dims 0.."); the batch is measured, the rule's same-size path holds, maps match."""
+    class Upsampled(Tapped):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.conv1, self.conv2 = torch.nn.Conv2d(3, 5, 3, stride=4, padding=1), torch.nn.Conv2d(5, 6, 3, padding=1)
+            self.head = torch.nn.Linear(6, 5)
+
+        def body(self, x):
+            x = self.tap(torch.relu(self.conv1(x)), "NCHW")
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            return self.head(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+    model = Upsampled().eval()
+    path, tensors = export_with_taps(model, tmp_path / "upsampled.onnx")
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    maps = Explainer(from_onnx(path, tmp_path / "bundle", tensor=tensors[0])).explain(x, targets, steps=STEPS)
+    assert_maps_match(maps, tap_reference(model, 0, channels_first("NCHW"), x, targets))
