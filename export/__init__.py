@@ -18,7 +18,7 @@ except ModuleNotFoundError:
 
 from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable, UserError, install_hint
 from igcam_engine.preprocess import resolve_preprocess
-from igcam_engine.validators import integer
+from igcam_engine.validators import choice, integer
 
 from .autodiff import MissingRules
 from .builder import default_opset
@@ -108,11 +108,12 @@ def usability(shape, calls: int = 1) -> str:
 
 
 def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None, layout=None, grid=None,
-              prefix_tokens=None) -> Path:
+              prefix_tokens=None, input_layout=None) -> Path:
     """Bundle from an ONNX classifier (one float NCHW input, logits or softmax as first output).
 
     `tensor` names the target activation; None picks one by the model's layout (docs/supported.md). `input_shape`
-    (C, H, W) fixes dynamic spatial dims. `layout` ("NCHW", "NHWC", "tokens"), `grid` (h, w) and `prefix_tokens`
+    (C, H, W) fixes dynamic spatial dims. `input_layout` ("NCHW", "NHWC"; None: read from the graph) is the model
+    input's: the bundle takes NCHW images either way. `layout` ("NCHW", "NHWC", "tokens"), `grid` (h, w) and `prefix_tokens`
     state the target's layout where the graph does not tell it.
     """
     _path(path, "the ONNX file")
@@ -120,7 +121,9 @@ def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labe
     if tensor is not None and not isinstance(tensor, str):
         raise OptionError(f"tensor must be the name of an activation tensor (see `igcam layers`), got {tensor!r:.80}")
     stated = LayoutChoice.of(layout, grid, prefix_tokens)
-    return _export(_load(path), out, tensor, preprocess, input_shape, labels, stated, layer=tensor)
+    input_layout = None if input_layout in (None, "auto") else choice(input_layout, "input_layout", ("NCHW", "NHWC"))
+    return _export(_load(path), out, tensor, preprocess, input_shape, labels, stated, layer=tensor,
+                   input_layout=input_layout)
 
 
 def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None, layout=None, grid=None,
@@ -161,12 +164,13 @@ def _shape(value) -> tuple:
     return tuple(integer(v, f"input_shape[{i}]", 1, 1 << 16) for i, v in enumerate(value))
 
 
-def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, reference=None) -> Path:
+def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, reference=None,
+            input_layout=None) -> Path:
     _path(out, "out (the bundle folder to write)")
     if labels is not None and (not isinstance(labels, (list, tuple)) or isinstance(labels, str)):
         raise OptionError(f"labels must be a list of class names, got {type(labels).__name__}")
-    prepared = prepare(model, input_shape)
-    s = split(prepared.model, tensor, stated)
+    prepared = prepare(model, input_shape, input_layout)
+    s = split(prepared.model, tensor, stated, prepared.input_layout)
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
     if labels is not None:
         labels = [str(label) for label in labels]
@@ -177,7 +181,8 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
     except MissingRules as e:
         raise ModelError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
     manifest = {
-        "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32"},
+        "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32",
+                  "model_layout": s.input_layout},
         "preprocess": preprocess,
         "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape,
                          "tensor_shape": s.target_shape, **s.layout.record()},
@@ -212,7 +217,8 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
                  "the ONNX export's outputs differ from the torch module's")
     batch = prepared.fixed_batch or len(images)
     try:
-        expected = np.concatenate([_run_padded(source, source_input, images[i:i + batch], batch)
+        source_images = images if s.input_layout == "NCHW" else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        expected = np.concatenate([_run_padded(source, source_input, source_images[i:i + batch], batch)
                                    for i in range(0, len(images), batch)])
     except Exception as e:  # onnxruntime's errors have no common base class
         raise ModelError(f"the original model does not run on a batch of {batch} although its input says it does "

@@ -40,10 +40,12 @@ class Prepared:
     model: onnx.ModelProto
     fixed_batch: int | None  # the original input's batch size when it was fixed, else None
     batch_rewrites: list  # Reshape nodes whose shape constant carried that batch size (now 0: copy the batch)
+    input_layout: str = "NCHW"  # the model's image input: "NCHW" or "NHWC"; the bundle's graphs take NCHW
 
 
-def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
-    """A shape-inferred copy with one image input [batch, C, H, W], opset >= MIN_OPSET and every node named.
+def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None) -> Prepared:
+    """A shape-inferred copy with one image input [batch, C, H, W] or [batch, H, W, C] (`input_layout`, None: read
+    from the graph, see `_input_layout`), opset >= MIN_OPSET and every node named.
 
     A batch fixed in the original (input dim 1, as torch's exporters write without dynamic axes) is made dynamic:
     the input's first dim becomes symbolic and Reshape constants that carry the fixed size in their first entry
@@ -55,16 +57,20 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise ModelError(f"the model must have exactly one (image) input, it has {[i.name for i in inputs]}")
-    for name in IO_NAMES:
+    present = {x for n in model.graph.node for x in [*n.input, *n.output]} | {
+        i.name for i in [*model.graph.input, *model.graph.output, *model.graph.initializer]}
+    for name in present.intersection(IO_NAMES):
         _rename(model, name, f"model/{name}")
     _name_nodes(model.graph)
     image = [i for i in model.graph.input if i.name not in initializers][0]
     tensor_type = image.type.tensor_type
     if tensor_type.elem_type != TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
-        raise ModelError(f"input '{image.name}' must be a float32 NCHW tensor (rank 4)")
+        raise ModelError(f"input '{image.name}' must be a float32 image [batch, C, H, W] or [batch, H, W, C]")
     dims = tensor_type.shape.dim
+    input_layout = input_layout or _input_layout(model.graph, image)
+    order = [1, 2, 3] if input_layout == "NCHW" else [3, 1, 2]  # the model's dims of C, H, W
     if input_shape is not None:  # checked by the exporter's entry points (three positive integers)
-        for dim, size in zip(dims[1:], input_shape):
+        for dim, size in zip([dims[i] for i in order], input_shape):
             if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
                 raise OptionError(f"input_shape {tuple(input_shape)} contradicts the model's input shape "
                                 f"{[d.dim_value or d.dim_param or '?' for d in dims[1:]]}")
@@ -86,7 +92,42 @@ def prepare(model: onnx.ModelProto, input_shape=None) -> Prepared:
     except Exception as e:
         raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
     _name_the_batch(inferred)
-    return Prepared(inferred, fixed_batch, rewrites)
+    return Prepared(inferred, fixed_batch, rewrites, input_layout)
+
+
+# Ops a model may apply to its input before the first layer that tells its layout (in-graph normalization).
+_BEFORE_THE_FIRST_LAYER = {"Sub", "Div", "Mul", "Add", "Cast", "Identity"}
+
+
+def _input_layout(graph: onnx.GraphProto, image) -> str:
+    """'NCHW' or 'NHWC' for the image input: a convolution reading it (after in-graph normalization) says NCHW, a
+    Transpose [0, 3, 1, 2] reading it says NHWC (tf2onnx's exports, torch models that permute first); where no op
+    tells, the dims do when only one of dims 1 and 3 can be colour channels (1, 3 or 4). Else the export refuses."""
+    consumers = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    votes, frontier = set(), [image.name]
+    for _ in range(8):
+        following = []
+        for name in frontier:
+            for node in consumers.get(name, []):
+                if node.op_type in layouts.CHANNELS_FIRST_OPS and node.input[0] == name:
+                    votes.add("NCHW")
+                elif node.op_type == "Transpose":
+                    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                    votes.add({(0, 3, 1, 2): "NHWC", (0, 2, 3, 1): "NCHW"}.get(tuple(perm or ()), "?"))
+                elif node.op_type in _BEFORE_THE_FIRST_LAYER:
+                    following.extend(node.output)
+        frontier = following
+    if len(votes) == 1 and "?" not in votes:
+        return votes.pop()
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim]
+    channels = {1, 3, 4}
+    if not votes and (dims[1] in channels) != (dims[3] in channels):
+        return "NCHW" if dims[1] in channels else "NHWC"
+    raise ModelError(f"cannot tell whether input '{image.name}' {dims[1:]} is NCHW or NHWC; state it: "
+                     "input_layout='NCHW' or 'NHWC' (CLI --input-layout)")
 
 
 PROBE_BATCHES = (1, 3)
@@ -238,6 +279,7 @@ class Split:
     tail: list  # nodes from the target to the logits, in graph order (shape reads of head tensors rewritten)
     held: list  # Held: what the tail takes besides the target, computed by the forward graph and held constant
     input_shape: list  # C, H, W
+    input_layout: str  # the model's own image input: "NCHW" or "NHWC" (the bundle's graphs take NCHW)
     target_shape: list  # the target's dims after the batch, in its own layout
     num_classes: int
 
@@ -419,7 +461,8 @@ def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
     return "no later tensor avoids them, so this model cannot be explained at this layer yet"
 
 
-def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoice = LayoutChoice()) -> Split:
+def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoice = LayoutChoice(),
+          input_layout: str = "NCHW") -> Split:
     graph = model.graph
     image = graph.input[0].name
     logits, scores_after = scores_of(model)
@@ -450,7 +493,9 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
             needed.setdefault(id(node), node)
     head = sorted(needed.values(), key=lambda n: order[id(n)])
     tail = _shape_reads_from_target(model, tail, target)
-    return Split(model, image, target, layout, logits, scores_after, head, tail, held, _shape(model, image)[1:],
+    dims = _shape(model, image)[1:]
+    input_shape = dims if input_layout == "NCHW" else [dims[2], dims[0], dims[1]]
+    return Split(model, image, target, layout, logits, scores_after, head, tail, held, input_shape, input_layout,
                  shape[1:], logits_shape[1])
 
 
@@ -578,6 +623,12 @@ def _canonical(s: Split, b: GraphBuilder, target: str, held: dict):
     return activations, {h.name: prefix if h.tensor is None else held.get(h.tensor, h.tensor) for h in s.held}
 
 
+def _image_feed(b: GraphBuilder, s: Split, rows: str) -> list:
+    """The node that hands the interpolated rows [R, C, H, W] to the model's image input, transposed to
+    [R, H, W, C] first (appended to `b`) for a model that takes NHWC."""
+    return [_alias(rows if s.input_layout == "NCHW" else b.Transpose(rows, perm=[0, 2, 3, 1]), s.image)]
+
+
 def _alias(src: str, dst: str):
     return helper.make_node("Identity", [src], [dst], name=f"igcam/{dst}")
 
@@ -644,7 +695,8 @@ def build_graphs(s: Split) -> dict:
 
     b = builder("interpolate")
     rows = _interpolate(b, s, "images", "baseline")
-    forward_nodes = b.nodes + [_alias(rows, s.image)] + s.head
+    feed = _image_feed(b, s, rows)
+    forward_nodes = b.nodes + feed + s.head
     lay = builder("layout")
     canonical, carriers = _canonical(s, lay, s.target, {})
     graphs["forward"] = _model(
@@ -664,7 +716,7 @@ def build_graphs(s: Split) -> dict:
 
     # One graph: the head's target is renamed, so that the tail reads the target rebuilt from the activations.
     head_target = b.fresh("target")
-    head = b.nodes + [_alias(rows, s.image)] + _renamed(s.head, s.target, head_target)
+    head = b.nodes + feed + _renamed(s.head, s.target, head_target)
     lay = builder("layout")
     canonical, carriers = _canonical(s, lay, head_target, {})
     g = builder("gradient")
@@ -687,6 +739,7 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
     k, _, _ = s.activation_shape
     b = builder("interpolate")
     every_row = b.Concat(_interpolate(b, s, "images", "baseline"), "baseline", axis=0)
+    feed = _image_feed(b, s, every_row)
     # The head runs on every row; its target and held tensors are renamed, and split into the path's rows (which
     # the tail reads) and the baseline's.
     all_target = b.fresh("all_target")
@@ -720,7 +773,7 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
     maps = r.Squeeze(upsampled, [1])
 
     nodes = (
-        b.nodes + [_alias(every_row, s.image)] + head + lay.nodes + p.nodes + differentiated + g.nodes + r.nodes
+        b.nodes + feed + head + lay.nodes + p.nodes + differentiated + g.nodes + r.nodes
         + [_alias(maps, "maps")]
     )
     inputs = [

@@ -95,6 +95,8 @@ def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
       "-o", "b4"], "--grid must be HxW"),
     (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64", "--layout", "NCHW",
       "--prefix-tokens", "1", "-o", "b5"], "grid and prefix_tokens describe a token layout"),
+    (["export", "--torch", "tiny_models:small", "--layer", "layer4", "--input-shape", "3,64,64", "--input-layout",
+      "NHWC", "-o", "b6"], "--input-layout is for --onnx"),
     (["explain", "bundle", "x.png", "--method", "eigencam", "--integrate", "-o", "o"], "no gradient to integrate"),
     (["explain", "bundle", "x.png", "--method", "gradcam", "--channels", "3", "-o", "o"],
      "channels applies to scorecam and ablationcam"),

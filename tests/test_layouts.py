@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 from support.comparisons import assert_maps_match
 from support.reference import contract_maps, igcam_reference, top_classes
 
@@ -374,3 +375,51 @@ def test_a_resize_after_the_target_keeps_the_batch(tmp_path):
     targets = top_classes(model, x)[:, 0]
     maps = Explainer(from_onnx(path, tmp_path / "bundle", tensor=tensors[0])).explain(x, targets, steps=STEPS)
     assert_maps_match(maps, tap_reference(model, 0, channels_first("NCHW"), x, targets))
+
+
+class TakesNHWC(Tapped):
+    """A model whose input is [B, H, W, 3] (as every tf2onnx export and torch models that permute first): it
+    permutes to channels first itself. `nchw` set: the same model fed [B, 3, H, W] (the reference's view)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(6, 5)
+        self.nchw = False
+
+    def body(self, x):
+        x = x.permute(0, 2, 3, 1) if self.nchw else x
+        x = self.tap(torch.relu(self.conv((x - 0.5).permute(0, 3, 1, 2))), "NCHW")
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("stated", [None, "NHWC"], ids=["read from the graph", "stated"])
+def test_an_nhwc_input_is_handled_end_to_end(tmp_path, stated):
+    """The bundle takes NCHW images (preprocessing, baselines, interpolation, overlays as for any model) and hands
+    the model NHWC; the manifest says so; maps equal autograd's on the model fed NHWC."""
+    model = TakesNHWC().eval()
+    path = tmp_path / "nhwc.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 32, 32, 3),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    bundle = from_onnx(path, tmp_path / "bundle", input_layout=stated)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [3, 32, 32] and manifest["input"]["model_layout"] == "NHWC"
+    model.nchw = True
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS),
+                      tap_reference(model, 0, channels_first("NCHW"), x, targets))
+
+
+def test_an_input_whose_layout_cannot_be_told_is_refused(tmp_path):
+    """[B, 3, 8, 3]: no op reads it in a telling way and both dims could be colours."""
+    weights = numpy_helper.from_array(np.ones((3 * 8 * 3, 2), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], [weights])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    with pytest.raises(UserError, match="--input-layout"):
+        from_onnx(tmp_path / "m.onnx", tmp_path / "bundle")

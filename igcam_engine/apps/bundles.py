@@ -21,6 +21,8 @@ def export_arguments(parser) -> None:
     parser.add_argument("--layer", help="target module path for --torch, as in named_modules() (e.g. layer4)")
     parser.add_argument("--tensor", help="target activation tensor for --onnx (default: see `igcam layers`)")
     parser.add_argument("--input-shape", metavar="C,H,W", help="model input shape (required for --torch)")
+    parser.add_argument("--input-layout", default="auto", metavar="auto|NCHW|NHWC", help="the ONNX model's image "
+                        "input (default: read from the graph; the bundle takes NCHW images either way)")
     parser.add_argument("--layout", default="auto", metavar="auto|NCHW|NHWC|tokens", help="the target's layout "
                         "(default: read from the graph; the export refuses when it cannot tell)")
     parser.add_argument("--grid", metavar="HxW", help="rows and columns of a token target's patch tokens")
@@ -64,13 +66,15 @@ def export(args) -> None:
     if args.torch:
         if not args.layer or not shape:
             raise OptionError("--torch needs --layer NAME and --input-shape C,H,W")
+        if args.input_layout != "auto":
+            raise OptionError("--input-layout is for --onnx; a PyTorch model takes NCHW images")
         path = exporter.from_torch(_torch_factory(args.torch), args.layer, shape, args.output, preprocess=preprocess,
                                    labels=labels, **layout)
     else:
         if args.layer:
             raise OptionError("--layer is for --torch; with --onnx name the activation with --tensor")
         path = exporter.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
-                                  input_shape=shape, labels=labels, **layout)
+                                  input_shape=shape, labels=labels, input_layout=args.input_layout, **layout)
     manifest = json.loads((path / "manifest.json").read_text())
     layer = manifest["target_layer"]
     print(f"wrote bundle {path} (target '{layer['name']}' {layer['tensor_shape']}, {layer['layout']} "
