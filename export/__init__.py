@@ -148,7 +148,7 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
     onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
     return _export(onnx_model, out, tensor, preprocess, input_shape, labels, stated, layer=layer,
-                   reference=reference)
+                   reference=reference, input_layout="NCHW")  # torch's export of an [B, C, H, W] input
 
 
 def _path(value, what: str):
