@@ -372,6 +372,7 @@ def candidate_layers(model: onnx.ModelProto) -> list[dict]:
     logits, _ = scores_of(model)
     producers = _producers(model.graph)
     float_types = {i.name for i in model.graph.value_info if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    index = layouts.TensorIndex.of(model)
     rows = []
     for node in model.graph.node:
         for out in node.output:
@@ -383,7 +384,7 @@ def candidate_layers(model: onnx.ModelProto) -> list[dict]:
             row = {"tensor": out, "op": node.op_type, "node": node.name, "shape": shape[1:], "layout": None,
                    "grid": None, "prefix_tokens": None, "cut": image not in reached and out in reached}
             try:
-                layout = layouts.infer(model, out, shape[1:])
+                layout = layouts.infer(index, out, shape[1:])
                 row.update(layout.record())
                 row["usable"] = "yes" if out in reached else "no (the logits do not depend on it)"
             except UserError as e:
@@ -407,13 +408,14 @@ def default_target(model: onnx.ModelProto) -> str:
     product: a class-token head gives the last block's patch tokens no gradient); for channels-last stages the last
     channels-last tensor."""
     rows = [r for r in candidate_layers(model) if r["usable"] == "yes"]
+    index = layouts.TensorIndex.of(model)
     if not rows:
         raise ModelError("found no activation with a spatial grid above 1x1 and a layout that can be told (see "
                          "`igcam layers`); name one with tensor=... (CLI --tensor) and --layout")
     kind = rows[-1]["layout"]
     if kind == "tokens":
         norms = [r for r in rows if r["layout"] == "tokens" and r["op"] == "LayerNormalization"
-                 and _feeds_attention(model, r["tensor"])]
+                 and layouts.feeds_attention(index, r["tensor"])]
         if not norms:
             raise ModelError("found no LayerNormalization before an attention product over the tokens to default "
                              "to; name the target with tensor=... (CLI --tensor; see `igcam layers`)")
@@ -421,27 +423,6 @@ def default_target(model: onnx.ModelProto) -> str:
     if kind == "NCHW":
         rows = [r for r in rows if r["layout"] == "NCHW" and r["cut"]] or rows
     return [r for r in rows if r["layout"] == kind][-1]["tensor"]
-
-
-def _feeds_attention(model: onnx.ModelProto, tensor: str) -> bool:
-    """Whether a product of two computed tensors (attention's q k^T or its weights times v) follows `tensor`
-    before the next LayerNormalization."""
-    consumers = {}
-    for node in model.graph.node:
-        for x in node.input:
-            consumers.setdefault(x, []).append(node)
-    constants = {i.name for i in model.graph.initializer}
-    seen, stack = set(), [tensor]
-    while stack and len(seen) < layouts.SEARCH_NODES:
-        name = stack.pop()
-        for node in consumers.get(name, []):
-            if node.name in seen or node.op_type == "LayerNormalization":
-                continue
-            seen.add(node.name)
-            if node.op_type in ("MatMul", "Einsum") and not any(x in constants for x in node.input):
-                return True
-            stack.extend(node.output)
-    return False
 
 
 def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
@@ -477,7 +458,7 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
     if shape is None or len(shape) < 2 or shape[0] != BATCH or not all(isinstance(d, int) for d in shape[1:]):
         raise ModelError(f"target tensor '{target}' must be [batch, fixed dims...] (K, h, w fixed at export); it is "
                          f"{shape}")
-    layout = layouts.infer(model, target, shape[1:], stated)
+    layout = layouts.infer(layouts.TensorIndex.of(model), target, shape[1:], stated)
     everything, reached = _ancestors(graph, logits, stop=target)
     if target not in reached:
         raise ModelError(f"the logits do not depend on target tensor '{target}'")

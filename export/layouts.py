@@ -39,7 +39,8 @@ KEEP_LAYOUT = {
     "Clip", "Abs", "Neg", "Sqrt", "Exp", "Log", "Reciprocal", "Pow", "Add", "Sub", "Mul", "Div", "Max", "Min",
     "Sum", "Mean", "Where", "Concat", "Split", "Slice", "Pad", "Resize", "Upsample",
 }
-SEARCH_NODES = 256  # how far the walk looks around the tensor
+SEARCH_NODES = 256  # how far the walks look around the tensor
+PATCH_SEARCH_NODES = 1 << 16  # how far back the patch embedding may be: every block of a deep transformer
 
 
 class UnclearLayout(ModelError):
@@ -94,15 +95,58 @@ def _settle(tensor: str, shape, extra: str = "") -> str:
             "'tokens' (with grid=(h, w) and prefix_tokens=N for tokens; CLI --layout, --grid HxW, --prefix-tokens)")
 
 
-def infer(model, tensor: str, shape: list, stated: LayoutChoice = LayoutChoice()) -> Layout:
+@dataclass(frozen=True)
+class TensorIndex:
+    """What the layout walks read of a model, indexed once (`igcam layers` infers every tensor's layout)."""
+
+    producers: dict
+    consumers: dict
+    constants: set
+    shapes: dict
+
+    @classmethod
+    def of(cls, model) -> "TensorIndex":
+        producers, consumers = {}, {}
+        for node in model.graph.node:
+            for out in node.output:
+                producers[out] = node
+            for x in node.input:
+                consumers.setdefault(x, []).append(node)
+        constants = {i.name for i in model.graph.initializer} | {
+            n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+        shapes = {}
+        for info in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+            if info.type.tensor_type.HasField("shape"):
+                shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                     for d in info.type.tensor_type.shape.dim]
+        return cls(producers, consumers, constants, shapes)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+
+def walk(start: str, step, limit: int = SEARCH_NODES) -> None:
+    """Visits tensors from `start` depth first, each once and at most `limit` of them: `step(name)` does what the
+    walk is for and returns the tensors to visit next. Every walk is bounded: the ops that tell a layout are near
+    the tensor, and a graph of a million nodes costs what a small one does."""
+    seen, stack = set(), [start]
+    while stack and len(seen) < limit:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(step(name))
+
+
+def infer(index: TensorIndex, tensor: str, shape: list, stated: LayoutChoice = LayoutChoice()) -> Layout:
     """The layout of `tensor` (its dims after the batch: `shape`), from the graph and what the user stated."""
     dims = list(shape)
     if stated.layout == "tokens" or (stated.layout is None and len(dims) == 2):
-        return _tokens(model, tensor, dims, stated)
+        return _tokens(index, tensor, dims, stated)
     if len(dims) != 3:
         raise ModelError(f"target tensor '{tensor}' is {['batch', *dims]}: a target is [batch, K, h, w], "
                          "[batch, h, w, K] or tokens [batch, N, K]")
-    kind = stated.layout or _vote(model, tensor, 4)
+    kind = stated.layout or _vote(index, tensor, 4)
     if kind is None:
         raise UnclearLayout(_settle(tensor, ["batch", *dims]))
     layout = Layout("NCHW", dims[0], tuple(dims[1:])) if kind == "NCHW" else Layout("NHWC", dims[2], tuple(dims[:2]))
@@ -116,16 +160,16 @@ def _not_pooled(tensor, dims, layout: Layout) -> Layout:
     return layout
 
 
-def _tokens(model, tensor: str, dims: list, stated: LayoutChoice) -> Layout:
+def _tokens(index: TensorIndex, tensor: str, dims: list, stated: LayoutChoice) -> Layout:
     if len(dims) != 2:
         raise OptionError(f"layout='tokens' needs a tensor [batch, N, K]; '{tensor}' is {['batch', *dims]}")
     count, channels = dims
-    if stated.layout is None and _vote(model, tensor, 3) != "NHWC":
+    if stated.layout is None and _vote(index, tensor, 3) != "NHWC":
         raise UnclearLayout(_settle(tensor, ["batch", *dims], " (no LayerNormalization or Linear layer over its last "
                                          "axis says it is tokens [batch, N, K])"))
     grid = stated.grid
     if grid is None:
-        grids = {g for g in _patch_grids(model, tensor) | _reshaped_grids(model, tensor, count, channels)
+        grids = {g for g in _patch_grids(index, tensor) | _reshaped_grids(index, tensor, count, channels)
                  if math.prod(g) <= count <= math.prod(g) + MAX_PREFIX_TOKENS
                  and (stated.prefix_tokens is None or math.prod(g) + stated.prefix_tokens == count)}
         if len(grids) != 1:
@@ -143,32 +187,28 @@ def _tokens(model, tensor: str, dims: list, stated: LayoutChoice) -> Layout:
     return _not_pooled(tensor, dims, Layout("tokens", channels, tuple(grid), prefix))
 
 
-def _vote(model, tensor: str, rank: int) -> str | None:
+def _vote(index: TensorIndex, tensor: str, rank: int) -> str | None:
     """'NCHW' or 'NHWC' where every op around `tensor` that tells agrees, else None."""
-    producers, consumers = _producers_and_consumers(model.graph)
-    constants = {i.name for i in model.graph.initializer} | {
-        n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    ranks = _ranks(model)
-    votes, seen, stack = set(), set(), [tensor]
-    while stack and len(seen) < SEARCH_NODES:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = producers.get(name)
+    votes = set()
+
+    def step(name):
+        node, near = index.producers.get(name), []
         if node is not None:
-            vote = _producer_vote(node, constants, ranks)
+            vote = _producer_vote(node, index)
             if vote:
                 votes.add(vote)
             elif node.op_type in KEEP_LAYOUT:
-                stack.extend(x for x in node.input if x and x not in constants and ranks.get(x) == rank)
-        for consumer in consumers.get(name, []):
-            vote = _consumer_vote(consumer, name, constants)
+                near.extend(x for x in node.input if x and x not in index.constants and index.rank(x) == rank)
+        for consumer in index.consumers.get(name, []):
+            vote = _consumer_vote(consumer, name, index.constants)
             if vote:
                 votes.add(vote)
             elif consumer.op_type in KEEP_LAYOUT:
-                stack.extend(o for o in consumer.output if ranks.get(o) == rank)
-                stack.extend(x for x in consumer.input if x and x not in constants and ranks.get(x) == rank)
+                near.extend(o for o in consumer.output if index.rank(o) == rank)
+                near.extend(x for x in consumer.input if x and x not in index.constants and index.rank(x) == rank)
+        return near
+
+    walk(tensor, step)
     return votes.pop() if len(votes) == 1 else None
 
 
@@ -177,15 +217,15 @@ def _last_axis(node, rank_of_input) -> bool:
     return axis == -1 or (rank_of_input is not None and axis == rank_of_input - 1)
 
 
-def _producer_vote(node, constants, ranks) -> str | None:
+def _producer_vote(node, index: TensorIndex) -> str | None:
     op = node.op_type
     if op in CHANNELS_FIRST_OPS:
         return "NCHW"
     if op == "Transpose":
         return _transpose_vote(_attr(node, "perm", None), produced=True)
     if op in ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"):
-        return "NHWC" if _last_axis(node, ranks.get(node.input[0])) else None
-    if op in ("MatMul", "FusedMatMul", "Gemm") and len(node.input) > 1 and node.input[1] in constants:
+        return "NHWC" if _last_axis(node, index.rank(node.input[0])) else None
+    if op in ("MatMul", "FusedMatMul", "Gemm") and len(node.input) > 1 and node.input[1] in index.constants:
         return "NHWC"
     return None
 
@@ -216,36 +256,31 @@ def _transpose_vote(perm, produced: bool) -> str | None:
     return None
 
 
-def _patch_grids(model, tensor: str) -> set:
+def _patch_grids(index: TensorIndex, tensor: str) -> set:
     """The spatial sizes (h, w) of the channels-first 4-D tensors made by convolutions before `tensor`: where a
     vision transformer's patch tokens come from."""
-    producers, _ = _producers_and_consumers(model.graph)
-    shapes = _shapes(model)
-    grids, seen, stack = set(), set(), [tensor]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = producers.get(name)
+    grids = set()
+
+    def step(name):
+        node = index.producers.get(name)
         if node is None:
-            continue
+            return []
         if node.op_type in ("Conv", "FusedConv"):
-            shape = shapes.get(node.output[0])
+            shape = index.shapes.get(node.output[0])
             if shape and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
                 grids.add(tuple(shape[2:]))
-            continue  # the nearest convolution on each path
-        stack.extend(x for x in node.input if x)
+            return []  # the nearest convolution on each path
+        return [x for x in node.input if x and x not in index.constants]
+
+    walk(tensor, step, PATCH_SEARCH_NODES)
     return grids
 
 
-def _reshaped_grids(model, tensor: str, count: int, channels: int) -> set:
+def _reshaped_grids(index: TensorIndex, tensor: str, count: int, channels: int) -> set:
     """The grids (h, w) of the channels-last tensors [B, h, w, K] with h*w = `count` that a Reshape turns into
     `tensor`'s tokens or makes of them (through ops whose output keeps the tokens' shape): a Swin block flattens
     its grid to tokens around its second norm and MLP, and shapes them back after."""
-    producers, consumers = _producers_and_consumers(model.graph)
-    shapes = _shapes(model)
-    grids, seen, stack = set(), set(), [tensor]
+    shapes, grids = index.shapes, set()
 
     def grid_of(name):
         shape = shapes.get(name)
@@ -253,23 +288,42 @@ def _reshaped_grids(model, tensor: str, count: int, channels: int) -> set:
                 and shape[1] * shape[2] == count:
             grids.add((shape[1], shape[2]))
 
-    while stack and len(seen) < SEARCH_NODES:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = producers.get(name)
+    def step(name):
+        node, near = index.producers.get(name), []
         if node is not None:
             if node.op_type == "Reshape":
                 grid_of(node.input[0])
             else:  # through ops whose output has the tokens' shape: norms, residual adds, elementwise ops
-                stack.extend(x for x in node.input if x and shapes.get(x) == shapes.get(name))
-        for consumer in consumers.get(name, []):
+                near.extend(x for x in node.input if x and shapes.get(x) == shapes.get(name))
+        for consumer in index.consumers.get(name, []):
             if consumer.op_type == "Reshape" and consumer.input[0] == name:
                 grid_of(consumer.output[0])
             else:
-                stack.extend(o for o in consumer.output if shapes.get(o) == shapes.get(name))
+                near.extend(o for o in consumer.output if shapes.get(o) == shapes.get(name))
+        return near
+
+    walk(tensor, step)
     return grids
+
+
+def feeds_attention(index: TensorIndex, tensor: str) -> bool:
+    """Whether a product of two computed tensors (attention's q k^T or its weights times v) follows `tensor`
+    before the next LayerNormalization."""
+    found = []
+
+    def step(name):
+        near = []
+        for node in index.consumers.get(name, []):
+            if node.op_type == "LayerNormalization":
+                continue
+            if node.op_type in ("MatMul", "Einsum") and not any(x in index.constants for x in node.input):
+                found.append(node)
+                return []
+            near.extend(node.output)
+        return near
+
+    walk(tensor, step)
+    return bool(found)
 
 
 def _attr(node, name, default):
@@ -277,29 +331,6 @@ def _attr(node, name, default):
         if attribute.name == name:
             return list(attribute.ints) if attribute.ints else attribute.i
     return default
-
-
-def _producers_and_consumers(graph):
-    producers, consumers = {}, {}
-    for node in graph.node:
-        for out in node.output:
-            producers[out] = node
-        for x in node.input:
-            consumers.setdefault(x, []).append(node)
-    return producers, consumers
-
-
-def _shapes(model) -> dict:
-    shapes = {}
-    for info in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        if info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
-                                 for d in info.type.tensor_type.shape.dim]
-    return shapes
-
-
-def _ranks(model) -> dict:
-    return {name: len(shape) for name, shape in _shapes(model).items()}
 
 
 # ---------------------------------------------------------------- graph pieces
