@@ -22,7 +22,8 @@ from igcam_engine.validators import choice, integer
 
 from .autodiff import MissingRules
 from .builder import default_opset
-from .graphs import build_graphs, candidate_layers, later_target_hint, prepare, split
+from .graphs import build_graphs, candidate_layers, fixed_feed, later_target_hint, prepare, split
+from .graphs import fixed_inputs as checked_fixed_inputs
 from .layouts import LayoutChoice
 from .triton import triton_repository
 from .writer import staged, write_bundle
@@ -57,7 +58,29 @@ def _load(path) -> onnx.ModelProto:
     if not model.graph.output:
         raise ModelError(f"'{path}' has no outputs; a classifier's first output is its class scores")
     _check_graph(model.graph, path)
+    _drop_unused_initializers(model.graph)
     return model
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Removes the initializers no node (nor subgraph) reads and no output names: they change nothing, and ONNX
+    Runtime's session set-up is quadratic in them (a file with 200,000 tiny unused ones took minutes to verify)."""
+    read = {o.name for o in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            read.update(node.input)
+            for attribute in node.attribute:
+                stack.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    unused = {i.name for i in graph.initializer if i.name not in read}
+    if unused:
+        kept = [i for i in graph.initializer if i.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        inputs = [i for i in graph.input if i.name not in unused]
+        del graph.input[:]
+        graph.input.extend(inputs)
 
 
 def _check_graph(graph, path) -> None:
@@ -76,11 +99,12 @@ def _check_graph(graph, path) -> None:
             available.add(out)
 
 
-def layers(path, input_shape=None) -> list[dict]:
+def layers(path, input_shape=None, *, fixed_inputs=None) -> list[dict]:
     """The 4-D activations of an ONNX model: tensor name, producing op and node, shape [K, h, w], and `cut`
     (True where every path from the input to the logits passes through it, i.e. it can be a target layer)."""
+    fixed = checked_fixed_inputs(fixed_inputs)
     return candidate_layers(prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else
-                                    _shape(input_shape)).model)
+                                    _shape(input_shape), fixed_inputs=fixed).model)
 
 
 def torch_layers(model, input_shape) -> list[dict]:
@@ -108,13 +132,14 @@ def usability(shape, calls: int = 1) -> str:
 
 
 def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None, layout=None, grid=None,
-              prefix_tokens=None, input_layout=None) -> Path:
+              prefix_tokens=None, input_layout=None, fixed_inputs=None) -> Path:
     """Bundle from an ONNX classifier (one float NCHW input, logits or softmax as first output).
 
     `tensor` names the target activation; None picks one by the model's layout (docs/supported.md). `input_shape`
     (C, H, W) fixes dynamic spatial dims. `input_layout` ("NCHW", "NHWC"; None: read from the graph) is the model
     input's: the bundle takes NCHW images either way. `layout` ("NCHW", "NHWC", "tokens"), `grid` (h, w) and `prefix_tokens`
-    state the target's layout where the graph does not tell it.
+    state the target's layout where the graph does not tell it. `fixed_inputs` ({name: number}) fills the model's
+    other inputs (an attention mask of ones, a flag) with constants: the bundle takes only the image.
     """
     _path(path, "the ONNX file")
     input_shape = None if input_shape is None else _shape(input_shape)
@@ -122,8 +147,9 @@ def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labe
         raise OptionError(f"tensor must be the name of an activation tensor (see `igcam layers`), got {tensor!r:.80}")
     stated = LayoutChoice.of(layout, grid, prefix_tokens)
     input_layout = None if input_layout in (None, "auto") else choice(input_layout, "input_layout", ("NCHW", "NHWC"))
+    fixed = checked_fixed_inputs(fixed_inputs)
     return _export(_load(path), out, tensor, preprocess, input_shape, labels, stated, layer=tensor,
-                   input_layout=input_layout)
+                   input_layout=input_layout, fixed_inputs=fixed)
 
 
 def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None, layout=None, grid=None,
@@ -165,11 +191,12 @@ def _shape(value) -> tuple:
 
 
 def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, reference=None,
-            input_layout=None) -> Path:
+            input_layout=None, fixed_inputs=None) -> Path:
     _path(out, "out (the bundle folder to write)")
     if labels is not None and (not isinstance(labels, (list, tuple)) or isinstance(labels, str)):
         raise OptionError(f"labels must be a list of class names, got {type(labels).__name__}")
-    prepared = prepare(model, input_shape, input_layout)
+    fixed_inputs = fixed_inputs or {}
+    prepared = prepare(model, input_shape, input_layout, fixed_inputs)
     s = split(prepared.model, tensor, stated, prepared.input_layout)
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
     if labels is not None:
@@ -182,7 +209,7 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
         raise ModelError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32",
-                  "model_layout": s.input_layout},
+                  "model_layout": s.input_layout, "fixed_inputs": fixed_inputs},
         "preprocess": preprocess,
         "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape,
                          "tensor_shape": s.target_shape, **s.layout.record()},
@@ -194,11 +221,11 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
     }
     with staged(out) as staging:
         write_bundle(staging, graphs, manifest)
-        _verify(staging, model, prepared, s, preprocess, reference)
+        _verify(staging, model, prepared, s, preprocess, reference, fixed_inputs)
     return Path(out)
 
 
-def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, reference) -> None:
+def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, reference, fixed_inputs) -> None:
     """The bundle must reproduce the original model's output on real photos, one at a time and three in one batch:
     this catches a split or a conversion that changed the function, and a batch that is not really dynamic; with
     `reference` (images and the torch module's outputs) it also catches an ONNX export that differs from the
@@ -210,7 +237,7 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure is reported in the one-line error below, not on stderr
     source = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    source_input = source.get_inputs()[0].name
+    source_input = next(i.name for i in source.get_inputs() if i.name not in fixed_inputs)
     if reference is not None:
         (torch_images, torch_outputs) = reference
         _compare(source.run(None, {source_input: torch_images})[0], torch_outputs,
@@ -218,8 +245,9 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
     batch = prepared.fixed_batch or len(images)
     try:
         source_images = images if s.input_layout == "NCHW" else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-        expected = np.concatenate([_run_padded(source, source_input, source_images[i:i + batch], batch)
-                                   for i in range(0, len(images), batch)])
+        expected = np.concatenate([
+            _run_padded(source, source_input, source_images[i:i + batch], batch, fixed_feed(original, fixed_inputs, batch))
+            for i in range(0, len(images), batch)])
     except Exception as e:  # onnxruntime's errors have no common base class
         raise ModelError(f"the original model does not run on a batch of {batch} although its input says it does "
                         f"(ONNX Runtime: {str(e).splitlines()[0]}); re-export it with a dynamic batch") from None
@@ -249,10 +277,11 @@ def _sample_inputs(input_shape, preprocess) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, *input_shape)).astype(np.float32)
 
 
-def _run_padded(session, name, images, batch) -> np.ndarray:
-    """The first output for `images` on a session whose batch is fixed at `batch` (the last rows repeated)."""
+def _run_padded(session, name, images, batch, fixed: dict) -> np.ndarray:
+    """The first output for `images` on a session whose batch is fixed at `batch` (the last rows repeated), its
+    other inputs fed `fixed`."""
     padded = np.concatenate([images, np.repeat(images[-1:], batch - len(images), axis=0)])
-    return session.run(None, {name: padded})[0][: len(images)]
+    return session.run(None, {name: padded, **fixed})[0][: len(images)]
 
 
 def _scores(logits: np.ndarray, after) -> np.ndarray:

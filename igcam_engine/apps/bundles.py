@@ -11,7 +11,7 @@ from pathlib import Path
 from igcam_engine.apps.arguments import Command, positive
 from igcam_engine.errors import InputError, ModelError, NotFound, OptionError, Unavailable
 from igcam_engine.options import ExplainOptions
-from igcam_engine.validators import integer_text, steps_text
+from igcam_engine.validators import integer_text, number_text, steps_text
 
 
 def export_arguments(parser) -> None:
@@ -28,6 +28,7 @@ def export_arguments(parser) -> None:
     parser.add_argument("--grid", metavar="HxW", help="rows and columns of a token target's patch tokens")
     parser.add_argument("--prefix-tokens", metavar="N", help="class, distillation and register tokens before a "
                         "token target's patch tokens")
+    _fix_input_argument(parser)
     parser.add_argument("--preprocess", default="none", help="'imagenet', 'none', or a JSON dict/file with resize "
                         "(stretch|crop), scale, mean, std (default: none)")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line")
@@ -68,13 +69,16 @@ def export(args) -> None:
             raise OptionError("--torch needs --layer NAME and --input-shape C,H,W")
         if args.input_layout != "auto":
             raise OptionError("--input-layout is for --onnx; a PyTorch model takes NCHW images")
+        if args.fix_input:
+            raise OptionError("--fix-input is for --onnx; a PyTorch model takes one image")
         path = exporter.from_torch(_torch_factory(args.torch), args.layer, shape, args.output, preprocess=preprocess,
                                    labels=labels, **layout)
     else:
         if args.layer:
             raise OptionError("--layer is for --torch; with --onnx name the activation with --tensor")
         path = exporter.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
-                                  input_shape=shape, labels=labels, input_layout=args.input_layout, **layout)
+                                  input_shape=shape, labels=labels, input_layout=args.input_layout,
+                                  fixed_inputs=_fixed_inputs(args.fix_input), **layout)
     manifest = json.loads((path / "manifest.json").read_text())
     layer = manifest["target_layer"]
     print(f"wrote bundle {path} (target '{layer['name']}' {layer['tensor_shape']}, {layer['layout']} "
@@ -90,6 +94,25 @@ def layers_arguments(parser) -> None:
     parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its activation tensors and their layouts")
     parser.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
     parser.add_argument("--input-shape", metavar="C,H,W")
+    _fix_input_argument(parser)
+
+
+def _fix_input_argument(parser) -> None:
+    parser.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE", help="fill the ONNX "
+                        "model's input NAME (not the image: an attention mask, a flag) with the constant VALUE; "
+                        "repeatable")
+
+
+def _fixed_inputs(texts: list) -> dict:
+    """--fix-input NAME=VALUE, repeated: {name: number} (the numbers checked by the exporter)."""
+    fixed = {}
+    for text in texts:
+        name, equals, value = text.partition("=")
+        if not equals or not name or name in fixed:
+            raise OptionError(f"--fix-input must be NAME=VALUE, each name once (e.g. attention_mask=1), got "
+                              f"{text!r:.80}")
+        fixed[name] = number_text(value)
+    return fixed
 
 
 def layers(args) -> None:
@@ -98,6 +121,8 @@ def layers(args) -> None:
     if args.torch:
         if not shape:
             raise OptionError("--torch needs --input-shape C,H,W to report output shapes")
+        if args.fix_input:
+            raise OptionError("--fix-input is for an ONNX model; a PyTorch model takes one image")
         found = exporter.torch_layers(_torch_factory(args.torch), shape)  # before any output: an error is one line
         print(f"{'module':40s} {'type':24s} {'output':20s} --layer?")
         for layer in found:
@@ -106,7 +131,7 @@ def layers(args) -> None:
         return
     if not args.onnx:
         raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
-    found = exporter.layers(args.onnx, shape)
+    found = exporter.layers(args.onnx, shape, fixed_inputs=_fixed_inputs(args.fix_input))
     print(f"{'tensor':48s} {'op':20s} {'shape':18s} {'layout':22s} --tensor?")
     for layer in found:
         print(f"{layer['tensor']:48s} {layer['op']:20s} {str(layer['shape']):18s} {_layout_text(layer):22s} "

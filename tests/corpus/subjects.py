@@ -7,6 +7,7 @@ import numpy as np
 import timm
 import torch
 import torchvision
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from igcam_engine.data import sample_images
 from igcam_engine.images import load_image, to_model_input
@@ -52,6 +53,21 @@ ARCHITECTURES = [
     _timm("resnetaa50d", "layer4"),  # anti-aliased downsampling: blur pools with reflect padding
     _timm("resnet50_gn", "layer4"),  # group norm
 ]
+
+
+def peer_run(cam, images, targets):
+    """(a pytorch-grad-cam CAM object's raw maps [B, h, w] as its get_cam_image computed them, its final output
+    [B, H, W]) for ClassifierOutputTarget of each target."""
+    raw, compute = [], cam.get_cam_image
+
+    def capture(*args, **kwargs):
+        raw.append(compute(*args, **kwargs))
+        return raw[-1]
+
+    cam.get_cam_image = capture
+    final = cam(input_tensor=torch.from_numpy(images), targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    cam.activations_and_grads.release()
+    return np.asarray(raw[0], np.float32), final
 
 
 def photos(shape, count=2) -> np.ndarray:

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from subjects import _timm, _tv, calibrated, photos
+from subjects import _timm, _tv, calibrated, peer_run, photos
 from support.comparisons import assert_maps_match, max_normalized_difference
 from support.reference import ReferencePath
 
@@ -61,17 +60,7 @@ def peer_maps(model, layer, method, images, targets):
     cam = PEERS[method](model=model, target_layers=[module], **options)
     if method == "scorecam":
         cam.batch_size = 64
-    raw = []
-    compute = cam.get_cam_image
-
-    def capture(*args, **kwargs):
-        raw.append(compute(*args, **kwargs))
-        return raw[-1]
-
-    cam.get_cam_image = capture
-    final = cam(input_tensor=torch.from_numpy(images), targets=[ClassifierOutputTarget(int(t)) for t in targets])
-    cam.activations_and_grads.release()
-    return np.asarray(raw[0], np.float32), final
+    return peer_run(cam, images, targets)
 
 
 def _minimum_is_zero(model, module, images) -> bool:

@@ -16,8 +16,8 @@ import pytest
 import pytorch_grad_cam as pgc
 import timm
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from subjects import calibrated, photos
+import transformers
+from subjects import calibrated, peer_run, photos
 from support.comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, triviality
 from support.reference import ReferencePath, top_classes
 
@@ -35,6 +35,7 @@ class Transformer:
     layout: str  # what the manifest must record
     grid: tuple
     prefix: int = 0
+    family: str = "timm"
 
     def reshape(self, t: torch.Tensor) -> torch.Tensor:
         """pytorch-grad-cam's reshape_transform for this layout: to [B, K, h, w]."""
@@ -47,6 +48,24 @@ class Transformer:
 
 def _timm(name, **options):
     return lambda: timm.create_model(name, pretrained=False, **options)
+
+
+class _Logits(torch.nn.Module):
+    """A HuggingFace classifier as a module of its pixels returning its logits (it returns an output object)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model(pixel_values=pixels).logits
+
+
+def _huggingface_vit():
+    """ViT-Tiny's shape (12 layers of width 192, 3 heads) at 64²."""
+    config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=192, num_hidden_layers=12,
+                                    num_attention_heads=3, intermediate_size=768, num_labels=1000)
+    return _Logits(transformers.ViTForImageClassification(config))
 
 
 CASES = [
@@ -66,6 +85,14 @@ CASES = [
                 "stages.3.blocks.2.norm", 64, "NHWC", (2, 2)),
     Transformer("convnext_nano (last block's norm, LayerNorm2d)", _timm("convnext_nano", ls_init_value=1.0),
                 "stages.3.blocks.1.norm", 64, "NCHW", (2, 2)),
+    Transformer("ViTForImageClassification from a config (last layer's layernorm_before)", _huggingface_vit,
+                "model.vit.layers.11.layernorm_before", 64, "tokens", (4, 4), 1,
+                f"HuggingFace transformers {transformers.__version__}"),
+    # hybrids: convolution stages, then attention over windows and a dilated grid (MaxViT) or the whole map (CoAtNet)
+    Transformer("maxvit_nano_rw_256 (last block's grid-attention norm)", _timm("maxvit_nano_rw_256", img_size=128),
+                "stages.3.blocks.0.attn_grid.norm1", 128, "NHWC", (4, 4)),
+    Transformer("coatnet_nano_rw_224 (last block's attention norm)", _timm("coatnet_nano_rw_224", img_size=128),
+                "stages.3.blocks.1.norm1", 128, "NCHW", (4, 4)),
 ]
 IGCAM = dict(variant="official", steps=4)
 
@@ -76,7 +103,7 @@ def test_transformer_matches_autograd_and_pytorch_grad_cam(case, tmp_path, recor
     torch.manual_seed(0)
     model = calibrated(case.build(), shape)
     started = time.perf_counter()
-    row = {"family": "timm", "model": f"{case.name} ({case.layer}, {case.size}²)", "exported": False}
+    row = {"family": case.family, "model": f"{case.name} ({case.layer}, {case.size}²)", "exported": False}
     try:
         bundle = from_torch(model, case.layer, shape, tmp_path / "bundle", preprocess="imagenet")
     except UserError as e:
@@ -124,20 +151,10 @@ def _nontrivial_targets(model, images, reference: ReferencePath, baseline) -> np
 
 
 def _pytorch_grad_cam(model, case, images, targets):
-    """pytorch-grad-cam's GradCAM with the case's reshape_transform: (its raw maps at layer resolution as its
-    get_cam_image computed them, its final output)."""
+    """pytorch-grad-cam's GradCAM with the case's reshape_transform: (its raw maps at layer resolution, its final
+    output)."""
     module = dict(model.named_modules())[case.layer]
-    cam = pgc.GradCAM(model=model, target_layers=[module], reshape_transform=case.reshape)
-    raw, compute = [], cam.get_cam_image
-
-    def capture(*args, **kwargs):
-        raw.append(compute(*args, **kwargs))
-        return raw[-1]
-
-    cam.get_cam_image = capture
-    final = cam(input_tensor=torch.from_numpy(images), targets=[ClassifierOutputTarget(int(t)) for t in targets])
-    cam.activations_and_grads.release()
-    return np.asarray(raw[0], np.float32), final
+    return peer_run(pgc.GradCAM(model=model, target_layers=[module], reshape_transform=case.reshape), images, targets)
 
 
 def test_pooled_and_unclear_layers_are_refused(tmp_path):
