@@ -62,6 +62,7 @@ class GraphBuilder:
         self._constants: dict[str, np.ndarray] = {}
         self._initializers: dict[str, onnx.TensorProto] = {}  # decoded lazily: weights are rarely needed
         self._producers: dict[str, onnx.NodeProto] = {}
+        self._aliases: dict[str, str] = {}  # tensor -> the model's tensor it is a copy of (see `alias`)
         self._names: set[str] = set()
         self._counter = 0
         self.differentiable: set[str] = set()  # tensors the running backward pass carries gradients for
@@ -79,6 +80,17 @@ class GraphBuilder:
         self._constants.update(index.constants)
         self._names.update(index.names)
         self._opsets = index.opsets
+
+    def alias(self, copies: dict) -> None:
+        """Registers tensors that are copies of the model's (`copies`: copy -> original; the tail's own copies of
+        shape arithmetic the head computes too): they have the original's shape, type and constant value."""
+        for copy, original in copies.items():
+            self._aliases[copy] = original
+            self._names.add(copy)
+            if original in self._shapes:
+                self._shapes[copy] = self._shapes[original]
+            if original in self._types:
+                self._types[copy] = self._types[original]
 
     def _register_constant(self, name: str, value: np.ndarray, data_type: int) -> None:
         self._constants[name] = value
@@ -143,6 +155,7 @@ class GraphBuilder:
         fixed dims, see `_folded`), else None."""
         if not name:
             return None
+        name = self._aliases.get(name, name)
         if name in self._initializers and name not in self._constants:
             self._constants[name] = numpy_helper.to_array(self._initializers[name])
         if name not in self._constants and name in self._producers:

@@ -7,6 +7,7 @@ explain graphs from those parts (see igcam_engine.bundle for their inputs and ou
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,12 @@ IO_NAMES = (
 ) + tuple(f"held_{i}" for i in range(32))
 MAX_HELD = 32  # tensors held constant besides the target (graph inputs held_0 ...)
 BATCH = "batch"
+# what a fixed input may be (`fixed_inputs`): element type -> the numpy type its constant is made of
+FIXED_DTYPES = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
+    TensorProto.BOOL, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.FLOAT16, TensorProto.FLOAT,
+    TensorProto.DOUBLE)}
+FIXED_INPUT_ELEMENTS = 1 << 24  # per image: a model file's declared dims must not decide how much is allocated
 # Ops after which a Softmax may still be followed to the output: they only copy, reshape or retype the scores.
 COPIES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
 
@@ -59,6 +66,9 @@ def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_i
     inputs = [i for i in model.graph.input if i.name not in initializers]
     _fix_inputs(model, inputs, fixed_inputs or {})
     inputs = [i for i in inputs if i.name not in (fixed_inputs or {})]
+    if not inputs:
+        raise ModelError("the model has no input left to explain: it needs one float32 image input besides its "
+                         "initializers and fixed inputs")
     if len(inputs) != 1:
         image = next((i for i in inputs if _is_image(i)), inputs[0])
         others = [i.name for i in inputs if i is not image]
@@ -133,11 +143,15 @@ def _fix_inputs(model: onnx.ModelProto, inputs: list, fixed: dict) -> None:
         tensor_type = info.type.tensor_type
         if not tensor_type.HasField("shape"):
             raise ModelError(f"input {name!r} declares no shape: a fixed input's shape must be in the model")
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
-        if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or \
-                np.asarray(value).astype(dtype).astype(np.float64) != value:
-            raise OptionError(f"input {name!r} is {helper.tensor_dtype_to_string(tensor_type.elem_type)}: it cannot "
-                              f"hold {value:g}")
+        dtype = FIXED_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise OptionError(f"input {name!r} is of element type {tensor_type.elem_type}: a fixed input is a bool, "
+                              f"integer or float16/32/64 tensor")
+        with np.errstate(invalid="ignore", over="ignore"):  # the checks below say what went wrong, in one line
+            held = np.asarray(value).astype(dtype)
+        # floats round to the nearest value the type holds; integers and bools hold the value exactly or are refused
+        if not np.isfinite(held.astype(np.float64)) or (dtype.kind in "iub" and held.astype(np.float64) != value):
+            raise OptionError(f"input {name!r} is {dtype.name}: it cannot hold {value:g}")
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim]
         batch = images[0].type.tensor_type.shape.dim[0]
         batch = batch.dim_value if batch.HasField("dim_value") else batch.dim_param or None
@@ -146,6 +160,9 @@ def _fix_inputs(model: onnx.ModelProto, inputs: list, fixed: dict) -> None:
         if not all(isinstance(d, int) and d > 0 for d in rest):
             raise ModelError(f"input {name!r} is {dims}: a fixed input's dims must be known, except a first dim that "
                              f"is the image's batch ({batch!r})")
+        if math.prod(rest) > FIXED_INPUT_ELEMENTS:
+            raise ModelError(f"input {name!r} is {dims}: a fixed input holds at most {FIXED_INPUT_ELEMENTS} elements "
+                             f"per image")
         graph = model.graph
         graph.input.remove(info)
         row = np.full([1, *rest] if by_batch else rest, value, dtype)
@@ -170,7 +187,7 @@ def fixed_feed(model: onnx.ModelProto, fixed: dict, rows: int) -> dict:
         if info.name in fixed:
             tensor_type = info.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else rows for d in tensor_type.shape.dim]
-            feed[info.name] = np.full(dims, fixed[info.name], helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+            feed[info.name] = np.full(dims, fixed[info.name], FIXED_DTYPES[tensor_type.elem_type])
     return feed
 
 
@@ -361,6 +378,7 @@ class Split:
     input_layout: str  # the model's own image input: "NCHW" or "NHWC" (the bundle's graphs take NCHW)
     target_shape: list  # the target's dims after the batch, in its own layout
     num_classes: int
+    tail_copies: dict  # tensor the tail computes apart from the head -> the head's tensor (see _apart_from)
 
     @property
     def activation_shape(self) -> list:
@@ -552,11 +570,11 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
         for node in _ancestors(graph, tensor, values_only=False, producers=producers)[0]:
             needed.setdefault(id(node), node)
     head = sorted(needed.values(), key=lambda n: order[id(n)])
-    tail = _apart_from(head, _shape_reads_from_target(model, tail, target))
+    tail, copies = _apart_from(head, _shape_reads_from_target(model, tail, target))
     dims = _shape(model, image)[1:]
     input_shape = dims if input_layout == "NCHW" else [dims[2], dims[0], dims[1]]
     return Split(model, image, target, layout, logits, scores_after, head, tail, held, input_shape, input_layout,
-                 shape[1:], logits_shape[1])
+                 shape[1:], logits_shape[1], copies)
 
 
 def _dependents(nodes, seeds) -> set:
@@ -637,19 +655,20 @@ def _shape_reads_from_target(model: onnx.ModelProto, tail: list, target: str) ->
     return replaced
 
 
-def _apart_from(head: list, tail: list) -> list:
-    """The tail with the tensors it computes that the head computes too (the shape arithmetic and constants both
-    use, the shapes read above) renamed: the one-graph forms hold head and tail together, and the tail computes
-    them from its own batch (the explain graph's head runs on more rows than its tail)."""
+def _apart_from(head: list, tail: list) -> tuple[list, dict]:
+    """(the tail with the tensors it computes that the head computes too renamed, copy -> original): the shape
+    arithmetic and constants both use, the shapes read above. The one-graph forms hold head and tail together, and
+    the tail computes them from its own batch (the explain graph's head runs on more rows than its tail)."""
     both = {o for n in head for o in n.output} & {o for n in tail for o in n.output}
     if not both:
-        return tail
+        return tail, {}
     heads = {n.name for n in head}
-    tail = _renamed(tail, {name: f"igcam/tail/{name}" for name in both})
+    names = {name: f"igcam/tail/{name}" for name in both}
+    tail = _renamed(tail, names)
     for node in tail:
         if node.name in heads:
             node.name = f"igcam/tail/{node.name}"
-    return tail
+    return tail, {copy: original for original, copy in names.items()}
 
 
 # ---------------------------------------------------------------- graph assembly
@@ -741,15 +760,30 @@ def _inputs(node: onnx.NodeProto) -> list:
 
 
 def _renamed(nodes: list, names: dict) -> list:
-    """Copies of `nodes` with the tensors `names` maps renamed, as inputs and outputs."""
+    """Copies of `nodes` with the tensors `names` maps renamed, as inputs and outputs, and where the subgraphs of
+    If, Loop and Scan read them from the enclosing scope."""
     copies = []
     for node in nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.input[:] = [names.get(x, x) for x in copy.input]
+        _rename_in(copy, names)
         copy.output[:] = [names.get(x, x) for x in copy.output]
         copies.append(copy)
     return copies
+
+
+def _rename_in(node: onnx.NodeProto, names: dict) -> None:
+    """Renames, in place, what `node` and its subgraphs read of the enclosing scope; a name a subgraph defines
+    itself (its inputs, initializers, node outputs) shadows the outer one there."""
+    node.input[:] = [names.get(x, x) for x in node.input]
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            inner = {x.name for x in [*graph.input, *graph.initializer]} | {o for n in graph.node for o in n.output}
+            visible = {k: v for k, v in names.items() if k not in inner}
+            for inner_node in graph.node:
+                _rename_in(inner_node, visible)
+            for output in graph.output:  # a subgraph may hand an outer tensor straight back
+                output.name = visible.get(output.name, output.name)
 
 
 def build_graphs(s: Split) -> dict:
@@ -765,7 +799,9 @@ def build_graphs(s: Split) -> dict:
     held = [_info(x.name, x.elem_type, ["rows", *x.shape]) for x in s.held]
 
     def builder(prefix):
-        return GraphBuilder(s.model, prefix=f"igcam/{prefix}")
+        made = GraphBuilder(s.model, prefix=f"igcam/{prefix}")
+        made.alias(s.tail_copies)
+        return made
 
     graphs = {}
 

@@ -460,6 +460,57 @@ def test_shape_arithmetic_the_head_and_the_part_after_the_target_share_is_comput
     assert_maps_match(maps, expected)
 
 
+
+def test_constants_and_subgraphs_the_head_and_the_tail_share_keep_their_values(tmp_path):
+    """A Constant (ReduceMean's axes) and an If whose branches read an outer Constant, each read before and after
+    the target: the tail computes its own copies, and the rules must still find the axes (once "axes must be a
+    constant") and the If's branches must read the tail's copy (once a graph reading a tensor nothing computes)."""
+    rng = np.random.default_rng(7)
+    w, fc = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((4, 5))
+    branch = [helper.make_graph([helper.make_node("Identity", ["offset"], [f"out_{n}"])], n, [],
+                                [helper.make_tensor_value_info(f"out_{n}", TensorProto.FLOAT, [])]) for n in "ab"]
+    nodes = [helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([2, 3], np.int64))),
+             helper.make_node("Constant", [], ["offset"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+             helper.make_node("If", ["flag"], ["shift"], then_branch=branch[0], else_branch=branch[1]),
+             helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["conv", "axes"], ["mean"], keepdims=1),
+             helper.make_node("Sub", ["conv", "mean"], ["centred"]), helper.make_node("Add", ["centred", "shift"], ["z"]),
+             helper.make_node("Relu", ["z"], ["act"]), helper.make_node("ReduceMean", ["act", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("Add", ["pooled", "shift"], ["shifted"]), helper.make_node("MatMul", ["shifted", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w.astype(np.float32), "w"),
+                               numpy_helper.from_array(fc.astype(np.float32), "fc"),
+                               numpy_helper.from_array(np.array(True), "flag")])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+    class Mirror(torch.nn.Module):  # the reference: the same computation in torch
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.conv.weight.data = torch.from_numpy(w)
+            self.act, self.fc = torch.nn.ReLU(), torch.nn.Parameter(torch.from_numpy(fc))
+
+        def forward(self, x):
+            c = self.conv(x.to(self.fc.dtype))
+            return (self.act(c - c.mean((2, 3), keepdim=True) + 0.5).mean((2, 3)) + 0.5) @ self.fc
+
+    reference = Mirror().eval()
+    x = images()
+    targets = top_classes(reference, x)[:, 0]
+    alphas, weights = quadrature("left", STEPS)
+    expected = igcam_reference(reference, "act", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
+    bundle = from_onnx(path, tmp_path / "bundle", tensor="act")
+    assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
+    import onnxruntime as ort
+
+    explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
+    maps = explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
+                                  "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
+                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
+    assert_maps_match(maps, expected)
+
 class WithMask(torch.nn.Module):
     """An image and two inputs that are constants in deployment: a per-image channel mask [B, 6] and a scale [1]
     (as a transformer's attention mask of ones)."""
@@ -488,7 +539,7 @@ def test_a_second_input_is_fixed_at_export_or_refused_in_one_line(tmp_path):
         with pytest.raises(UserError, match="fixed_inputs=") as error:
             call()
         assert "\n" not in str(error.value)
-    for bad in ({"nothing": 1}, {"mask": float("nan")}, {"x": 1}, "mask=1"):
+    for bad in ({"nothing": 1}, {"mask": float("nan")}, {"mask": 1e40}, {"x": 1}, "mask=1"):
         with pytest.raises(UserError):
             from_onnx(path, tmp_path / "refused", fixed_inputs=bad)
     assert not (tmp_path / "refused").exists()
