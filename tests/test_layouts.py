@@ -426,6 +426,15 @@ def test_an_input_whose_layout_cannot_be_told_is_refused(tmp_path):
         from_onnx(tmp_path / "m.onnx", tmp_path / "bundle")
 
 
+def explain_graph_maps(bundle, x, targets, alphas, weights):
+    """The maps of the bundle's one-graph form, explain.onnx, run by ONNX Runtime itself (zero baseline)."""
+    import onnxruntime as ort
+
+    explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
+    return explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
+                                  "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
+                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
+
 def test_shape_arithmetic_the_head_and_the_part_after_the_target_share_is_computed_apart(tmp_path):
     """torch's exporter computes `x.shape[0]` once and every Expand to the batch reads it: before and after the
     target (as HuggingFace's ViT does). The one-graph forms, which hold both parts, once had two nodes writing
@@ -451,14 +460,7 @@ def test_shape_arithmetic_the_head_and_the_part_after_the_target_share_is_comput
     alphas, weights = quadrature("left", STEPS)
     expected = igcam_reference(model, "conv2", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
     assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
-    import onnxruntime as ort
-
-    explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
-    maps = explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
-                                  "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
-                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
-    assert_maps_match(maps, expected)
-
+    assert_maps_match(explain_graph_maps(bundle, x, targets, alphas, weights), expected)
 
 
 def test_constants_and_subgraphs_the_head_and_the_tail_share_keep_their_values(tmp_path):
@@ -503,13 +505,8 @@ def test_constants_and_subgraphs_the_head_and_the_tail_share_keep_their_values(t
     expected = igcam_reference(reference, "act", x, targets, alphas, weights, np.zeros((1, *SHAPE)), False)
     bundle = from_onnx(path, tmp_path / "bundle", tensor="act")
     assert_maps_match(Explainer(bundle).explain(x, targets, steps=STEPS), expected)
-    import onnxruntime as ort
+    assert_maps_match(explain_graph_maps(bundle, x, targets, alphas, weights), expected)
 
-    explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
-    maps = explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
-                                  "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
-                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
-    assert_maps_match(maps, expected)
 
 class WithMask(torch.nn.Module):
     """An image and two inputs that are constants in deployment: a per-image channel mask [B, 6] and a scale [1]
