@@ -22,7 +22,7 @@ from igcam_engine.validators import choice, integer
 
 from .autodiff import MissingRules
 from .builder import default_opset
-from .graphs import build_graphs, candidate_layers, fixed_feed, later_target_hint, prepare, split
+from .graphs import build_graphs, candidate_layers, fixed_feed, later_target_hint, prepare, reads, split
 from .graphs import fixed_inputs as checked_fixed_inputs
 from .layouts import LayoutChoice
 from .triton import triton_repository
@@ -65,14 +65,7 @@ def _load(path) -> onnx.ModelProto:
 def _drop_unused_initializers(graph) -> None:
     """Removes the initializers no node (nor subgraph) reads and no output names: they change nothing, and ONNX
     Runtime's session set-up is quadratic in them (a file with 200,000 tiny unused ones took minutes to verify)."""
-    read = {o.name for o in graph.output}
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            read.update(node.input)
-            for attribute in node.attribute:
-                stack.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    read = {o.name for o in graph.output} | {x for node in graph.node for x in reads(node)}
     unused = {i.name for i in graph.initializer if i.name not in read}
     if unused:
         kept = [i for i in graph.initializer if i.name not in unused]

@@ -132,7 +132,8 @@ def fixed_inputs(value) -> dict:
 def _fix_inputs(model: onnx.ModelProto, inputs: list, fixed: dict) -> None:
     """Replaces each input named in `fixed` by a constant filled with its value: an initializer where its dims are
     all known, else (first dim the image's batch) an Expand of one row to the image's batch. Each must be an input
-    besides the image, of a numeric or bool type holding the value exactly, with no other unknown dim."""
+    besides the image, of a type in FIXED_DTYPES (floats round, integers and bools hold the value exactly), with
+    no other unknown dim."""
     by_name = {i.name: i for i in inputs}
     images = [i for i in inputs if i.name not in fixed and _is_image(i)]
     for name, value in fixed.items():
@@ -422,7 +423,7 @@ def _ancestors(graph, start: str, stop=(), *, values_only: bool = True, producer
         if node is not None and id(node) not in needed:
             needed.add(id(node))
             if not (values_only and node.op_type in SHAPE_READERS):
-                stack.extend(_inputs(node))
+                stack.extend(reads(node))
     return [n for n in graph.node if id(n) in needed], seen
 
 
@@ -582,7 +583,7 @@ def _dependents(nodes, seeds) -> set:
     values."""
     depends = set(seeds)
     for node in nodes:
-        if node.op_type not in SHAPE_READERS and any(x in depends for x in _inputs(node)):
+        if node.op_type not in SHAPE_READERS and any(x in depends for x in reads(node)):
             depends.update(node.output)
     return depends
 
@@ -743,19 +744,23 @@ def _prune(nodes: list, outputs: list) -> list:
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(_inputs(node))
+            needed.update(reads(node))
     return kept[::-1]
 
 
-def _inputs(node: onnx.NodeProto) -> list:
-    """A node's inputs and the outer tensors its subgraphs (If's branches, Loop's and Scan's bodies) read."""
+def subgraphs(node: onnx.NodeProto) -> list:
+    """The graphs a node holds: If's branches, Loop's and Scan's bodies."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def reads(node: onnx.NodeProto) -> list:
+    """A node's inputs and the outer tensors its subgraphs read."""
     names = [x for x in node.input if x]
-    for attribute in node.attribute:
-        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-            inner = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-            for child in graph.node:
-                names.extend(x for x in _inputs(child) if x not in inner)
-                inner.update(child.output)
+    for graph in subgraphs(node):
+        inner = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        for child in graph.node:
+            names.extend(x for x in reads(child) if x not in inner)
+            inner.update(child.output)
     return names
 
 
@@ -776,14 +781,13 @@ def _rename_in(node: onnx.NodeProto, names: dict) -> None:
     """Renames, in place, what `node` and its subgraphs read of the enclosing scope; a name a subgraph defines
     itself (its inputs, initializers, node outputs) shadows the outer one there."""
     node.input[:] = [names.get(x, x) for x in node.input]
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-            inner = {x.name for x in [*graph.input, *graph.initializer]} | {o for n in graph.node for o in n.output}
-            visible = {k: v for k, v in names.items() if k not in inner}
-            for inner_node in graph.node:
-                _rename_in(inner_node, visible)
-            for output in graph.output:  # a subgraph may hand an outer tensor straight back
-                output.name = visible.get(output.name, output.name)
+    for graph in subgraphs(node):
+        inner = {x.name for x in [*graph.input, *graph.initializer]} | {o for n in graph.node for o in n.output}
+        visible = {k: v for k, v in names.items() if k not in inner}
+        for inner_node in graph.node:
+            _rename_in(inner_node, visible)
+        for output in graph.output:  # a subgraph may hand an outer tensor straight back
+            output.name = visible.get(output.name, output.name)
 
 
 def build_graphs(s: Split) -> dict:
