@@ -22,13 +22,14 @@ from igcam_engine.validators import choice, integer
 
 from .autodiff import MissingRules
 from .builder import default_opset
-from .graphs import build_graphs, candidate_layers, fixed_feed, later_target_hint, prepare, reads, split
+from .graphs import build_graphs, candidate_layers, fixed_feed, later_target_hint, model_outputs, prepare, reads, split
 from .graphs import fixed_inputs as checked_fixed_inputs
 from .layouts import LayoutChoice
+from .tasks import metadata, task_of
 from .triton import triton_repository
 from .writer import staged, write_bundle
 
-__all__ = ["from_torch", "from_onnx", "layers", "torch_layers", "usability", "triton_repository"]
+__all__ = ["from_torch", "from_onnx", "layers", "outputs_of", "torch_layers", "usability", "triton_repository"]
 
 
 MAX_MODEL_BYTES = 2 << 30  # protobuf's limit for one message: larger weights live in external data files
@@ -56,7 +57,7 @@ def _load(path) -> onnx.ModelProto:
         raise ModelError(f"'{path}' has IR version {model.ir_version}, newer than the installed onnx "
                          f"{onnx.__version__} reads (up to {onnx.IR_VERSION}); upgrade onnx (pip install -U onnx)")
     if not model.graph.output:
-        raise ModelError(f"'{path}' has no outputs; a classifier's first output is its class scores")
+        raise ModelError(f"'{path}' has no outputs; a model's outputs are what its explanations differentiate")
     _check_graph(model.graph, path)
     _drop_unused_initializers(model.graph)
     return model
@@ -92,12 +93,32 @@ def _check_graph(graph, path) -> None:
             available.add(out)
 
 
-def layers(path, input_shape=None, *, fixed_inputs=None) -> list[dict]:
+def layers(path, input_shape=None, *, fixed_inputs=None, outputs=None) -> list[dict]:
     """The 4-D activations of an ONNX model: tensor name, producing op and node, shape [K, h, w], and `cut`
-    (True where every path from the input to the logits passes through it, i.e. it can be a target layer)."""
+    (True where every path from the input to the outputs passes through it, i.e. it can be a target layer)."""
     fixed = checked_fixed_inputs(fixed_inputs)
-    return candidate_layers(prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else
-                                    _shape(input_shape), fixed_inputs=fixed).model)
+    prepared = prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else _shape(input_shape),
+                       fixed_inputs=fixed)
+    return candidate_layers(prepared.model, _output_names(outputs, prepared))
+
+
+def outputs_of(path, input_shape=None, *, fixed_inputs=None) -> list[dict]:
+    """The outputs of an ONNX model as a bundle would keep them: name, the differentiated tensor, the op before the
+    model's own output (Softmax, LogSoftmax, Sigmoid) and the dims after the batch."""
+    prepared = prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else _shape(input_shape),
+                       fixed_inputs=checked_fixed_inputs(fixed_inputs))
+    shown = {new: old for old, new in prepared.renamed.items()}
+    return [{"output": shown.get(o.source, o.source), "tensor": shown.get(o.tensor, o.tensor), "before": o.before,
+             "shape": o.shape} for o in model_outputs(prepared.model, scores_first=True)]
+
+
+def _output_names(outputs, prepared) -> list | None:
+    """The outputs a user names (None: every output), under the names `prepare` gave them."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, str) or not isinstance(outputs, (list, tuple)) or not all(isinstance(o, str) for o in outputs):
+        raise OptionError(f"outputs must be a list of output (or tensor) names, got {outputs!r:.80}")
+    return [prepared.renamed.get(name, name) for name in outputs]
 
 
 def torch_layers(model, input_shape) -> list[dict]:
@@ -125,14 +146,20 @@ def usability(shape, calls: int = 1) -> str:
 
 
 def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labels=None, layout=None, grid=None,
-              prefix_tokens=None, input_layout=None, fixed_inputs=None) -> Path:
-    """Bundle from an ONNX classifier (one float NCHW input, logits or softmax as first output).
+              prefix_tokens=None, input_layout=None, fixed_inputs=None, outputs=None, task=None, detector=None,
+              output_layout=None) -> Path:
+    """Bundle from an ONNX model with one float image input (NCHW or NHWC).
 
     `tensor` names the target activation; None picks one by the model's layout (docs/supported.md). `input_shape`
     (C, H, W) fixes dynamic spatial dims. `input_layout` ("NCHW", "NHWC"; None: read from the graph) is the model
     input's: the bundle takes NCHW images either way. `layout` ("NCHW", "NHWC", "tokens"), `grid` (h, w) and `prefix_tokens`
     state the target's layout where the graph does not tell it. `fixed_inputs` ({name: number}) fills the model's
     other inputs (an attention mask of ones, a flag) with constants: the bundle takes only the image.
+    `outputs` names the outputs kept (default: every output; a tensor inside the graph, e.g. a detector's raw head
+    before its in-graph selection, may be named); `task` ("classification", "segmentation", "detection",
+    "embedding", "outputs"; None: read from the outputs), `detector` (a detection head's format, see
+    docs/targets.md) and `output_layout` (a score map's, "NCHW" or "NHWC", where its dims do not tell) say what the
+    model is for.
     """
     _path(path, "the ONNX file")
     input_shape = None if input_shape is None else _shape(input_shape)
@@ -142,13 +169,16 @@ def from_onnx(path, out, tensor=None, preprocess=None, *, input_shape=None, labe
     input_layout = None if input_layout in (None, "auto") else choice(input_layout, "input_layout", ("NCHW", "NHWC"))
     fixed = checked_fixed_inputs(fixed_inputs)
     return _export(_load(path), out, tensor, preprocess, input_shape, labels, stated, layer=tensor,
-                   input_layout=input_layout, fixed_inputs=fixed)
+                   input_layout=input_layout, fixed_inputs=fixed,
+                   purpose={"outputs": outputs, "task": task, "detector": detector, "output_layout": output_layout})
 
 
 def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=None, layout=None, grid=None,
-               prefix_tokens=None) -> Path:
+               prefix_tokens=None, outputs=None, task=None, detector=None, output_layout=None) -> Path:
     """Bundle from a torch.nn.Module; `layer` is a module path as in named_modules() ("layer4", "features.29",
-    "blocks.11.norm1"); `layout`, `grid`, `prefix_tokens` as in from_onnx."""
+    "blocks.11.norm1"). The model may return a tensor, a dict of tensors (torchvision's segmenters' "out", a
+    HuggingFace model's output) or a list or tuple of them (named output_0, output_1, ...); `outputs` keeps some of
+    them by name. `layout`, `grid`, `prefix_tokens`, `task`, `detector`, `output_layout` as in from_onnx."""
     try:
         from ._torch import export_with_layer
     except ModuleNotFoundError as e:
@@ -165,9 +195,10 @@ def from_torch(model, layer: str, input_shape, out, preprocess=None, *, labels=N
     input_shape = _shape(input_shape)
     stated = LayoutChoice.of(layout, grid, prefix_tokens)
     resolve_preprocess(preprocess, channels=input_shape[0])  # fail before the slow export, not after
-    onnx_model, tensor, reference = export_with_layer(model, layer, input_shape)
+    onnx_model, tensor, reference = export_with_layer(model, layer, input_shape, outputs)
     return _export(onnx_model, out, tensor, preprocess, input_shape, labels, stated, layer=layer,
-                   reference=reference, input_layout="NCHW")  # torch's export of an [B, C, H, W] input
+                   reference=reference, input_layout="NCHW",  # torch's export of an [B, C, H, W] input
+                   purpose={"task": task, "detector": detector, "output_layout": output_layout})
 
 
 def _path(value, what: str):
@@ -184,22 +215,34 @@ def _shape(value) -> tuple:
 
 
 def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, reference=None,
-            input_layout=None, fixed_inputs=None) -> Path:
+            input_layout=None, fixed_inputs=None, purpose=None) -> Path:
+    """`purpose`: the outputs kept, the task, the detector and the score map's layout (see from_onnx)."""
     _path(out, "out (the bundle folder to write)")
     if labels is not None and (not isinstance(labels, (list, tuple)) or isinstance(labels, str)):
         raise OptionError(f"labels must be a list of class names, got {type(labels).__name__}")
-    fixed_inputs = fixed_inputs or {}
+    fixed_inputs, purpose = fixed_inputs or {}, purpose or {}
     prepared = prepare(model, input_shape, input_layout, fixed_inputs)
-    s = split(prepared.model, tensor, stated, prepared.input_layout)
+    names = _output_names(purpose.get("outputs"), prepared)
+    meta = metadata(model)
+    # what the model is for decides whether its first output's final Softmax or Sigmoid is stepped over
+    task, _ = task_of(model_outputs(prepared.model, names), _image_size(prepared), meta, purpose.get("task"),
+                      purpose.get("detector"), purpose.get("output_layout"))
+    s = split(prepared.model, tensor, stated, prepared.input_layout, names,
+              scores_first=task["kind"] in ("classification", "segmentation"))
     preprocess = resolve_preprocess(preprocess, channels=s.input_shape[0])
+    task, output_layouts = task_of(s.outputs, s.input_shape[1:], meta, task["kind"], task["detector"],
+                                   purpose.get("output_layout"))
+    if labels is None and task["classes"] is not None and len(meta.get("labels", [])) == task["classes"]:
+        labels = meta["labels"]
     if labels is not None:
         labels = [str(label) for label in labels]
-        if len(labels) != s.num_classes:
-            raise OptionError(f"{len(labels)} labels given for a model with {s.num_classes} classes")
+        if task["classes"] is None or len(labels) != task["classes"]:
+            raise OptionError(f"{len(labels)} labels given for a model with {task['classes'] or 'no'} classes")
     try:
         graphs = build_graphs(s)
     except MissingRules as e:
         raise ModelError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
+    shown = {new: old for old, new in prepared.renamed.items()}
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32",
                   "model_layout": s.input_layout, "fixed_inputs": fixed_inputs},
@@ -207,8 +250,8 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
         "target_layer": {"name": layer or s.target, "tensor": s.target, "shape": s.activation_shape,
                          "tensor_shape": s.target_shape, **s.layout.record()},
         "held": [h.record() for h in s.held],
-        "logits": {"tensor": s.logits, "before": s.scores_after},
-        "num_classes": s.num_classes,
+        "outputs": [o.record(shown, layout) for o, layout in zip(s.outputs, output_layouts)],
+        "task": task,
         "labels": labels,
         "opset": default_opset(prepared.model),
     }
@@ -218,8 +261,14 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
     return Path(out)
 
 
+def _image_size(prepared) -> tuple:
+    """(H, W) of a prepared model's image input."""
+    dims = [d.dim_value for d in prepared.model.graph.input[0].type.tensor_type.shape.dim]
+    return tuple(dims[2:4]) if prepared.input_layout == "NCHW" else tuple(dims[1:3])
+
+
 def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, reference, fixed_inputs) -> None:
-    """The bundle must reproduce the original model's output on real photos, one at a time and three in one batch:
+    """The bundle must reproduce the original model's outputs on real photos, one at a time and three in one batch:
     this catches a split or a conversion that changed the function, and a batch that is not really dynamic; with
     `reference` (images and the torch module's outputs) it also catches an ONNX export that differs from the
     module."""
@@ -229,35 +278,45 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
     images = _sample_inputs(s.input_shape, preprocess)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure is reported in the one-line error below, not on stderr
-    source = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    shown = {new: old for old, new in prepared.renamed.items()}
+    names = [shown.get(o.source, o.source) for o in s.outputs]
+    source_model = original
+    if not set(names) <= {o.name for o in original.graph.output}:  # tensors inside the graph: made outputs
+        source_model = onnx.ModelProto()
+        source_model.CopyFrom(original)
+        source_model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
+                                         if n not in {o.name for o in original.graph.output})
+    source = ort.InferenceSession(source_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     source_input = next(i.name for i in source.get_inputs() if i.name not in fixed_inputs)
     if reference is not None:
         (torch_images, torch_outputs) = reference
-        _compare(source.run(None, {source_input: torch_images})[0], torch_outputs,
-                 "the ONNX export's outputs differ from the torch module's")
+        for got, expected in zip(source.run(names, {source_input: torch_images}), torch_outputs):
+            _compare(got, expected, "the ONNX export's outputs differ from the torch module's")
     batch = prepared.fixed_batch or len(images)
     try:
         source_images = images if s.input_layout == "NCHW" else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-        expected = np.concatenate([
-            _run_padded(source, source_input, source_images[i:i + batch], batch, fixed_feed(original, fixed_inputs, batch))
-            for i in range(0, len(images), batch)])
+        runs = [_run_padded(source, names, source_input, source_images[i:i + batch], batch,
+                            fixed_feed(original, fixed_inputs, batch)) for i in range(0, len(images), batch)]
+        expected = [np.concatenate(parts) for parts in zip(*runs)]
     except Exception as e:  # onnxruntime's errors have no common base class
         raise ModelError(f"the original model does not run on a batch of {batch} although its input says it does "
                         f"(ONNX Runtime: {str(e).splitlines()[0]}); re-export it with a dynamic batch") from None
     graph = ort.InferenceSession(str(bundle / "igcam.onnx"), options, providers=["CPUExecutionProvider"])
     for rows in (images[:1], images):
+        seeds = {f"seed_{i}": np.zeros((len(rows), *o.shape), np.float32) for i, o in enumerate(s.outputs)}
         try:
-            logits = graph.run(["logits"], {"images": rows, "baseline": np.zeros_like(rows[:1]),
-                                            "alphas": np.ones(1, np.float32),
-                                            "targets": np.zeros(len(rows), np.int64)})[0]
+            values = graph.run([o.name for o in s.outputs], {"images": rows, "baseline": np.zeros_like(rows[:1]),
+                                                              "alphas": np.ones(1, np.float32), **seeds})
         except Exception as e:
             raise ModelError(f"the exported graphs do not run on a batch of {len(rows)}: {_batch_hint(prepared)} "
                             f"(ONNX Runtime: {str(e).splitlines()[0]})") from None
-        got = _scores(logits, s.scores_after).reshape(expected[: len(rows)].shape)
-        try:
-            _compare(got, expected[: len(rows)], "the bundle's scores differ from the original model's")
-        except UserError as e:
-            raise ModelError(f"{e} at batch {len(rows)}" + (f": {_batch_hint(prepared)}" if len(rows) > 1 else ""))
+        for output, value, wanted in zip(s.outputs, values, expected):
+            got = _scores(value, output.before, output.axis).reshape(wanted[: len(rows)].shape)
+            try:
+                _compare(got, wanted[: len(rows)], f"the bundle's output '{names[s.outputs.index(output)]}' differs "
+                                                   "from the original model's")
+            except UserError as e:
+                raise ModelError(f"{e} at batch {len(rows)}" + (f": {_batch_hint(prepared)}" if len(rows) > 1 else ""))
 
 
 def _sample_inputs(input_shape, preprocess) -> np.ndarray:
@@ -270,19 +329,21 @@ def _sample_inputs(input_shape, preprocess) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, *input_shape)).astype(np.float32)
 
 
-def _run_padded(session, name, images, batch, fixed: dict) -> np.ndarray:
-    """The first output for `images` on a session whose batch is fixed at `batch` (the last rows repeated), its
-    other inputs fed `fixed`."""
+def _run_padded(session, outputs, name, images, batch, fixed: dict) -> list:
+    """The `outputs` for `images` on a session whose batch is fixed at `batch` (the last rows repeated), its other
+    inputs fed `fixed`."""
     padded = np.concatenate([images, np.repeat(images[-1:], batch - len(images), axis=0)])
-    return session.run(None, {name: padded, **fixed})[0][: len(images)]
+    return [value[: len(images)] for value in session.run(outputs, {name: padded, **fixed})]
 
 
-def _scores(logits: np.ndarray, after) -> np.ndarray:
-    """The model's first output from its logits: the Softmax or LogSoftmax the model ends with, if any."""
+def _scores(scores: np.ndarray, after, axis: int = -1) -> np.ndarray:
+    """A model output from the scores before it: the Softmax, LogSoftmax or Sigmoid the model ends with, if any."""
     if after is None:
-        return logits
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return scores
+    if after == "Sigmoid":
+        return 1 / (1 + np.exp(-scores.astype(np.float64)))
+    shifted = scores - scores.max(axis=axis, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
     return log_probabilities if after == "LogSoftmax" else np.exp(log_probabilities)
 
 

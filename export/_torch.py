@@ -12,28 +12,51 @@ import torch
 
 from igcam_engine.errors import ModelError, OptionError, UserError
 
+TARGET = "igcam_target"  # the exposed layer's output in the export (dropped from the model afterwards)
+MAX_OUTPUTS = 16
+
 
 class _Exposed(torch.nn.Module):
-    """Returns (logits, the layer's output) so that the ONNX export names the layer's output tensor."""
+    """Returns (the model's kept outputs..., the layer's output) so that the ONNX export names the layer's output
+    tensor; `names` are the kept outputs (see `named_outputs`)."""
 
-    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module, names: list):
         super().__init__()
-        self.model, self.layer = model, layer
+        self.model, self.layer, self.names = model, layer, names
 
     def forward(self, x):
         captured = []
         handle = self.layer.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            logits = self.model(x)
+            outputs = dict(named_outputs(self.model(x)))
         finally:
             handle.remove()
         if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
             raise ModelError("the target layer must run exactly once per forward pass and return one tensor")
-        return logits, captured[0]
+        return (*[outputs[name] for name in self.names], captured[0])
 
 
-def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
-    """Returns (onnx model with only the logits output, name of the layer's tensor, (images, torch logits)).
+def named_outputs(result) -> list:
+    """[(name, tensor)] of what a model returns: one tensor ("logits"), a dict of tensors (torchvision's
+    segmenters, HuggingFace model outputs; entries that are not tensors are left out) or a list or tuple of tensors
+    (output_0, output_1, ...). Anything else is refused in one line."""
+    if isinstance(result, torch.Tensor):
+        return [("logits", result)]
+    if isinstance(result, dict):
+        return [(str(key), value) for key, value in result.items() if isinstance(value, torch.Tensor)]
+    if isinstance(result, (list, tuple)) and result and all(isinstance(v, torch.Tensor) for v in result):
+        return [(f"output_{i}", value) for i, value in enumerate(result)]
+    found = type(result).__name__
+    if isinstance(result, (list, tuple)) and result:
+        found += f" of {type(result[0]).__name__}"
+    raise ModelError(f"the model must return a tensor, a dict of tensors or a list of tensors, it returns {found}"
+                     + (" (post-processed detections: export its raw head, e.g. a module returning its class scores "
+                        "and boxes per anchor)" if isinstance(result, (list, tuple)) else ""))
+
+
+def export_with_layer(model: torch.nn.Module, layer: str, input_shape, outputs=None):
+    """Returns (onnx model with only the kept outputs, name of the layer's tensor, (images, torch outputs)).
+    `outputs` names the model's outputs to keep (see `named_outputs`; None keeps all).
 
     The model is exported in eval mode and handed back in the mode each of its modules was in."""
     modules = dict(model.named_modules())
@@ -44,19 +67,19 @@ def export_with_layer(model: torch.nn.Module, layer: str, input_shape):
     try:
         model.eval()
         images = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        wrapper = _Exposed(model, modules[layer]).eval()
-        reference = _eager_check(wrapper, layer, images)
-        program = _export(wrapper, images, dynamic_batch=True)
+        names, reference = _eager_check(model, modules[layer], layer, images, outputs)
+        wrapper = _Exposed(model, modules[layer], names).eval()
+        program = _export(wrapper, images, names, dynamic_batch=True)
         if program is None:  # the model fixes its batch somewhere: export as traced, prepare frees the batch
-            program = _export(wrapper, images, dynamic_batch=False)
+            program = _export(wrapper, images, names, dynamic_batch=False)
     finally:
         for module, training in modes.items():
             module.training = training
     buffer = io.BytesIO()
     program.save(buffer)
     onnx_model = onnx.load_from_string(buffer.getvalue())
-    tensor = _source_of(onnx_model, "target")
-    del onnx_model.graph.output[1:]
+    tensor = _source_of(onnx_model, TARGET)
+    del onnx_model.graph.output[len(names):]
     if not _runs_one_image(onnx_model, input_shape):
         # torch.export kept the batch symbolic while the code baked the traced size into constants (int(x.shape[0]),
         # ...): the input says so, and prepare frees the batch where it can.
@@ -77,31 +100,44 @@ def _runs_one_image(model: onnx.ModelProto, input_shape) -> bool:
     return True
 
 
-def _eager_check(wrapper: _Exposed, layer: str, images) -> np.ndarray:
-    """The model's scores on the export's images, after checking in one eager run what the exporter would report
-    in a page of traceback: the model runs on this input, returns one [batch, classes] tensor, and the layer runs
-    once with one 4-D tensor out."""
+def _eager_check(model, module, layer: str, images, outputs) -> tuple:
+    """(the names of the kept outputs, the model's values of them on the export's images), after checking in one
+    eager run what the exporter would report in a page of traceback: the model runs on this input, returns float
+    tensors [batch, ...] (those `outputs` names, if given), and the layer runs once with one 3-D or 4-D tensor
+    out."""
     calls = []
-    handle = wrapper.layer.register_forward_hook(lambda module, args, output: calls.append(output))
+    handle = module.register_forward_hook(lambda module, args, output: calls.append(output))
     try:
         with torch.no_grad():
-            scores = wrapper.model(images)
+            result = model(images)
     except Exception as e:  # the user's model: its failure in one line
         raise ModelError(f"the model fails on an input of shape {list(images.shape)}: {type(e).__name__}: "
                         f"{_first_line(e)}") from e
     finally:
         handle.remove()
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        found = type(scores).__name__ if not isinstance(scores, torch.Tensor) else f"a tensor {list(scores.shape)}"
-        raise ModelError(f"the model must return one tensor of class scores [batch, classes], it returns {found}")
+    found = dict(named_outputs(result))
+    if outputs is not None:
+        if isinstance(outputs, str) or not isinstance(outputs, (list, tuple)) or not outputs \
+                or not all(isinstance(o, str) for o in outputs) or len(set(outputs)) != len(outputs):
+            raise OptionError(f"outputs must be a list of distinct output names, got {outputs!r:.80}")
+        unknown = [o for o in outputs if o not in found]
+        if unknown:
+            raise OptionError(f"the model has no output {unknown[0]!r}; it returns {list(found)}")
+        found = {name: found[name] for name in outputs}
+    if not found or len(found) > MAX_OUTPUTS:
+        raise ModelError(f"the model returns {len(found)} tensors; a bundle keeps 1 to {MAX_OUTPUTS} (outputs=[...])")
+    for name, value in found.items():
+        if not value.is_floating_point() or value.dim() < 1 or value.shape[0] != len(images):
+            raise ModelError(f"output '{name}' is {value.dtype} {list(value.shape)}, not a float tensor [batch, ...] "
+                             f"(keep the outputs to explain: outputs=[...])")
     if len(calls) != 1:
         raise ModelError(f"layer '{layer}' runs {len(calls)} times per forward pass; the target layer must run exactly "
                         "once (a module reused in several places cannot be told apart: hook one that runs once)")
     if not isinstance(calls[0], torch.Tensor) or calls[0].dim() not in (3, 4):
-        found = type(calls[0]).__name__ if not isinstance(calls[0], torch.Tensor) else f"{calls[0].dim()}-D"
+        what = type(calls[0]).__name__ if not isinstance(calls[0], torch.Tensor) else f"{calls[0].dim()}-D"
         raise ModelError(f"layer '{layer}' must output one tensor [batch, K, h, w], [batch, h, w, K] or tokens "
-                         f"[batch, N, K]; it outputs {found}")
-    return scores.numpy()
+                         f"[batch, N, K]; it outputs {what}")
+    return list(found), [value.numpy() for value in found.values()]
 
 
 def _first_line(error: Exception) -> str:
@@ -109,13 +145,13 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:300] if text else "(no message)"
 
 
-def _export(wrapper, images, dynamic_batch: bool):
+def _export(wrapper, images, names: list, dynamic_batch: bool):
     """torch's ONNX program of the wrapper; None when a dynamic batch was asked for and the model specializes it."""
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "target": {0: "batch"}} if dynamic_batch else None
+    axes = {name: {0: "batch"} for name in ["input", *names, TARGET]} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(wrapper, (images,), input_names=["input"], output_names=["logits", "target"],
+            return torch.onnx.export(wrapper, (images,), input_names=["input"], output_names=[*names, TARGET],
                                      dynamic_axes=axes, opset_version=18, dynamo=True, verbose=False)
         except UserError:
             raise

@@ -22,7 +22,7 @@ class MissingRules(ModelError):
     def __init__(self, missing: list[str], wrt: str):
         self.missing = missing
         super().__init__(
-            f"no gradient rule for op(s) on the differentiated part (from the target '{wrt}' to the logits): "
+            f"no gradient rule for op(s) on the differentiated part (from the target '{wrt}' to the outputs): "
             + ", ".join(missing) + ". Ops before the target need none (ONNX Runtime runs them); rules exist for: "
             + ", ".join(sorted(RULES)))
 
@@ -47,22 +47,24 @@ def _without_rule(nodes: list) -> list[str]:
     return sorted({f"{n.op_type} (node '{n.name}')" for n in nodes if n.op_type not in RULES})
 
 
-def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str, output: str, seed: str,
+def append_backward(builder: GraphBuilder, nodes: list[onnx.NodeProto], wrt: str, seeds: dict,
                     about: str | None = None) -> str:
-    """Appends to `builder` the nodes computing d<seed . output>/d<wrt> through `nodes` (topologically sorted).
+    """Appends to `builder` the nodes computing d<sum of seed . output over `seeds` (output -> its cotangent)>/d<wrt>
+    through `nodes` (topologically sorted): the vector-Jacobian product of the outputs at `wrt`.
 
     Returns the name of the gradient tensor, shaped like `wrt`; messages name `about` (the model's target tensor,
     where `wrt` is a form of it the exporter made) or `wrt`.
     """
     depends, on_path = differentiated(builder, nodes, wrt)
     builder.differentiable = depends
-    if output not in depends:
-        raise ModelError(f"output '{output}' does not depend on tensor '{about or wrt}'")
+    for output in seeds:
+        if output not in depends:
+            raise ModelError(f"output '{output}' does not depend on tensor '{about or wrt}'")
     missing = _without_rule(on_path)
     if missing:
         raise MissingRules(missing, about or wrt)
 
-    cotangents: dict[str, list[str]] = {output: [seed]}
+    cotangents: dict[str, list[str]] = {output: [seed] for output, seed in seeds.items()}
     for node in reversed(on_path):
         grads_out = [_total(builder, cotangents.get(o)) for o in node.outputs]
         if all(g is None for g in grads_out):
@@ -98,7 +100,7 @@ def vjp_model(model: onnx.ModelProto, wrt: str, output: str) -> onnx.ModelProto:
     infos = {i.name: i for i in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)}
     cotangent = onnx.ValueInfoProto(name="cotangent", type=infos[output].type)
     gradient = onnx.ValueInfoProto(name="gradient", type=infos[wrt].type)
-    grad = append_backward(builder, list(model.graph.node), wrt, output, "cotangent")
+    grad = append_backward(builder, list(model.graph.node), wrt, {output: "cotangent"})
     graph = model.graph
     graph.node.extend(builder.nodes + [helper.make_node("Identity", [grad], ["gradient"])])
     graph.initializer.extend(builder.initializers)

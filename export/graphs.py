@@ -8,7 +8,7 @@ explain graphs from those parts (see igcam_engine.bundle for their inputs and ou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -24,12 +24,14 @@ from .builder import FLOAT_TYPES, SHAPE_READERS, GraphBuilder, Node, at_min_opse
 from .contrib import unfused
 from .layouts import Layout, LayoutChoice
 
+MAX_HELD = 32  # tensors held constant besides the target (graph inputs held_0 ...)
+MAX_OUTPUTS = 16  # model outputs a bundle keeps (graph outputs output_0 ..., their cotangents seed_0 ...)
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.
 IO_NAMES = (
-    "images", "baseline", "alphas", "weights", "targets", "subtract_baseline",
-    "activations", "activation_grad", "logits", "maps",
-) + tuple(f"held_{i}" for i in range(32))
-MAX_HELD = 32  # tensors held constant besides the target (graph inputs held_0 ...)
+    "images", "baseline", "alphas", "weights", "seed_index", "subtract_baseline",
+    "activations", "activation_grad", "maps",
+) + tuple(f"held_{i}" for i in range(MAX_HELD)) + tuple(f"{kind}_{i}" for kind in ("output", "seed")
+                                                            for i in range(MAX_OUTPUTS))
 BATCH = "batch"
 # what a fixed input may be (`fixed_inputs`): element type -> the numpy type its constant is made of
 FIXED_DTYPES = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
@@ -39,6 +41,11 @@ FIXED_DTYPES = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
 FIXED_INPUT_ELEMENTS = 1 << 24  # per image: a model file's declared dims must not decide how much is allocated
 # Ops after which a Softmax may still be followed to the output: they only copy, reshape or retype the scores.
 COPIES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
+# A model's last op that turns scores into probabilities: the scores before it are differentiated (as
+# pytorch-grad-cam's targets read a classifier's logits), and the manifest says which op it was.
+TRAILING = ("Softmax", "LogSoftmax", "Sigmoid")
+# Ops that select detections inside a graph: no gradient passes them, so a model is explained up to its raw head.
+SELECTING = {"NonMaxSuppression", "Loop"}  # refused after the target
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Prepared:
     fixed_batch: int | None  # the original input's batch size when it was fixed, else None
     batch_rewrites: list  # Reshape nodes whose shape constant carried that batch size (now 0: copy the batch)
     input_layout: str = "NCHW"  # the model's image input: "NCHW" or "NHWC"; the bundle's graphs take NCHW
+    renamed: dict = field(default_factory=dict)  # a model tensor named like a bundle graph's input or output -> its new name
 
 
 def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_inputs=None) -> Prepared:
@@ -78,8 +86,9 @@ def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_i
                          f"{' '.join(f'--fix-input {n}=VALUE' for n in others)})")
     present = {x for n in model.graph.node for x in [*n.input, *n.output]} | {
         i.name for i in [*model.graph.input, *model.graph.output, *model.graph.initializer]}
-    for name in present.intersection(IO_NAMES):
-        _rename(model, name, f"model/{name}")
+    renamed = {name: f"model/{name}" for name in present.intersection(IO_NAMES)}
+    for name, new in renamed.items():
+        _rename(model, name, new)
     _name_nodes(model.graph)
     image = [i for i in model.graph.input if i.name not in initializers][0]
     tensor_type = image.type.tensor_type
@@ -111,7 +120,7 @@ def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_i
     except Exception as e:
         raise ModelError(f"ONNX shape inference failed on the model: {e}") from None
     _name_the_batch(inferred)
-    return Prepared(inferred, fixed_batch, rewrites, input_layout)
+    return Prepared(inferred, fixed_batch, rewrites, input_layout, renamed)
 
 
 def _is_image(info: onnx.ValueInfoProto) -> bool:
@@ -231,19 +240,21 @@ PROBE_BATCHES = (1, 3)
 
 
 def _name_the_batch(model: onnx.ModelProto) -> None:
-    """Completes what shape inference left open, by measuring: the first dim of a float tensor that inference left
+    """Completes what shape inference left open, by measuring: the dims of a float tensor that inference left
     unknown or gave a fresh symbol (a Reshape to -1, an Expand or a Resize sized from computed shapes, a legacy
-    export's shape arithmetic), and the whole shape of a tensor it could not see (after an op of another domain,
-    which onnx has no schema for). The model runs at batches 1 and 3 with those tensors as outputs; a tensor is
-    [batch, ...] when its first dim follows the batch and its other dims stay as they are. A model ONNX Runtime
-    cannot run is refused here when inference is incomplete, naming the op it could not see through."""
+    export's shape arithmetic; a detection head's anchors), and the whole shape of a tensor it could not see
+    (after an op of another domain, which onnx has no schema for). The model runs at batches 1 and 3 with those
+    tensors as outputs; a tensor is [batch, ...] when its first dim follows the batch and its other dims stay as
+    they are. A model ONNX Runtime cannot run is refused here when inference is incomplete, naming the op it could
+    not see through."""
     infos = {info.name: info for info in model.graph.value_info}
     for output in model.graph.output:
         if output.type.tensor_type.HasField("shape"):
             infos.setdefault(output.name, output)
     unsure = [name for name, info in infos.items() if info.type.tensor_type.elem_type in FLOAT_TYPES
               and info.type.tensor_type.HasField("shape") and len(info.type.tensor_type.shape.dim)
-              and info.type.tensor_type.shape.dim[0].dim_param != BATCH]
+              and (info.type.tensor_type.shape.dim[0].dim_param != BATCH
+                   or not all(d.HasField("dim_value") for d in info.type.tensor_type.shape.dim[1:]))]
     unseen = [o for n in model.graph.node for o in n.output if o and o not in infos
               and not (n.op_type == "Constant")]
     if not unsure and not unseen:
@@ -370,15 +381,13 @@ class Split:
     image: str  # the model's image input
     target: str  # the activation tensor the maps are computed at
     layout: Layout  # the target's layout; the graphs hand the runtime its canonical form [K, h, w]
-    logits: str  # class scores [batch, classes] (the input of a final Softmax)
-    scores_after: str | None  # the op (Softmax, LogSoftmax) between the logits and the model's first output, if any
+    outputs: list  # Output: what the gradient graph differentiates, in the bundle's order
     head: list  # nodes from the image to the target and the held tensors, in graph order
-    tail: list  # nodes from the target to the logits, in graph order (shape reads of head tensors rewritten)
+    tail: list  # nodes from the target to the outputs, in graph order (shape reads of head tensors rewritten)
     held: list  # Held: what the tail takes besides the target, computed by the forward graph and held constant
     input_shape: list  # C, H, W
     input_layout: str  # the model's own image input: "NCHW" or "NHWC" (the bundle's graphs take NCHW)
     target_shape: list  # the target's dims after the batch, in its own layout
-    num_classes: int
     tail_copies: dict  # tensor the tail computes apart from the head -> the head's tensor (see _apart_from)
 
     @property
@@ -404,14 +413,14 @@ def _producers(graph: onnx.GraphProto) -> dict:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _ancestors(graph, start: str, stop=(), *, values_only: bool = True, producers=None):
-    """Nodes needed to compute `start`, treating the tensors `stop` (a name or a collection) as given, and the
-    tensors reached. With `values_only`, the walk does not go past a Shape or Size node: it reads its input's
-    shape, never its values, so that input is not needed (the gradient graph knows every shape but the batch,
-    which it shares with the target)."""
+def _ancestors(graph, start, stop=(), *, values_only: bool = True, producers=None):
+    """Nodes needed to compute `start` (a name or a list of names), treating the tensors `stop` (a name or a
+    collection) as given, and the tensors reached. With `values_only`, the walk does not go past a Shape or Size
+    node: it reads its input's shape, never its values, so that input is not needed (the gradient graph knows every
+    shape but the batch, which it shares with the target)."""
     producers = producers if producers is not None else _producers(graph)
     stop = {stop} if isinstance(stop, str) else set(stop)
-    needed, stack, seen = set(), [start], set()
+    needed, stack, seen = set(), [start] if isinstance(start, str) else list(start), set()
     while stack:
         name = stack.pop()
         if name in seen:
@@ -427,24 +436,84 @@ def _ancestors(graph, start: str, stop=(), *, values_only: bool = True, producer
     return [n for n in graph.node if id(n) in needed], seen
 
 
-def scores_of(model: onnx.ModelProto):
-    """(the class-score tensor, the op between it and the first output or None): the first output, or the input
-    of a Softmax/LogSoftmax that produces it through ops that only copy or reshape."""
-    output = model.graph.output[0].name
-    producers = _producers(model.graph)
+@dataclass(frozen=True)
+class Output:
+    """A model output the bundle keeps: `name` its graphs' output (output_<i>; its cotangent is seed_<i>), `source`
+    the model's tensor as the user names it, `tensor` the differentiated tensor (`source`, or the input of the
+    Softmax, LogSoftmax or Sigmoid `before` that produces it through ops that only copy or reshape), `shape` the
+    differentiated tensor's dims after the batch."""
+
+    name: str
+    source: str
+    tensor: str
+    before: str | None
+    shape: list
+    axis: int = -1  # the Softmax's or LogSoftmax's axis
+
+    def record(self, shown: dict, layout: str | None) -> dict:
+        """The manifest's entry; `shown` maps tensors `prepare` renamed back to the model's names."""
+        return {"name": self.name, "source": shown.get(self.source, self.source),
+                "tensor": shown.get(self.tensor, self.tensor), "before": self.before, "shape": list(self.shape),
+                "layout": layout}
+
+
+def scores_before(model: onnx.ModelProto, output: str, producers=None):
+    """(the differentiated tensor, the op between it and `output` or None, that op's axis): `output`, or the input
+    of a Softmax, LogSoftmax or Sigmoid that produces it through ops that only copy or reshape."""
+    producers = producers if producers is not None else _producers(model.graph)
     name, node = output, producers.get(output)
     while node is not None and node.op_type in COPIES:
         name = node.input[0]
         node = producers.get(name)
-    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
-        return output, None
+    if node is None or node.op_type not in TRAILING:
+        return output, None, -1
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
     # Back through copies that keep the shape (ONNX's version converter wraps an old Softmax in Flatten and
     # Reshape): the scores under the name the original model gives them.
-    logits = node.input[0]
-    while (producer := producers.get(logits)) is not None and producer.op_type in COPIES \
-            and _shape(model, producer.input[0]) == _shape(model, logits):
-        logits = producer.input[0]
-    return logits, node.op_type
+    scores = node.input[0]
+    while (producer := producers.get(scores)) is not None and producer.op_type in COPIES \
+            and _shape(model, producer.input[0]) == _shape(model, scores):
+        scores = producer.input[0]
+    return scores, node.op_type, axis
+
+
+def model_outputs(model: onnx.ModelProto, names=None, scores_first: bool = False) -> list[Output]:
+    """The outputs a bundle keeps: `names` (the model's outputs or any of its tensors, in that order, e.g. a
+    detector's raw head before its in-graph selection), or every output of the model; each [batch, fixed dims].
+    With `scores_first` (a classifier's or a segmenter's class scores), the first is differentiated before a final
+    Softmax, LogSoftmax or Sigmoid (scores_before); every other output as the model gives it (a detector's boxes
+    may well end in a Sigmoid)."""
+    producers = _producers(model.graph)
+    available = [o.name for o in model.graph.output]
+    names = list(available if names is None else names)
+    if not names or len(names) > MAX_OUTPUTS or len(set(names)) != len(names):
+        raise OptionError(f"outputs must name 1 to {MAX_OUTPUTS} distinct tensors of the model; got {names}")
+    outputs = []
+    for index, name in enumerate(names):
+        if name not in available and name not in producers:
+            raise OptionError(f"'{name}' is neither an output nor a tensor of the model; its outputs: {available}")
+        _selected_before(model, name, producers)
+        tensor, before, axis = scores_before(model, name, producers) if scores_first and index == 0 else (name, None, -1)
+        dims = _symbolic_shape(model, tensor)
+        # a first dim that is not the batch (a batch the model fixes) is left to the export's verification to name
+        if _elem_type(model, tensor) not in FLOAT_TYPES or not dims \
+                or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            raise ModelError(f"output '{name}' is {dims}, not a float tensor [batch, fixed dims...]; keep only the "
+                             f"outputs to explain (outputs=[...], CLI --outputs)")
+        outputs.append(Output(f"output_{index}", name, tensor, before, dims[1:], axis))
+    return outputs
+
+
+def _selected_before(model: onnx.ModelProto, output: str, producers: dict) -> None:
+    """Refuses an output computed from a non-maximum suppression's selection (a detector exported with its
+    post-processing): no gradient passes a selection, so the model is explained up to its raw head."""
+    nodes, _ = _ancestors(model.graph, output, producers=producers)
+    selection = next((n for n in nodes if n.op_type == "NonMaxSuppression"), None)
+    if selection is not None:
+        raw = [x for x in selection.input[:2] if x]
+        raise ModelError(f"output '{output}' comes from a selection inside the graph (NonMaxSuppression node "
+                         f"'{selection.name}'), which no gradient passes: explain the raw head, the tensors before "
+                         f"it, e.g. outputs={raw} (CLI --outputs {','.join(raw)}; see `igcam layers`)")
 
 
 def _shape(model: onnx.ModelProto, name: str):
@@ -462,12 +531,12 @@ def _symbolic_shape(model: onnx.ModelProto, name: str):
     return None
 
 
-def candidate_layers(model: onnx.ModelProto) -> list[dict]:
+def candidate_layers(model: onnx.ModelProto, outputs=None) -> list[dict]:
     """Every float activation [batch, ...] of rank 3 or 4 with fixed dims of a prepared model, in graph order: its
     shape (after the batch), layout, grid and prefix tokens as `layouts.infer` reads them, `cut` (no path from the
-    image to the logits bypasses it) and `usable` ("yes", or "no (the reason)")."""
+    image to the outputs bypasses it) and `usable` ("yes", or "no (the reason)"). `outputs`: as model_outputs'."""
     image = model.graph.input[0].name
-    logits, _ = scores_of(model)
+    logits = [o.tensor for o in model_outputs(model, outputs)]
     producers = _producers(model.graph)
     float_types = {i.name for i in model.graph.value_info if i.type.tensor_type.elem_type == TensorProto.FLOAT}
     index = layouts.TensorIndex.of(model)
@@ -484,7 +553,7 @@ def candidate_layers(model: onnx.ModelProto) -> list[dict]:
             try:
                 layout = layouts.infer(index, out, shape[1:])
                 row.update(layout.record())
-                row["usable"] = "yes" if out in reached else "no (the logits do not depend on it)"
+                row["usable"] = "yes" if out in reached else "no (the outputs do not depend on it)"
             except UserError as e:
                 row["usable"] = f"no ({_reason(e)})"
             rows.append(row)
@@ -499,13 +568,21 @@ def _reason(error: UserError) -> str:
     return str(error)
 
 
-def default_target(model: onnx.ModelProto) -> str:
-    """The target when none is named, by the layout of the last usable tensor: for a CNN the last NCHW tensor
-    through which every path from the image to the logits passes (the last convolutional stage's output); for a
-    vision transformer the last block's first norm (the last LayerNormalization over tokens before an attention
-    product: a class-token head gives the last block's patch tokens no gradient); for channels-last stages the last
-    channels-last tensor."""
-    rows = [r for r in candidate_layers(model) if r["usable"] == "yes"]
+def default_target(model: onnx.ModelProto, outputs=None) -> str:
+    """The target when none is named, for a model whose outputs are vectors (classifiers, embedding models), by the
+    layout of the last usable tensor: for a CNN the last NCHW tensor through which every path from the image to
+    the outputs passes (the last convolutional stage's output); for a vision transformer the last block's first
+    norm (the last LayerNormalization over tokens before an attention product: a class-token head gives the last
+    block's patch tokens no gradient); for channels-last stages the last channels-last tensor. A model with dense
+    outputs (a segmenter's score map, a detector's head) has no default: the tensors just before its outputs are
+    score maps themselves, and which backbone stage to explain is the user's choice."""
+    rows = [r for r in candidate_layers(model, outputs) if r["usable"] == "yes"]
+    dense = [o for o in model_outputs(model, outputs) if len(o.shape) != 1]
+    if dense:
+        cut = [r["tensor"] for r in rows if r["cut"] and r["layout"] == "NCHW"][-4:]
+        raise ModelError(f"output '{dense[0].source}' is {dense[0].shape}, not a vector of scores: name the target "
+                         "tensor (a backbone stage; tensor=..., CLI --tensor, see `igcam layers`)"
+                         + (f"; the last tensors every path passes: {', '.join(cut)}" if cut else ""))
     index = layouts.TensorIndex.of(model)
     if not rows:
         raise ModelError("found no activation with a spatial grid above 1x1 and a layout that can be told (see "
@@ -527,13 +604,13 @@ def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
     """Names the first target after `s.target` whose tail every op of which has a rule, if there is one."""
     from .autodiff import missing_rules
 
-    rows = candidate_layers(model)
+    rows = candidate_layers(model, [o.source for o in s.outputs])
     names = [r["tensor"] for r in rows]
     later = rows[names.index(s.target) + 1:] if s.target in names else []
     for row in later:
         if row["usable"] != "yes":
             continue
-        tail, _ = _ancestors(model.graph, s.logits, stop=row["tensor"])
+        tail, _ = _ancestors(model.graph, [o.tensor for o in s.outputs], stop=row["tensor"])
         if not missing_rules(GraphBuilder(model), tail, row["tensor"]):
             return (f"a later target avoids them: tensor '{row['tensor']}' {row['shape']} (node '{row['node']}'; "
                     "from_onnx(tensor=...) or --tensor)")
@@ -541,15 +618,13 @@ def later_target_hint(model: onnx.ModelProto, s: "Split", missing: list) -> str:
 
 
 def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoice = LayoutChoice(),
-          input_layout: str = "NCHW") -> Split:
+          input_layout: str = "NCHW", outputs=None, scores_first: bool = True) -> Split:
+    """The model cut at `target` (None: default_target) into head and tail; `outputs` names the outputs kept and
+    `scores_first` says whether the first holds class scores (model_outputs)."""
     graph = model.graph
     image = graph.input[0].name
-    logits, scores_after = scores_of(model)
-    logits_shape = _shape(model, logits)
-    if logits_shape is None or len(logits_shape) != 2 or not logits_shape[1]:
-        raise ModelError(f"the model's first output must be class scores [batch, classes] (or their Softmax); "
-                        f"'{logits}' is {logits_shape}")
-    target = target or default_target(model)
+    kept = model_outputs(model, outputs, scores_first)
+    target = target or default_target(model, outputs)
     shape = _symbolic_shape(model, target)
     if target not in _producers(graph):
         raise OptionError(f"'{target}' is not an activation tensor of the model (see `igcam layers`)")
@@ -557,11 +632,25 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
         raise ModelError(f"target tensor '{target}' must be [batch, fixed dims...] (K, h, w fixed at export); it is "
                          f"{shape}")
     layout = layouts.infer(layouts.TensorIndex.of(model), target, shape[1:], stated)
-    everything, reached = _ancestors(graph, logits, stop=target)
+    tensors = [o.tensor for o in kept]
+    everything, reached = _ancestors(graph, tensors, stop=target)
     if target not in reached:
-        raise ModelError(f"the logits do not depend on target tensor '{target}'")
+        raise ModelError(f"the outputs do not depend on target tensor '{target}'")
+    depends = _dependents(everything, {target})
+    for output in kept:
+        if output.tensor not in depends:
+            others = [o.source for o in kept if o.tensor in depends]
+            raise ModelError(f"output '{output.source}' does not depend on target tensor '{target}'; keep only the "
+                             f"outputs to explain: outputs={others} (CLI --outputs {','.join(others)})")
     held = _held(model, everything, target, image)
-    tail, _ = _ancestors(graph, logits, stop={target, *(h.tensor for h in held)})
+    tail, _ = _ancestors(graph, tensors, stop={target, *(h.tensor for h in held)})
+    selecting = [n for n in tail if n.op_type in SELECTING]
+    if selecting:
+        node = selecting[0]
+        raw = [x for x in node.input if x and _elem_type(model, x) in FLOAT_TYPES]
+        raise ModelError(f"the model selects its results inside the graph ({node.op_type} node '{node.name}'), "
+                         "which no gradient passes: explain its raw head, the tensors before the selection, "
+                         f"e.g. outputs={raw} (CLI --outputs {','.join(raw)}; see `igcam layers`)")
     if layout.prefix:
         held.append(Held(f"held_{len(held)}", None, [layout.prefix, layout.channels]))
     producers = _producers(graph)  # the same node objects throughout: their ids are compared
@@ -574,8 +663,7 @@ def split(model: onnx.ModelProto, target: str | None = None, stated: LayoutChoic
     tail, copies = _apart_from(head, _shape_reads_from_target(model, tail, target))
     dims = _shape(model, image)[1:]
     input_shape = dims if input_layout == "NCHW" else [dims[2], dims[0], dims[1]]
-    return Split(model, image, target, layout, logits, scores_after, head, tail, held, input_shape, input_layout,
-                 shape[1:], logits_shape[1], copies)
+    return Split(model, image, target, layout, kept, head, tail, held, input_shape, input_layout, shape[1:], copies)
 
 
 def _dependents(nodes, seeds) -> set:
@@ -686,17 +774,28 @@ def _interpolate(b: GraphBuilder, s: Split, images: str, baseline: str) -> str:
     return b.Reshape(path, [-1] + s.input_shape)
 
 
-def _per_row(b: GraphBuilder, targets: str) -> str:
-    """Repeats each image's target for each of its M rows."""
-    rows = b.Concat(b.Shape("images", start=0, end=1), b.Shape("alphas"), axis=0)
-    return b.Reshape(b.Expand(b.Unsqueeze(targets, [1]), rows), [-1])
+def _per_row(b: GraphBuilder, seed: str, dims: list) -> str:
+    """Repeats each image's seed [N, *dims] for each of its M rows (image-major): [N*M, *dims]."""
+    rows = b.Concat(b.Shape("images", start=0, end=1), b.Shape("alphas"), np.array(dims, np.int64), axis=0)
+    return b.Reshape(b.Expand(b.Unsqueeze(seed, [1]), rows), np.array([-1, *dims], np.int64))
 
 
-def _backward(b: GraphBuilder, s: Split, nodes: list, activations: str, targets_per_row: str) -> str:
-    """d logits[row, target[row]] / d activations through `nodes` (the target rebuilt from the canonical
-    activations, then the tail): the seed is the one-hot of each row's target."""
-    seed = b.Cast(b.Equal(b.Unsqueeze(targets_per_row, [1]), np.arange(s.num_classes)[None]), to=TensorProto.FLOAT)
-    return append_backward(b, nodes, activations, s.logits, seed, about=s.target)
+def _backward(b: GraphBuilder, s: Split, nodes: list, activations: str, seeds: dict) -> str:
+    """The vector-Jacobian product of the outputs at the canonical `activations` through `nodes` (the target rebuilt
+    from them, then the tail): sum over outputs of seeds[output.name] . d output / d activations, per row."""
+    cotangents = {}
+    for output in s.outputs:
+        elem_type = _elem_type(s.model, output.tensor)
+        seed = seeds[output.name]
+        cotangents[output.tensor] = seed if elem_type == TensorProto.FLOAT else b.Cast(seed, to=elem_type)
+    return append_backward(b, nodes, activations, cotangents, about=s.target)
+
+
+def _output_aliases(s: Split) -> list:
+    """Identity nodes naming each kept output's tensor output_<i> (as float32)."""
+    return [_alias(o.tensor, o.name) if _elem_type(s.model, o.tensor) == TensorProto.FLOAT else
+            helper.make_node("Cast", [o.tensor], [o.name], name=f"igcam/{o.name}", to=TensorProto.FLOAT)
+            for o in s.outputs]
 
 
 def _rebuilt(s: Split, g: GraphBuilder, activations: str, held: dict) -> list:
@@ -796,10 +895,11 @@ def build_graphs(s: Split) -> dict:
     k, ah, aw = s.activation_shape
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     images, baseline = _info("images", f, [BATCH, c, h, w]), _info("baseline", f, ["baseline_batch", c, h, w])
-    alphas, targets = _info("alphas", f, ["steps"]), _info("targets", i64, [BATCH])
+    alphas = _info("alphas", f, ["steps"])
     activations = _info("activations", f, ["rows", k, ah, aw])
     activation_grad = _info("activation_grad", f, ["rows", k, ah, aw])
-    logits = _info("logits", f, ["rows", s.num_classes])
+    outputs = [_info(o.name, f, ["rows", *o.shape]) for o in s.outputs]
+    seeds = [_info(f"seed_{i}", f, [BATCH, *o.shape]) for i, o in enumerate(s.outputs)]
     held = [_info(x.name, x.elem_type, ["rows", *x.shape]) for x in s.held]
 
     def builder(prefix):
@@ -822,12 +922,17 @@ def build_graphs(s: Split) -> dict:
         [b, lay], [images, baseline, alphas], [activations, *held],
     )
 
+    # gradient.onnx takes each output's seeds once per image (or per row) and the row -> seed index: a dense seed
+    # (a mask over a score map) crosses to the device once, not once per interpolated image.
     g = builder("gradient")
     differentiated = _rebuilt(s, g, "activations", {x.name: x.name for x in s.held}) + s.tail
-    grad = _backward(g, s, differentiated, "activations", "targets")
+    row_seeds = {o.name: g.Gather(f"seed_{i}", "seed_index", axis=0) for i, o in enumerate(s.outputs)}
+    grad = _backward(g, s, differentiated, "activations", row_seeds)
     graphs["gradient"] = _model(
-        s, "gradient", differentiated + g.nodes + [_alias(grad, "activation_grad"), _alias(s.logits, "logits")],
-        [g], [activations, *held, _info("targets", i64, ["rows"])], [activation_grad, logits],
+        s, "gradient", differentiated + g.nodes + [_alias(grad, "activation_grad")] + _output_aliases(s),
+        [g], [activations, *held, _info("seed_index", i64, ["rows"]),
+              *[_info(f"seed_{i}", f, ["seeds", *o.shape]) for i, o in enumerate(s.outputs)]],
+        [activation_grad, *outputs],
     )
 
     # One graph: the head's target is renamed, so that the tail reads the target rebuilt from the activations.
@@ -837,19 +942,20 @@ def build_graphs(s: Split) -> dict:
     canonical, carriers = _canonical(s, lay, head_target, {})
     g = builder("gradient")
     differentiated = _rebuilt(s, g, canonical, carriers) + s.tail
-    grad = _backward(g, s, differentiated, canonical, _per_row(g, "targets"))
+    row_seeds = {o.name: _per_row(g, f"seed_{i}", o.shape) for i, o in enumerate(s.outputs)}
+    grad = _backward(g, s, differentiated, canonical, row_seeds)
     graphs["igcam"] = _model(
         s, "igcam",
         head + lay.nodes + differentiated + g.nodes
-        + [_alias(canonical, "activations"), _alias(grad, "activation_grad"), _alias(s.logits, "logits")],
-        [b, lay, g], [images, baseline, alphas, targets], [activations, activation_grad, logits],
+        + [_alias(canonical, "activations"), _alias(grad, "activation_grad")] + _output_aliases(s),
+        [b, lay, g], [images, baseline, alphas, *seeds], [activations, activation_grad, *outputs],
     )
 
-    graphs["explain"] = _explain_graph(s, builder, images, baseline, alphas, targets)
+    graphs["explain"] = _explain_graph(s, builder, images, baseline, alphas, seeds)
     return graphs
 
 
-def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx.ModelProto:
+def _explain_graph(s: Split, builder, images, baseline, alphas, seeds) -> onnx.ModelProto:
     """Interpolation, backbone (with the baseline rows appended), gradient, reduction and upsampling in one graph."""
     _, h, w = s.input_shape
     k, _, _ = s.activation_shape
@@ -872,7 +978,8 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
 
     g = builder("gradient")
     differentiated = _rebuilt(s, g, path, carriers) + s.tail
-    grad = _backward(g, s, differentiated, path, _per_row(g, "targets"))
+    row_seeds = {o.name: _per_row(g, f"seed_{i}", o.shape) for i, o in enumerate(s.outputs)}
+    grad = _backward(g, s, differentiated, path, row_seeds)
 
     r = builder("reduce")
     channel_weights = r.Reshape(r.ReduceMean(grad, [2, 3], keepdims=1), r.Concat([-1], steps, [k, 1, 1], axis=0))
@@ -889,7 +996,7 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, targets) -> onnx
         + [_alias(maps, "maps")]
     )
     inputs = [
-        images, baseline, alphas, _info("weights", TensorProto.FLOAT, ["steps"]), targets,
+        images, baseline, alphas, _info("weights", TensorProto.FLOAT, ["steps"]), *seeds,
         _info("subtract_baseline", TensorProto.FLOAT, [1]),
     ]
     return _model(s, "explain", nodes, [b, lay, p, g, r], inputs, [_info("maps", TensorProto.FLOAT, [BATCH, h, w])])

@@ -2,7 +2,9 @@
 
 Triton's dynamic batching needs every input to carry the batch dimension, so the quadrature (nodes, weights),
 the baseline (black, per the bundle's preprocessing) and the subtraction flag are fixed at export time and become
-constants of the model: requests carry only images [N, C, H, W] and targets [N]; the response is maps [N, H, W].
+constants of the model: requests carry images [N, C, H, W] and, for a classifier, class indices targets [N] (their
+one-hot seeds are made inside the model), for any other model the seeds of its outputs, seed_i [N, ...]
+(docs/bundle-format.md); the response is maps [N, H, W].
 """
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ def triton_repository(bundle, out, *, name="igcam_explain", options: ExplainOpti
     }
     model = onnx.load(manifest.graph_path("explain"), load_external_data=False)
     inputs = [i for i in model.graph.input if i.name not in constants]
+    if manifest.task.kind == "classification" and len(manifest.outputs) == 1:
+        # targets [N] int64 -> seed_0 [N, classes]: the one-hot of each image's class
+        seed = manifest.outputs[0].seed
+        inputs = [i for i in inputs if i.name != seed] + [onnx.helper.make_tensor_value_info(
+            "targets", onnx.TensorProto.INT64, ["batch"])]
+        constants["igcam/triton/classes"] = np.arange(manifest.num_classes, dtype=np.int64)[None]
+        model.graph.node.insert(0, onnx.helper.make_node("Unsqueeze", ["targets", "igcam/triton/axis"],
+                                                         ["igcam/triton/column"]))
+        model.graph.node.insert(1, onnx.helper.make_node("Equal", ["igcam/triton/column", "igcam/triton/classes"],
+                                                         ["igcam/triton/hot"]))
+        model.graph.node.insert(2, onnx.helper.make_node("Cast", ["igcam/triton/hot"], [seed],
+                                                         to=onnx.TensorProto.FLOAT))
+        constants["igcam/triton/axis"] = np.array([1], np.int64)
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
@@ -66,13 +81,18 @@ def triton_repository(bundle, out, *, name="igcam_explain", options: ExplainOpti
 
 def _config(name, manifest, max_batch_size, queue_delay_us, tensorrt, workspace_bytes) -> str:
     c, h, w = manifest.input.shape
+    if manifest.task.kind == "classification" and len(manifest.outputs) == 1:
+        targets = ['  { name: "targets" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }']
+    else:
+        targets = [f'  {{ name: "{o.seed}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, o.shape))} ] }}'
+                   for o in manifest.outputs]
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',
         f"max_batch_size: {max_batch_size}",
         "input [",
         f'  {{ name: "images" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},',
-        '  { name: "targets" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }',
+        ",\n".join(targets),
         "]",
         "output [",
         f'  {{ name: "maps" data_type: TYPE_FP32 dims: [ {h}, {w} ] }}',

@@ -1,11 +1,15 @@
 """The bundle on disk: a directory with manifest.json, the ONNX graphs and one shared weights file.
 
-Graphs (all with a dynamic batch; H, W fixed at export):
-- forward.onnx   (images [N,C,H,W], baseline [Nb,C,H,W], alphas [M]) -> activations [N*M,K,h,w]
+Graphs (all with a dynamic batch; H, W fixed at export; the kept model outputs are output_0, output_1, ... and
+the cotangent of output_i, the "seed" a target makes, is seed_i, shaped like it):
+- forward.onnx   (images [N,C,H,W], baseline [Nb,C,H,W], alphas [M]) -> activations [N*M,K,h,w], held_i
                  rows are image-major: row n*M + i holds baseline + alphas[i] * (images[n] - baseline).
-- gradient.onnx  (activations [R,K,h,w], targets [R] int64) -> activation_grad [R,K,h,w], logits [R,classes]
-- igcam.onnx     (images, baseline, alphas, targets [N]) -> activations, activation_grad, logits (both above in one)
-- explain.onnx   (images, baseline, alphas, weights [M], targets [N], subtract_baseline [1]) -> maps [N,H,W]
+- gradient.onnx  (activations [R,K,h,w], held_i, seed_index [R] int64, seed_i [S,...]) -> activation_grad
+                 [R,K,h,w] (the vector-Jacobian product of the outputs with row r's seeds seed_i[seed_index[r]]),
+                 output_i [R,...]
+- igcam.onnx     (images, baseline, alphas, seed_i [N,...]) -> activations, activation_grad, output_i (both above in
+                 one; image n's seeds for each of its rows)
+- explain.onnx   (images, baseline, alphas, weights [M], seed_i [N,...], subtract_baseline [1]) -> maps [N,H,W]
 
 A bundle may come from anywhere: the manifest is checked field by field before anything it names is opened, every
 file it names must be a plain name inside the bundle (no separator, no "..", no link leading out), and sizes are
@@ -22,14 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igcam_engine import validators
+from igcam_engine.detections import HEADS
 from igcam_engine.errors import BundleError, NotFound, OptionError, UserError
 from igcam_engine.preprocess import resolve_preprocess
 
 FORMAT = "igcam-bundle"
-FORMAT_VERSION = 2  # 2: the target's layout and the held tensors; version 1 bundles (NCHW, none held) still load
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: every kept output and its seed (a vector-Jacobian product), the task; 2: layouts, held
+READABLE_VERSIONS = (3,)  # versions 1 and 2 took class indices, not seeds: re-export
 LAYOUTS = ("NCHW", "NHWC", "tokens")
+OUTPUT_LAYOUTS = ("NCHW", "NHWC")  # a score map's: classes first or last
 MAX_HELD = 32
+MAX_OUTPUTS = 16
+# What a bundle's model is for: it decides the default targets and how results are shown (docs/targets.md).
+TASKS = ("classification", "segmentation", "detection", "embedding", "outputs")
+DETECTORS = tuple(HEADS)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 GRAPHS = ("forward", "gradient", "igcam", "explain")
@@ -40,9 +50,10 @@ LIMITS = {
     "side": 16384,  # image height and width
     "input_elements": 64 << 20,  # C * H * W
     "activation_elements": 64 << 20,  # K * h * w, and the held tensors' elements per row together
+    "output_elements": 64 << 20,  # the outputs' elements per row together
     "classes": 1 << 20,
 }
-SCORE_OPS = (None, "Softmax", "LogSoftmax")
+SCORE_OPS = (None, "Softmax", "LogSoftmax", "Sigmoid")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -90,9 +101,36 @@ class HeldTensor:
 
 
 @dataclass(frozen=True)
-class Logits:
-    tensor: str  # the differentiated tensor
-    before: str | None  # the Softmax or LogSoftmax between it and the model's first output, or None
+class OutputSpec:
+    """A model output the bundle keeps: graph output `name` (output_<i>; its seed is seed_<i>), the model's `source`
+    tensor as users name it, the differentiated `tensor`, the op `before` the model's own output (Softmax,
+    LogSoftmax, Sigmoid: the scores before it are differentiated) or None, its dims after the batch and, for a
+    score map [C, h, w] or [h, w, C], its `layout` (NCHW: classes first; NHWC: classes last)."""
+
+    name: str
+    source: str
+    tensor: str
+    before: str | None
+    shape: tuple
+    layout: str | None = None
+
+    @property
+    def seed(self) -> str:
+        return "seed_" + self.name.split("_")[1]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model is for: `kind` (TASKS), the detection head's format (`detector`, DETECTORS) and the number
+    of classes the targets choose among (None for embeddings and plain outputs)."""
+
+    kind: str = "classification"
+    detector: str | None = None
+    classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +147,32 @@ class Manifest:
     input: InputSpec
     preprocess: dict | None
     target_layer: TargetLayer
-    logits: Logits
-    num_classes: int
+    outputs: tuple  # OutputSpec, in graph order
+    task: Task
     labels: tuple | None
     opset: int | None
     graphs: dict  # graph name -> FileEntry
     weights: FileEntry
     held: tuple = ()  # HeldTensor, in graph input order
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.task.classes
+
+    def output(self, source: str | None) -> OutputSpec:
+        """The kept output the user names (its model tensor or its graph name), or the first for None."""
+        if source is None:
+            return self.outputs[0]
+        for output in self.outputs:
+            if source in (output.source, output.name):
+                return output
+        raise OptionError(f"the bundle has no output {source!r:.80}; its outputs: "
+                          f"{', '.join(o.source for o in self.outputs)}")
+
+    @property
+    def output_elements(self) -> int:
+        """Elements per row of the outputs together."""
+        return sum(o.size for o in self.outputs)
 
     @property
     def held_elements(self) -> int:
@@ -167,7 +224,7 @@ def load_manifest(bundle, verify: bool = True) -> Manifest:
     if not known:
         raise BundleError(
             f"{path}: bundle format {manifest.get('format')!r} v{version!r} is not supported; "
-            f"this igcam-engine reads {FORMAT} v{READABLE_VERSIONS[0]} to v{FORMAT_VERSION} (re-export the model)"
+            f"this igcam-engine reads {FORMAT} v{FORMAT_VERSION} (re-export the model with igcam export)"
         )
     checked = _checked(manifest, root, f"bundle '{bundle}'")
     for entry in [checked.graphs[g] for g in GRAPHS] + [checked.weights]:
@@ -227,14 +284,13 @@ def _checked(manifest: dict, root: Path, where: str) -> Manifest:
     if prefix and kind != "tokens":
         fail("target_layer.prefix_tokens", "0 unless the layout is 'tokens'", prefix)
     held = _held(manifest.get("held", []), prefix, activation, fail, integer, text)
-    classes = integer(get(manifest, "num_classes", "num_classes"), "num_classes", 1, LIMITS["classes"])
+    outputs = _outputs(get(manifest, "outputs", "outputs"), fail, integer, text)
+    task = _task(get(manifest, "task", "task"), outputs, fail, integer)
     labels = get(manifest, "labels", "labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != classes
+    if labels is not None and (task.classes is None or not isinstance(labels, list) or len(labels) != task.classes
                                or not all(isinstance(label, str) for label in labels)):
-        fail("labels", f"null or a list of {classes} strings (one per class)", labels)
-    logits = manifest.get("logits", {"tensor": "", "before": None})  # bundles written before it was recorded
-    if not isinstance(logits, dict) or logits.get("before") not in SCORE_OPS:
-        fail("logits", "{tensor, before: null, 'Softmax' or 'LogSoftmax'}", logits)
+        fail("labels", f"null or a list of {task.classes} strings (one per class)" if task.classes else "null",
+             labels)
     preprocess = get(manifest, "preprocess", "preprocess")
     try:
         preprocess = None if preprocess is None else resolve_preprocess(preprocess, channels=shape[0], strict=True)
@@ -249,9 +305,60 @@ def _checked(manifest: dict, root: Path, where: str) -> Manifest:
     return Manifest(root=root, input=InputSpec(image["name"], tuple(shape)), preprocess=preprocess,
                     target_layer=TargetLayer(str(layer.get("name", "")), str(layer.get("tensor", "")), tuple(activation),
                                              kind, prefix),
-                    logits=Logits(str(logits.get("tensor", "")), logits["before"]), num_classes=classes,
-                    labels=None if labels is None else tuple(labels), opset=opset, graphs=files, weights=weights,
-                    held=held)
+                    outputs=outputs, task=task, labels=None if labels is None else tuple(labels), opset=opset,
+                    graphs=files, weights=weights, held=held)
+
+
+def _outputs(entries, fail, integer, text) -> tuple:
+    """The kept outputs: output_0, output_1, ... in order, each [rows, fixed dims], their elements per row bounded
+    together."""
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_OUTPUTS:
+        fail("outputs", f"a list of 1 to {MAX_OUTPUTS} {{name, source, tensor, before, shape, layout}}", entries)
+    outputs, total = [], 0
+    for index, entry in enumerate(entries):
+        field = f"outputs[{index}]"
+        if not isinstance(entry, dict) or entry.get("name") != f"output_{index}":
+            fail(field, f"{{name: 'output_{index}', source, tensor, before, shape, layout}}", entry)
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8:
+            fail(f"{field}.shape", "a list of at most 8 dims", shape)
+        shape = tuple(integer(d, f"{field}.shape[{i}]", 1, 1 << 24) for i, d in enumerate(shape))
+        total += math.prod(shape)
+        if total > LIMITS["output_elements"]:
+            fail("outputs", f"at most {LIMITS['output_elements']} elements per row together", entries)
+        if entry.get("before") not in SCORE_OPS:
+            fail(f"{field}.before", "null, 'Softmax', 'LogSoftmax' or 'Sigmoid'", entry.get("before"))
+        layout = entry.get("layout")
+        if layout is not None and (layout not in OUTPUT_LAYOUTS or len(shape) != 3):
+            fail(f"{field}.layout", f"null, or one of {list(OUTPUT_LAYOUTS)} for a score map of 3 dims", layout)
+        outputs.append(OutputSpec(entry["name"], text(entry.get("source"), f"{field}.source"),
+                                  text(entry.get("tensor"), f"{field}.tensor"), entry["before"], shape, layout))
+    sources = [o.source for o in outputs]
+    if len(set(sources)) != len(sources):
+        fail("outputs", "outputs with distinct sources", sources)
+    return tuple(outputs)
+
+
+def _task(entry, outputs: tuple, fail, integer) -> Task:
+    """The task, consistent with the outputs it reads (see igcam_engine.detections for the detectors' heads)."""
+    if not isinstance(entry, dict) or entry.get("kind") not in TASKS:
+        fail("task.kind", f"one of {list(TASKS)}", entry.get("kind") if isinstance(entry, dict) else entry)
+    kind, first = entry["kind"], outputs[0]
+    detector = entry.get("detector")
+    if (detector is not None) != (kind == "detection") or (detector is not None and detector not in DETECTORS):
+        fail("task.detector", f"one of {list(DETECTORS)} for a detection task, else null", detector)
+    expected = {"classification": first.shape[0] if len(first.shape) == 1 else None,
+                "segmentation": (first.shape[0] if first.layout == "NCHW" else first.shape[-1])
+                if first.layout else None,
+                "detection": HEADS[detector].classes([o.shape for o in outputs]) if detector else None}
+    if kind in expected and expected[kind] is None:
+        fail("task", f"outputs that a {kind} task reads ({kind}: see docs/bundle-format.md)", entry)
+    classes = entry.get("classes")
+    if kind in expected and integer(classes, "task.classes", 1, LIMITS["classes"]) != expected[kind]:
+        fail("task.classes", f"{expected[kind]} (what the outputs hold)", classes)
+    if kind not in expected and classes is not None:
+        fail("task.classes", "null for embeddings and plain outputs", classes)
+    return Task(kind, detector, expected.get(kind))
 
 
 def _held(entries, prefix: int, activation, fail, integer, text) -> tuple:

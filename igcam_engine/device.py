@@ -4,7 +4,8 @@ activations or gradients.
 Images are uploaded once per call; forward.onnx and gradient.onnx read and write device buffers through
 IOBinding (chunks are views into the uploaded batch; the activation and gradient buffers are reused across chunks,
 one set per thread); the fused kernel (kernels/igcam.cu, a form per gradient method) reduces them into device maps,
-which are upsampled on the device. Only the final maps (and, for `predict`, the logits) come back to the host.
+which are upsampled on the device. Only the final maps (and, for `predict` and targets that are not linear, the
+model's outputs) come back to the host; a target's seeds go to the device once per call (igcam_engine.methods).
 
 Ordering: ONNX Runtime synchronizes its compute stream at the end of each run, so its outputs are complete when
 the kernel is launched; the kernel's stream is synchronized before the next run may overwrite a buffer.
@@ -39,7 +40,7 @@ class DeviceArray:
 
 
 class DeviceStages(Stages):
-    def __init__(self, forward, gradient, device_id: int = 0, held=()):
+    def __init__(self, forward, gradient, device_id: int = 0, held=(), outputs=()):
         try:
             import onnxruntime as ort
             import pycuda.driver as cuda
@@ -52,6 +53,8 @@ class DeviceStages(Stages):
         self._primary = cuda.Device(device_id).retain_primary_context()
         self._forward, self._gradient = forward, gradient
         self._held = [h.name for h in held]  # forward outputs, gradient inputs: ONNX Runtime allocates them on the device
+        self._results = [o.name for o in outputs]  # gradient outputs: the model's outputs
+        self._no_seeds = [np.zeros((1, *o.shape), np.float32) for o in outputs]  # outputs only: zero seeds
         self._activation_type = DTYPES[forward.get_outputs()[0].type]
         with self._context():
             module = _load_module(cuda)
@@ -116,28 +119,36 @@ class DeviceStages(Stages):
                 for value in binding.get_outputs()[1:]]
         return Forward(out, tuple(held))
 
-    def _gradient_binding(self, forward: Forward, targets: np.ndarray):
+    def _gradient_binding(self, forward: Forward, seeds: list, index: np.ndarray):
+        """The gradient graph's inputs bound: activations and held tensors on the device, the seeds where they were
+        put (device buffers, or host arrays ONNX Runtime copies), the row -> seed index from the host."""
         binding = self._gradient.io_binding()
         self._bind(binding, "activations", forward.activations, 0, len(forward.activations))
         for name, value in zip(self._held, forward.held):
             self._bind(binding, name, value, 0, len(value))
-        binding.bind_cpu_input("targets", np.ascontiguousarray(targets, dtype=np.int64))
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, DeviceArray):
+                self._bind(binding, f"seed_{i}", seed, 0, len(seed))
+            else:
+                binding.bind_cpu_input(f"seed_{i}", np.ascontiguousarray(seed, dtype=np.float32))
+        binding.bind_cpu_input("seed_index", np.ascontiguousarray(index, dtype=np.int64))
         return binding
 
-    def gradient(self, forward: Forward, targets: np.ndarray) -> DeviceArray:
-        binding = self._gradient_binding(forward, targets)
+    def gradient(self, forward: Forward, seeds: list, index: np.ndarray) -> DeviceArray:
+        binding = self._gradient_binding(forward, seeds, index)
         activations = forward.activations
         out = self._buffer("activation_grad", activations.shape, activations.dtype)
         binding.bind_output("activation_grad", "cuda", self._device_id, out.dtype.type, list(out.shape), out.pointer)
         self._gradient.run_with_iobinding(binding)
         return out
 
-    def scores(self, forward: Forward) -> np.ndarray:
-        # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
-        binding = self._gradient_binding(forward, np.zeros(len(forward.activations), np.int64))
-        binding.bind_output("logits", "cpu")
+    def outputs(self, forward: Forward) -> list:
+        # gradient.onnx takes the seeds of its gradient output; the outputs do not depend on them
+        binding = self._gradient_binding(forward, self._no_seeds, np.zeros(len(forward.activations), np.int64))
+        for name in self._results:
+            binding.bind_output(name, "cpu")
         self._gradient.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def maps(self, images: int, targets: int, size) -> DeviceArray:
         shape = (images, targets, *size)

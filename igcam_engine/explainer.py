@@ -14,10 +14,11 @@ import numpy as np
 from igcam_engine.backends import BackendOptions, open_backend
 from igcam_engine.bundle import load_manifest
 from igcam_engine.errors import InputError, OptionError
-from igcam_engine.inputs import BaselineActivations, baseline_images, check_images, check_targets
+from igcam_engine.inputs import BaselineActivations, baseline_images, check_images
 from igcam_engine.maps import normalize as normalize_maps
 from igcam_engine.options import DEFAULT_LIMITS, DEFAULT_ROWS, ExplainOptions, Limits
 from igcam_engine.stages import Call
+from igcam_engine.targets import bound_grid, targets_of
 from igcam_engine.validators import class_indices
 
 
@@ -49,8 +50,10 @@ class Explainer:
         backend_options = BackendOptions(providers, precision, fp16, tf32, engine_cache, workspace_bytes,
                                          device_id).checked()  # a bad choice is refused before anything loads
         self.manifest = load_manifest(bundle, verify=verify)
+        # a row's outputs and their seeds live in the gradient graph beside its held tensors
         self.max_rows_per_call = self.limits.rows_per_call(self.input_shape, self.manifest.target_layer.shape,
-                                                           self.manifest.held_elements)
+                                                           self.manifest.held_elements
+                                                           + 2 * self.manifest.output_elements)
         self.backend = open_backend(self.manifest, backend_options)
         self._baselines = BaselineActivations(self.backend.stages)
 
@@ -59,8 +62,14 @@ class Explainer:
         return self.manifest.input.shape
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int | None:
+        """The classes targets choose among (a classifier's, a segmenter's, a detector's); None for embeddings and
+        plain outputs."""
         return self.manifest.num_classes
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task.kind
 
     @property
     def preprocess(self):
@@ -75,15 +84,31 @@ class Explainer:
         return self.backend.providers
 
     def label(self, target: int) -> str:
+        if self.num_classes is None:
+            raise OptionError(f"this bundle's task '{self.task}' has no classes to label")
         index = int(class_indices(target, self.num_classes, "class"))
         return self.manifest.labels[index] if self.manifest.labels else str(index)
 
     def predict(self, images) -> np.ndarray:
-        """Class scores [B, classes] of images in model input space: the logits (docs/method.md)."""
+        """A classifier's class scores [B, classes] of images in model input space: the logits (docs/method.md).
+        Other models' outputs: `outputs`."""
+        if self.task != "classification":
+            raise OptionError(f"predict gives a classifier's class scores; this bundle's task is '{self.task}': "
+                              "Explainer.outputs gives its outputs")
+        return self.model_outputs(images)[0]
+
+    def outputs(self, images) -> dict:
+        """The model's outputs {name: [B, ...]} of images in model input space, as the bundle keeps them: the scores
+        before a final Softmax, LogSoftmax or Sigmoid (docs/targets.md)."""
+        values = self.model_outputs(images)
+        return {output.source: value for output, value in zip(self.manifest.outputs, values)}
+
+    def model_outputs(self, images) -> list:
+        """The outputs of images in model input space, in the bundle's order (manifest.outputs), each [B, ...]."""
         images, stages = check_images(images, self.input_shape), self.backend.stages
-        scores = [stages.scores(stages.activations(stages.put(images[first:first + self.max_rows_per_call])))
-                  for first in range(0, len(images), self.max_rows_per_call)]
-        return _finite(np.concatenate(scores), "class scores")
+        parts = [stages.outputs(stages.activations(stages.put(images[first:first + self.max_rows_per_call])))
+                 for first in range(0, len(images), self.max_rows_per_call)]
+        return [_finite(np.concatenate(values), "outputs") for values in zip(*parts)]
 
     def placement(self) -> dict:
         """Which nodes ran where, per graph: {graph: {provider: {op type: count}}} from one profiled run of a black
@@ -92,8 +117,10 @@ class Explainer:
         return self.backend.placement()
 
     def explain(self, images, targets, options: ExplainOptions | None = None, **overrides) -> np.ndarray:
-        """Maps float32 [B, H, W] (or [B, T, H, W] for targets of shape [B, T]) for images [B, C, H, W] or [C, H, W]
-        in model input space. `options` (an ExplainOptions) and keyword overrides of its fields: docs/api.md."""
+        """Maps float32 [B, H, W] (or [B, T, H, W] for targets given per image as [B, T]) for images [B, C, H, W] or
+        [C, H, W] in model input space. `targets`: class indices (an int, one per image, or [B, T]) of a classifier
+        or a segmenter, or targets (igcam_engine.targets: one for every image, one per image, or a list per
+        image; docs/targets.md). `options` (an ExplainOptions) and keyword overrides of its fields: docs/api.md."""
         return self.explanation(images, targets, options, **overrides).maps
 
     def explain_adaptive(self, images, targets, options: ExplainOptions | None = None, **overrides) -> Explanation:
@@ -117,15 +144,20 @@ class Explainer:
     def _call(self, images, targets, options: ExplainOptions):
         """(the call's inputs checked and placed where the stages work, whether targets came as [B, T])."""
         images = check_images(images, self.input_shape)
-        targets, multi = check_targets(targets, len(images), self.num_classes, self.limits.top_k)
+        grid, multi = targets_of(targets, len(images), self.manifest, self.limits)
         layer_shape, size = self.manifest.target_layer.shape, self.input_shape[1:]
-        self.limits.check_maps(len(images), targets.shape[1], size, layer_shape[1:])
+        self.limits.check_maps(len(images), len(grid[0]), size, layer_shape[1:])
+        grid = bound_grid(grid, self.manifest)
+        if any(t.needs_image for row in grid for t in row):  # a predicted mask: the image's own outputs first
+            outputs = self.model_outputs(images)
+            grid = [[t.resolved(self.manifest, [o[n] for o in outputs]) if t.needs_image else t for t in row]
+                    for n, row in enumerate(grid)]
         base = baseline_images(options.baseline, len(images), self.input_shape, self.preprocess)
         stages = self.backend.stages
         base_activations = self._baselines.get(options.baseline, base) if options.subtract else None
         rows = min(options.rows_per_call or DEFAULT_ROWS, self.max_rows_per_call)
-        return Call(stages, options, stages.put(images), images, targets, stages.put(base), base_activations, rows,
-                    layer_shape, size), multi
+        return Call(stages, options, stages.put(images), images, grid, stages.put(base), base_activations, rows,
+                    layer_shape, size, self.manifest), multi
 
 
 def _finite(values: np.ndarray, what: str) -> np.ndarray:

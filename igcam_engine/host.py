@@ -13,17 +13,21 @@ AT_THE_IMAGE = np.ones(1, np.float32)  # one node at alpha 1 with the image as i
 
 
 class HostStages(Stages):
-    def __init__(self, forward, gradient, held=()):
+    def __init__(self, forward, gradient, held=(), outputs=()):
         self._forward, self._gradient = forward, gradient
         self._held = [h.name for h in held]  # the bundle's held tensors: forward outputs, gradient inputs
         self._outputs = ["activations", *self._held]
+        self._results = [o.name for o in outputs]  # the bundle's kept outputs: gradient outputs
+        # outputs only: every seed is zero (one row, which every row reads)
+        self._no_seeds = [np.zeros((1, *o.shape), np.float32) for o in outputs]
 
     def _run_forward(self, feeds) -> Forward:
         activations, *held = self._forward.run(self._outputs, feeds)
         return Forward(activations, tuple(held))
 
-    def _gradient_feeds(self, forward: Forward, targets: np.ndarray) -> dict:
-        return {"activations": forward.activations, "targets": targets, **dict(zip(self._held, forward.held))}
+    def _gradient_feeds(self, forward: Forward, seeds: list, index: np.ndarray) -> dict:
+        return {"activations": forward.activations, "seed_index": np.ascontiguousarray(index, np.int64),
+                **{f"seed_{i}": seed for i, seed in enumerate(seeds)}, **dict(zip(self._held, forward.held))}
 
     def put(self, array: np.ndarray):
         return array
@@ -38,13 +42,13 @@ class HostStages(Stages):
         # forward.onnx interpolates; at alpha 1 from the image itself, base + 1 * (x - base) is x exactly
         return self._run_forward({"images": images, "baseline": images, "alphas": AT_THE_IMAGE})
 
-    def gradient(self, forward: Forward, targets: np.ndarray):
-        return self._gradient.run(["activation_grad"], self._gradient_feeds(forward, targets))[0]
+    def gradient(self, forward: Forward, seeds: list, index: np.ndarray):
+        return self._gradient.run(["activation_grad"], self._gradient_feeds(forward, seeds, index))[0]
 
-    def scores(self, forward: Forward) -> np.ndarray:
-        # gradient.onnx takes the targets of its gradient output; the scores do not depend on them
-        targets = np.zeros(len(forward.activations), np.int64)
-        return self._gradient.run(["logits"], self._gradient_feeds(forward, targets))[0]
+    def outputs(self, forward: Forward) -> list:
+        # gradient.onnx takes the seeds of its gradient output; the outputs do not depend on them
+        index = np.zeros(len(forward.activations), np.int64)
+        return self._gradient.run(self._results, self._gradient_feeds(forward, self._no_seeds, index))
 
     def maps(self, images: int, targets: int, size):
         return np.zeros((images, targets, *size), np.float32)

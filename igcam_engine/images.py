@@ -11,7 +11,7 @@ import os
 import re
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from igcam_engine.errors import InputError, LimitError, NotFound, OptionError, Unavailable
 from igcam_engine.validators import flag, integer, number
@@ -71,15 +71,26 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
         raise InputError(f"cannot convert {name} (mode {image.mode}) to RGB: {e}") from None
 
 
-def fit(image: Image.Image, size, policy: str = "stretch") -> Image.Image:
+def fit(image: Image.Image, size, policy: str = "stretch", resample=Image.BILINEAR) -> Image.Image:
     """Resizes to size (H, W): "stretch" to exactly that size, "crop" shorter side first, then a centre crop."""
     height, width = size
     if policy == "crop":
         scale = max(height / image.height, width / image.width)
-        resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR)
+        resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                               resample)
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         return resized.crop((left, top, left + width, top + height))
-    return image.resize((width, height), Image.BILINEAR)
+    return image.resize((width, height), resample)
+
+
+def load_mask(source, input_shape, preprocess, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """A mask float32 [H, W] of the model input (1 where the picture's pixel is not black, else 0) from an image
+    file or its bytes drawn over the photo: resized (nearest neighbour) as the photo is for the model."""
+    picture = load_image(source, max_pixels, name or ("mask bytes" if not isinstance(source, (str, os.PathLike))
+                                                      else f"mask '{source}'"))
+    fitted = fit(picture.convert("L"), input_shape[1:], preprocess["resize"] if preprocess else "stretch",
+                 Image.NEAREST)
+    return (np.asarray(fitted) > 0).astype(np.float32)
 
 
 def to_model_input(image, input_shape, preprocess):
@@ -176,13 +187,25 @@ def _colors(code: int, rgb: bool):
     return table if rgb else (lambda values: table(values)[..., ::-1])
 
 
-def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess) -> Image.Image:
+def overlay_on_photo(photo: Image.Image, shown: np.ndarray, heatmap: np.ndarray, preprocess, boxes=()) -> Image.Image:
     """The overlay at the photo's own size (longest side at most MAX_OVERLAY_SIDE) when the model saw the whole photo
-    (resize "stretch"); on the centre crop the model saw otherwise."""
+    (resize "stretch"); on the centre crop the model saw otherwise. `boxes`: (x1, y1, x2, y2 in model input pixels,
+    a caption) drawn on it."""
     if preprocess and preprocess["resize"] == "crop":
-        return overlay(shown, heatmap)
+        return draw_boxes(overlay(shown, heatmap), boxes, shown.shape[:2])
     if max(photo.size) > MAX_OVERLAY_SIDE:  # bounded: a huge photo would cost gigabytes of float overlays
         scale = MAX_OVERLAY_SIDE / max(photo.size)
         photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
     resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(photo.size, Image.BILINEAR)
-    return overlay(np.asarray(photo), np.asarray(resized))
+    return draw_boxes(overlay(np.asarray(photo), np.asarray(resized)), boxes, shown.shape[:2])
+
+
+def draw_boxes(picture: Image.Image, boxes, size) -> Image.Image:
+    """`picture` with each (box (x1, y1, x2, y2) in coordinates of an image of `size` (H, W), caption) drawn."""
+    draw = ImageDraw.Draw(picture)
+    sx, sy = picture.width / size[1], picture.height / size[0]
+    for (x1, y1, x2, y2), caption in boxes:
+        corners = [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+        draw.rectangle(corners, outline=(255, 255, 255), width=max(1, round(picture.width / 200)))
+        draw.text((corners[0] + 2, corners[1] + 1), caption, fill=(255, 255, 255))
+    return picture

@@ -1,6 +1,6 @@
 """One explain call's inputs, checked before they are placed where the stages work (igcam_engine.stages.Call):
-images and baselines in model input space, targets as class indices [B, T], and the cache of the named baselines'
-activations.
+images and baselines in model input space, and the cache of the named baselines' activations (targets:
+igcam_engine.targets).
 
 Arrays come from callers: anything array-like is accepted (lists, numpy, a torch tensor, detached here without
 importing torch), and each refusal is one line naming what was wrong and what is accepted.
@@ -14,7 +14,6 @@ import numpy as np
 from igcam_engine.errors import InputError, OptionError
 from igcam_engine.preprocess import black_input
 from igcam_engine.stages import Stages
-from igcam_engine.validators import class_indices
 
 
 def as_array(value, what: str, dtype=None) -> np.ndarray:
@@ -50,32 +49,6 @@ def check_images(images, input_shape: tuple) -> np.ndarray:
     if not np.isfinite(array).all():
         raise InputError("images contain NaN or infinite values (in float32)")
     return array
-
-
-def check_targets(targets, batch: int, classes: int, most: int | None = None):
-    """(targets [B, T] int64, whether they were given as [B, T]): an int for every image, one per image, or T per
-    image, T at most `most` (default: the model's classes)."""
-    if hasattr(targets, "detach"):
-        targets = as_array(targets, "targets")
-    try:
-        array = np.asarray(targets)
-    except ValueError:  # a ragged nested list
-        raise OptionError("targets of shape [B, T] need the same number of classes T for every image") from None
-    if array.dtype.kind not in "iu" or array.ndim > 2:
-        raise OptionError(f"targets must be an int, one int per image or [B, T] ints, got {targets!r}"[:200])
-    multi = array.ndim == 2
-    if array.ndim == 0:
-        array = np.full((batch, 1), array)
-    elif len(array) != batch:
-        raise OptionError(f"got targets for {len(array)} images, but {batch} images")
-    array = array.reshape(batch, -1)
-    if array.size == 0:
-        raise OptionError("no targets given: each image needs at least one class")
-    most = classes if most is None else min(most, classes)
-    if array.shape[1] > most:
-        raise OptionError(f"targets: {array.shape[1]} classes per image, more than {most} (the model's classes, or the "
-                          "top_k limit)")
-    return np.ascontiguousarray(class_indices(array, classes, "targets")), multi
 
 
 def baseline_images(baseline, batch: int, input_shape: tuple, preprocess) -> np.ndarray:

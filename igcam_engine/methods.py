@@ -21,7 +21,7 @@ import numpy as np
 
 from igcam_engine.maps import upsample
 from igcam_engine.quadrature import REFINEMENTS, largest_change
-from igcam_engine.stages import Call, Forward, PlacedPath, chunks
+from igcam_engine.stages import Call, Chunk, Forward, PlacedPath, chunks
 
 GRADCAM_PLUSPLUS_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
@@ -72,8 +72,8 @@ class Needs(Enum):
 
     GRADIENTS = "activations and their gradients"
     ACTIVATIONS = "activations"
-    MASKED_IMAGES = "class scores of the image masked by each channel"
-    ABLATED_ACTIVATIONS = "class scores with each channel ablated"
+    MASKED_IMAGES = "the target's score of the image masked by each channel"
+    ABLATED_ACTIVATIONS = "the target's score with each channel ablated"
 
 
 @dataclass(frozen=True)
@@ -111,16 +111,46 @@ class Method:
 
 def integrate(method: Method, call: Call, alphas: np.ndarray, weights: np.ndarray):
     """sum_i weights[i] * ReLU(method's reduction at alphas[i]) at layer resolution, [B, T, h, w], where the stages
-    keep data: the backbone runs once per chunk of interpolated images, the gradient graph once per target."""
-    stages = call.stages
-    maps = stages.maps(call.count, call.targets.shape[1], call.layer_shape[1:])
+    keep data: the backbone runs once per chunk of interpolated images, the gradient graph once per target. A
+    linear target's seeds (one per image) are placed once per call; a target that is not linear has its seeds
+    computed from each row's outputs."""
+    stages, manifest = call.stages, call.manifest
+    maps = stages.maps(call.count, call.per_image, call.layer_shape[1:])
     path = PlacedPath(stages.put(np.asarray(weights, np.float32)), call.base_activations)
+    columns = [[row[t] for row in call.targets] for t in range(call.per_image)]
+    linear = [all(target.linear(manifest) for target in column) for column in columns]
+    placed = [[stages.put(seed) for seed in seeds_for(manifest, column)] if is_linear else None
+              for column, is_linear in zip(columns, linear)]
     for chunk in chunks(call.count, len(alphas), call.rows):
         forward = stages.interpolate(call.images, chunk, call.base, alphas[chunk.start:chunk.stop])
-        for t in range(call.targets.shape[1]):
-            grads = stages.gradient(forward, np.repeat(call.targets[chunk.first:chunk.last, t], chunk.nodes))
+        outputs = None if all(linear) else stages.outputs(forward)
+        for t, column in enumerate(columns):
+            if linear[t]:
+                seeds, index = placed[t], np.repeat(np.arange(chunk.first, chunk.last), chunk.nodes)
+            else:
+                seeds, index = _row_seeds(call, chunk, column, outputs), np.arange(chunk.rows)
+            grads = stages.gradient(forward, seeds, index)
             stages.accumulate(maps, chunk, t, forward.activations, grads, path, method)
     return maps
+
+
+def seeds_for(manifest, column: list, rows_outputs: list | None = None) -> list:
+    """Per kept output, the stacked seeds [S, ...] of targets `column` (one per seed row; `rows_outputs`, one list of
+    outputs per seed row, for targets that are not linear)."""
+    stacked = [np.zeros((len(column), *o.shape), np.float32) for o in manifest.outputs]
+    for row, target in enumerate(column):
+        for i, seed in enumerate(target.seeds(manifest, None if rows_outputs is None else rows_outputs[row])):
+            if seed is not None:
+                stacked[i][row] = seed
+    return stacked
+
+
+
+def _row_seeds(call: Call, chunk: Chunk, column: list, outputs: list) -> list:
+    """Per output, the placed seeds [R, ...] of the chunk's rows for targets that depend on the outputs."""
+    targets = [column[n] for n in range(chunk.first, chunk.last) for _ in range(chunk.nodes)]
+    rows = [[value[r] for value in outputs] for r in range(chunk.rows)]
+    return [call.stages.put(seed) for seed in seeds_for(call.manifest, targets, rows)]
 
 
 def _along_the_path(method: Method, call: Call) -> LayerMaps:
@@ -149,7 +179,7 @@ def _each_image(call: Call, image_maps: Callable) -> LayerMaps:
     the host) turned into its targets' maps [T, h, w] by `image_maps(call, n, activations [K, h, w], held)` (`held`:
     the image's held tensors, each [1, ...])."""
     _, h, w = call.layer_shape
-    maps = np.zeros((call.count, call.targets.shape[1], h, w), np.float32)
+    maps = np.zeros((call.count, call.per_image, h, w), np.float32)
     stages = call.stages
     for first in range(0, call.count, call.rows):
         last = min(first + call.rows, call.count)
@@ -175,46 +205,56 @@ def _eigencam_passes(method: Method, call: Call) -> LayerMaps:
     return _each_image(call, image_maps)
 
 
+def _scores(call: Call, n: int, outputs: list) -> np.ndarray:
+    """[R, T]: image n's targets' scores of rows of outputs."""
+    return np.stack([target.score(call.manifest, outputs) for target in call.targets[n]], axis=1)
+
+
 def _scorecam_passes(method: Method, call: Call) -> LayerMaps:
     def image_maps(call, n, a, held):
         kept = _kept_channels(call, a)
-        return combine(scorecam_weights(_masked_scores(call, call.host_images[n], a, kept)[:, call.targets[n]]), a[kept])
+        return combine(scorecam_weights(_scores(call, n, _masked_outputs(call, call.host_images[n], a, kept))), a[kept])
 
     return _each_image(call, image_maps)
 
 
 def _ablationcam_passes(method: Method, call: Call) -> LayerMaps:
     def image_maps(call, n, a, held):
-        kept, targets = _kept_channels(call, a), call.targets[n]
-        original = call.stages.scores(_placed(call, a[None], held, 1))[0, targets]
-        return combine(ablation_weights(original, _ablated_scores(call, a, held, kept)[:, targets]), a[kept])
+        kept = _kept_channels(call, a)
+        original = _scores(call, n, call.stages.outputs(_placed(call, a[None], held, 1)))[0]
+        return combine(ablation_weights(original, _scores(call, n, _ablated_outputs(call, a, held, kept))), a[kept])
 
     return _each_image(call, image_maps)
 
 
-def _masked_scores(call: Call, image: np.ndarray, activations: np.ndarray, kept) -> np.ndarray:
-    """Class scores [len(kept), classes] of the image multiplied by each kept channel, upsampled (corners
-    aligned) and min-max scaled to [0, 1]: Score-CAM's masks."""
+def _concatenated(parts: list) -> list:
+    """Per output, the rows of several calls' outputs together."""
+    return [np.concatenate(values) for values in zip(*parts)]
+
+
+def _masked_outputs(call: Call, image: np.ndarray, activations: np.ndarray, kept) -> list:
+    """The model's outputs (each [len(kept), ...]) for the image multiplied by each kept channel, upsampled
+    (corners aligned) and min-max scaled to [0, 1]: Score-CAM's masks."""
     scores = []
     for start in range(0, len(kept), call.rows):
         masks = upsample(activations[kept[start:start + call.rows]], call.input_size, align_corners=True)
         low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
         masks = (masks - low) / (high - low + SCORECAM_EPS)
         batch = call.stages.put(np.ascontiguousarray(image[None] * masks[:, None], dtype=np.float32))
-        scores.append(call.stages.scores(call.stages.activations(batch)))
-    return np.concatenate(scores)
+        scores.append(call.stages.outputs(call.stages.activations(batch)))
+    return _concatenated(scores)
 
 
-def _ablated_scores(call: Call, activations: np.ndarray, held: tuple, kept) -> np.ndarray:
-    """Class scores [len(kept), classes] from the layers after the target, each kept channel ablated in turn (the
-    image's held tensors as they are)."""
+def _ablated_outputs(call: Call, activations: np.ndarray, held: tuple, kept) -> list:
+    """The model's outputs (each [len(kept), ...]) from the layers after the target, each kept channel ablated in
+    turn (the image's held tensors as they are)."""
     value, scores = ablation_value(activations), []
     for start in range(0, len(kept), call.rows):
         chunk = kept[start:start + call.rows]
         batch = np.repeat(activations[None], len(chunk), axis=0)
         batch[np.arange(len(chunk)), chunk] = value
-        scores.append(call.stages.scores(_placed(call, batch, held, len(chunk))))
-    return np.concatenate(scores)
+        scores.append(call.stages.outputs(_placed(call, batch, held, len(chunk))))
+    return _concatenated(scores)
 
 
 def _placed(call: Call, activations: np.ndarray, held: tuple, rows: int) -> Forward:
@@ -257,7 +297,8 @@ def channel_mass(activations: np.ndarray) -> np.ndarray:
 
 
 def scorecam_weights(scores: np.ndarray) -> np.ndarray:
-    """Score-CAM's channel weights from the target's scores of the masked images: softmax over the channels."""
+    """Score-CAM's channel weights [K, T] from the targets' scores [K, T] of the masked images: softmax over the
+    channels."""
     shifted = scores - scores.max(axis=0, keepdims=True)
     e = np.exp(shifted.astype(np.float64))
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)

@@ -82,9 +82,10 @@ def _key(model, layer: str, input_shape, preprocess, layout) -> str:
 
 
 def bundle_for(model, layer: str, input_shape, *, preprocess=None, cache_dir=None, layout=None, grid=None,
-               prefix_tokens=None) -> Path:
+               prefix_tokens=None, outputs=None, task=None, detector=None, output_layout=None) -> Path:
     """The model's bundle in the cache, exported on the first call for this key."""
-    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens}
+    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens, "outputs": outputs, "task": task,
+              "detector": detector, "output_layout": output_layout}
     key = _key(model, layer, input_shape, preprocess, stated)
     return _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key, stated)
 
@@ -132,13 +133,17 @@ def _evict(cache: Path, keep: Path) -> None:
 
 
 def explain_torch(model, layer: str, images, targets=None, *, method: str = "igcam", preprocess=None, cache_dir=None,
-                  providers="cpu", layout=None, grid=None, prefix_tokens=None, **options) -> np.ndarray:
+                  providers="cpu", layout=None, grid=None, prefix_tokens=None, outputs=None, task=None,
+                  detector=None, output_layout=None, **options) -> np.ndarray:
     """Maps float32 [B, H, W] ([B, T, H, W] for targets [B, T]) of `model` at module `layer` for images [B, C, H, W]
-    or [C, H, W] (a torch tensor or numpy array in model input space). targets None: each image's predicted class.
-    `options` are Explainer.explain's (steps, integrate, variant, rule, channels, normalize, ...; any other name is
-    refused); `preprocess` is the one the images went through (it defines the black baseline; see docs/api.md);
-    `layout`, `grid`, `prefix_tokens` state the layer's layout where the graph does not tell it (as from_torch's:
-    a vision transformer's tokens need no reshape_transform)."""
+    or [C, H, W] (a torch tensor or numpy array in model input space). targets: class indices, or targets of
+    igcam_engine.targets (SemanticSegmentationTarget, BoxScoreTarget, SimilarityToConceptTarget, ...; as
+    Explainer.explain takes them); None: each image's best (its predicted class, its largest predicted class, its
+    most confident detection). `options` are Explainer.explain's (steps, integrate, variant, rule, channels,
+    normalize, ...; any other name is refused); `preprocess` is the one the images went through (it defines the
+    black baseline; see docs/api.md); `layout`, `grid`, `prefix_tokens` state the layer's layout where the graph does
+    not tell it (as from_torch's: a vision transformer's tokens need no reshape_transform); a model that returns a
+    dict or a list keeps `outputs` (names, default all); `task`, `detector`, `output_layout` as from_torch's."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -147,7 +152,8 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
     if array.ndim not in (3, 4):
         raise InputError(f"images must be [B, C, H, W] or [C, H, W], got shape {list(array.shape)}")
     input_shape = tuple(array.shape[-3:])
-    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens}
+    stated = {"layout": layout, "grid": grid, "prefix_tokens": prefix_tokens, "outputs": outputs, "task": task,
+              "detector": detector, "output_layout": output_layout}
     options = ExplainOptions.of(None, method=method, **options)  # an unknown option is refused before any export
     with _lock:
         key = _key(model, layer, input_shape, preprocess, stated)
@@ -159,5 +165,7 @@ def explain_torch(model, layer: str, images, targets=None, *, method: str = "igc
                 _explainers.popitem(last=False)
         _explainers.move_to_end((key, repr(providers)))
     if targets is None:
-        targets = TargetChoice().select(explainer.predict(array))[:, 0]
+        manifest = explainer.manifest
+        chosen = TargetChoice().checked(manifest).select(manifest, explainer.model_outputs(array))
+        targets = [row[0] for row in chosen]
     return explainer.explain(array, targets, options)

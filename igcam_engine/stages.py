@@ -78,16 +78,22 @@ class Call:
     options: object  # igcam_engine.options.ExplainOptions, checked
     images: object  # placed [B, C, H, W]
     host_images: np.ndarray
-    targets: np.ndarray  # [B, T] int64
+    targets: list  # [B][T] igcam_engine.targets targets, bound to the bundle and resolved for each image
     base: object  # placed [1 or B, C, H, W]
     base_activations: object  # placed, or None (no subtraction)
     rows: int  # interpolated images per engine call
     layer_shape: tuple  # K, h, w
     input_size: tuple  # H, W
+    manifest: object = None  # igcam_engine.bundle.Manifest: what the targets read of the outputs
 
     @property
     def count(self) -> int:
         return len(self.host_images)
+
+    @property
+    def per_image(self) -> int:
+        """Targets per image (T)."""
+        return len(self.targets[0])
 
 
 class Stages(ABC):
@@ -107,13 +113,15 @@ class Stages(ABC):
         """The forward pass of the images themselves (activations [N, K, h, w], held tensors)."""
 
     @abstractmethod
-    def gradient(self, forward: Forward, targets: np.ndarray):
-        """d scores[r, targets[r]] / d activations[r] for every row r, the held tensors held."""
+    def gradient(self, forward: Forward, seeds: list, index: np.ndarray):
+        """The vector-Jacobian product of the outputs at the activations for every row r, the held tensors held:
+        sum over outputs i of seeds[i][index[r]] . d output_i[r] / d activations[r]. `seeds`: per output, placed
+        [S, ...] (put); `index`: [R] int64."""
 
     @abstractmethod
-    def scores(self, forward: Forward) -> np.ndarray:
-        """Class scores [R, classes] computed by the layers after the target from a forward pass's activations
-        (and held tensors), as a host array."""
+    def outputs(self, forward: Forward) -> list:
+        """The model's outputs (the bundle's, in graph order, each [R, ...]) computed by the layers after the
+        target from a forward pass's activations (and held tensors), as host arrays."""
 
     @abstractmethod
     def maps(self, images: int, targets: int, size):

@@ -96,7 +96,7 @@ def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
     again = batch(root, bundle, small, out, "--target", "3", "--method", "layercam", "--integrate")
     assert again.returncode == 0 and "3 explained, 0 already done" in again.stdout, again.stderr
     records = [json.loads(p.read_text()) for p in out.glob("photo*.json")]
-    assert all(r["options"]["targets"]["target"] == 3 and r["maps"][0]["target"] == 3 for r in records)
+    assert all(r["options"]["targets"]["target"] == 3 and r["maps"][0]["target"]["category"] == 3 for r in records)
     assert all(r["options"]["explain"]["method"] == "layercam" and r["options"]["explain"]["integrate"] for r in records)
     # the maps are the API's for those options (the API's against float64 torch: tests/test_methods.py)
     explainer = Explainer(bundle, "cpu")
@@ -125,7 +125,7 @@ def test_batch_on_the_openvino_backend(folder, tmp_path):
     for photo in sorted(small.iterdir()):
         record = json.loads((out / f"{photo.stem}.json").read_text())
         image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
-        target = record["maps"][0]["target"]
+        target = record["maps"][0]["target"]["category"]
         got = np.load(out / f"{photo.stem}.class{target}.npy")[None]
         tolerance = 2e-2 if precision == "bf16" else 1e-5
         assert_maps_match(got, explainer.explain(image, target, steps=4), tolerance, tolerance)

@@ -91,8 +91,8 @@ def api_error(bundle, photo, values) -> UserError:
     explainer = Explainer(bundle, limits=LIMITS)
     image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
     with pytest.raises(UserError) as error:
-        choice = TargetChoice(values.get("target"), values.get("top_k")).checked(explainer.num_classes, LIMITS)
-        explainer.explain(image, choice.select(explainer.predict(image)),
+        choice = TargetChoice(values.get("target"), values.get("top_k")).checked(explainer.manifest, LIMITS)
+        explainer.explain(image, choice.select(explainer.manifest, explainer.model_outputs(image)),
                           **{k: v for k, v in values.items() if k not in TARGET_FIELDS})
     return error.value
 

@@ -56,7 +56,7 @@ def test_explain_writes_overlays_maps_and_summary(bundle, tmp_path):
         probabilities = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         assert entry["predicted"] == top[0] and entry["label"] == "abcde"[top[0]]
         assert entry["probability"] == pytest.approx(float(probabilities[top[0]]), rel=1e-5)
-        assert [m["target"] for m in entry["maps"]] == top
+        assert [m["target"] for m in entry["maps"]] == [{"kind": "classifier", "category": c} for c in top]
         assert [m["label"] for m in entry["maps"]] == ["abcde"[c] for c in top]
         expected = explainer.explain(image, np.array([top]), steps=4)[0]
         for m, api_map in zip(entry["maps"], expected):

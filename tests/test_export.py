@@ -124,7 +124,7 @@ def test_softmax_then_identity_is_explained_on_its_logits(tmp_path):
     with_identity.graph.output[0].name = "scores"
     onnx.save(with_identity, str(path))
     explainer = Explainer(from_onnx(path, tmp_path / "bundle"))
-    assert explainer.manifest.logits.before == "Softmax"
+    assert explainer.manifest.outputs[0].before == "Softmax" and explainer.manifest.outputs[0].source == "scores"
     x = images()
     with torch.no_grad():
         logits = model(torch.from_numpy(x)).numpy()

@@ -89,9 +89,18 @@ def test_links_out_of_the_bundle_are_refused(copy, tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda m: m.pop("num_classes"), "manifest field 'num_classes' is missing"),
-    (lambda m: m.update(num_classes="6"), r"'num_classes' must be an integer in \[1, "),
-    (lambda m: m.update(num_classes=True), r"'num_classes' must be an integer"),
+    (lambda m: m.pop("task"), "manifest field 'task' is missing"),
+    (lambda m: m["task"].update(classes="6"), r"'task.classes' must be an integer in \[1, "),
+    (lambda m: m["task"].update(classes=True), r"'task.classes' must be an integer"),
+    (lambda m: m["task"].update(classes=7), r"'task.classes' must be 6 \(what the outputs hold\)"),
+    (lambda m: m["task"].update(kind="segmentation"), r"'task' must be outputs that a segmentation task reads"),
+    (lambda m: m["task"].update(kind="detection"), r"'task.detector' must be one of \['yolov8'"),
+    (lambda m: m["task"].update(kind="embedding"), r"'task.classes' must be null for embeddings"),
+    (lambda m: m.pop("outputs"), "manifest field 'outputs' is missing"),
+    (lambda m: m.update(outputs=[]), r"'outputs' must be a list of 1 to 16"),
+    (lambda m: m["outputs"][0].update(name="output_1"), r"'outputs\[0\]' must be \{name: 'output_0'"),
+    (lambda m: m["outputs"][0].update(shape=[6, 1 << 24]), r"'outputs' must be at most \d+ elements per row"),
+    (lambda m: m["outputs"][0].update(layout="NCHW"), r"'outputs\[0\].layout' must be null, or one of"),
     (lambda m: m.update(labels=["a", "b"]), r"'labels' must be null or a list of 6 strings"),
     (lambda m: m.update(labels=[1, 2, 3, 4, 5, 6]), r"'labels' must be null or a list of 6 strings"),
     (lambda m: m["input"].update(shape=[3, 100000, 100000]), r"'input.shape\[1\]' must be an integer in \[1, 16384\]"),
@@ -99,13 +108,14 @@ def test_links_out_of_the_bundle_are_refused(copy, tmp_path):
     (lambda m: m["input"].update(shape="3,12,10"), r"'input.shape' must be a list \[C, H, W\]"),
     (lambda m: m["input"].update(shape=[3, 12, 11]), r"'input.shape' says \[3, 12, 11\], the graphs have \[3, 12, 10\]"),
     (lambda m: m["target_layer"].update(shape=[5, 12, 10]), r"'target_layer.shape' says \[5, 12, 10\], the graphs have"),
-    (lambda m: m.update(num_classes=7, labels=None), r"'num_classes' says \[7\], the graphs have \[6\]"),
+    (lambda m: (m["outputs"][0].update(shape=[7]), m["task"].update(classes=7), m.update(labels=None)),
+     r"'outputs \(output_0\)' says \[7\], the graphs have \[6\]"),
     (lambda m: m["preprocess"].update(resize="zoom"), r"'preprocess': preprocess resize 'zoom' is not one of"),
     (lambda m: m["preprocess"].update(scale="a lot"), r"'preprocess': preprocess scale must be a finite number"),
     (lambda m: m["preprocess"].pop("std"), r"'preprocess': preprocess lacks \['std'\]"),
     (lambda m: m["graphs"].pop("gradient"), "manifest field 'graphs.gradient' is missing"),
     (lambda m: m["graphs"]["gradient"].update(sha256="beef"), "'graphs.gradient.sha256' must be 64 lowercase"),
-    (lambda m: m["logits"].update(before="Sigmoid"), "manifest field 'logits' must be"),
+    (lambda m: m["outputs"][0].update(before="Relu"), r"manifest field 'outputs\[0\].before' must be"),
     (lambda m: m["input"].update(dtype="float16"), "'input.dtype' must be 'float32'"),
 ])
 def test_every_manifest_field_is_checked(copy, change, match):
@@ -314,5 +324,7 @@ def test_cli_option_mistakes(bundle, tmp_path):
 def test_layers_say_which_tensors_can_be_targets(tmp_path, capsys):
     build_model(tmp_path / "tiny.onnx")
     assert main(["layers", str(tmp_path / "tiny.onnx")]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    tensors, outputs = capsys.readouterr().out.split("\n\n")
+    rows = {line.split()[0]: line for line in tensors.splitlines()[1:]}
     assert rows["feat"].endswith("yes") and "no (1x1" in rows["g"]
+    assert outputs.splitlines()[1].split() == ["prob", "logits", "(before", "its", "Softmax)", "[6]"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-from support.comparisons import assert_maps_match
+from support.comparisons import assert_maps_match, one_hot
 from support.reference import contract_maps, igcam_reference, top_classes
 
 from igcam_engine import Explainer, UserError
@@ -431,9 +431,10 @@ def explain_graph_maps(bundle, x, targets, alphas, weights):
     import onnxruntime as ort
 
     explain = ort.InferenceSession(str(bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
+    classes = json.loads((bundle / "manifest.json").read_text())["task"]["classes"]
     return explain.run(["maps"], {"images": x, "baseline": np.zeros((1, *SHAPE), np.float32),
                                   "alphas": alphas.astype(np.float32), "weights": weights.astype(np.float32),
-                                  "targets": targets.astype(np.int64), "subtract_baseline": np.zeros(1, np.float32)})[0]
+                                  "seed_0": one_hot(targets, classes), "subtract_baseline": np.zeros(1, np.float32)})[0]
 
 def test_shape_arithmetic_the_head_and_the_part_after_the_target_share_is_computed_apart(tmp_path):
     """torch's exporter computes `x.shape[0]` once and every Expand to the batch reads it: before and after the

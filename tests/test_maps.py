@@ -3,7 +3,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from support.comparisons import assert_maps_match
+from support.comparisons import assert_maps_match, one_hot
 from support.reference import igcam_reference, randomized, top_classes
 
 from igcam_engine import Explainer, UserError, zoo
@@ -170,7 +170,7 @@ def test_explain_graph_matches_reference(bundle):
         alphas, weights = quadrature(rule, 6)
         (maps,) = session.run(None, {
             "images": images, "baseline": base, "alphas": alphas.astype(np.float32),
-            "weights": weights.astype(np.float32), "targets": targets,
+            "weights": weights.astype(np.float32), "seed_0": one_hot(targets, 10),
             "subtract_baseline": np.array([float(subtract)], np.float32),
         })
         assert_maps_match(maps, igcam_reference(model, layer, images, targets, alphas, weights, base, subtract))
@@ -184,7 +184,8 @@ def test_gradient_at_engine_activations(bundle):
     images, targets = inputs(shape, seed=8), np.array([1, 8])
     alphas = np.array([0.25, 1.0], np.float32)
     activations, grads, logits = session.run(None, {
-        "images": images, "baseline": np.zeros((1, *shape), np.float32), "alphas": alphas, "targets": targets,
+        "images": images, "baseline": np.zeros((1, *shape), np.float32), "alphas": alphas,
+        "seed_0": one_hot(targets, 10),
     })
     module = dict(model.named_modules())[layer]
     given = torch.tensor(activations, dtype=torch.float64, requires_grad=True)
@@ -280,14 +281,16 @@ def test_bundle_manifest_and_graphs(bundle):
 
     _, _, shape, _, _, path = bundle("resnet50-layer3")
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 2
+    assert manifest["format"] == "igcam-bundle" and manifest["format_version"] == 3
     assert manifest["held"] == []
     assert manifest["input"] == {"name": "images", "shape": list(shape), "layout": "NCHW", "dtype": "float32",
                                  "model_layout": "NCHW", "fixed_inputs": {}}
     assert manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["target_layer"]["name"] == "layer3" and manifest["target_layer"]["shape"] == [128, 4, 5]
     assert manifest["target_layer"]["layout"] == "NCHW" and manifest["target_layer"]["grid"] == [4, 5]
-    assert manifest["num_classes"] == 10
+    assert manifest["task"] == {"kind": "classification", "detector": None, "classes": 10}
+    assert manifest["outputs"] == [{"name": "output_0", "source": "logits", "tensor": "logits", "before": None,
+                                    "shape": [10], "layout": None}]
     for entry in list(manifest["graphs"].values()) + [manifest["weights"]]:
         assert sha256(path / entry["file"]) == entry["sha256"]
     for name in ("forward", "gradient", "igcam", "explain"):

@@ -50,7 +50,11 @@ async function main() {
   const manifest = JSON.parse(fs.readFileSync(path.join(bundle, 'manifest.json'), 'utf8'));
   const [channels, height, width] = manifest.input.shape;
   const target = Number.parseInt(targetText, 10), steps = Number.parseInt(stepsText, 10);
-  if (!(target >= 0 && target < manifest.num_classes)) fail(`target must be in [0, ${manifest.num_classes - 1}]`);
+  if (manifest.task.kind !== 'classification' || manifest.outputs.length !== 1) {
+    fail(`this example explains a classifier's class; the bundle's task is '${manifest.task.kind}'`);
+  }
+  const classes = manifest.task.classes;
+  if (!(target >= 0 && target < classes)) fail(`target must be in [0, ${classes - 1}]`);
   if (!(steps >= 1)) fail('steps must be a positive integer');
   if (!['official', 'paper'].includes(variant)) fail('variant must be official or paper');
   if (channels !== 3) fail('this example feeds 3-channel images');
@@ -72,7 +76,9 @@ async function main() {
     baseline: new ort.Tensor('float32', baseline, [1, channels, height, width]),
     alphas: new ort.Tensor('float32', alphas, [steps]),
     weights: new ort.Tensor('float32', weights, [steps]),
-    targets: new ort.Tensor('int64', BigInt64Array.from([BigInt(target)]), [1]),
+    // the target's seed: the cotangent of the class scores, the one-hot of the class
+    seed_0: new ort.Tensor('float32', Float32Array.from({ length: classes }, (_, c) => (c === target ? 1 : 0)),
+      [1, classes]),
     subtract_baseline: new ort.Tensor('float32', Float32Array.from([variant === 'paper' ? 1 : 0]), [1]),
   });
   fs.writeFileSync(`${out}.map.f32`, Buffer.from(maps.data.buffer, maps.data.byteOffset, maps.data.byteLength));

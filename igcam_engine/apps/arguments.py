@@ -4,7 +4,8 @@ every command spells and means the same way.
 Values are read as text and converted by the core's validators (igcam_engine.options), so that `--steps 0` here and
 `steps=0` in a request to the service are refused with the same line. The groups:
 
-- targets: --target C | --top-k K (neither: the predicted class);
+- targets: --target C|JSON|@FILE | --top-k K (neither: the model's best: its predicted class, its largest predicted
+  class, its most confident detection), --mask FILE for a segmentation class;
 - method: --method, --integrate, --channels, --variant, --rule, --steps N|auto, --tolerance, --max-steps,
   --baseline, --subtract-baseline, --normalize, --rows-per-call (interpolated images per engine call);
 - backend: --providers (default auto everywhere), --precision, --fp16, --tf32, --engine-cache, --device-id;
@@ -13,11 +14,14 @@ Values are read as text and converted by the core's validators (igcam_engine.opt
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from igcam_engine.backends import BackendOptions, providers_text
+from igcam_engine.errors import NotFound, OptionError
 from igcam_engine.methods import METHODS
 from igcam_engine.options import BASELINES, DEFAULT_LIMITS, VARIANTS, ExplainOptions, Limits
 from igcam_engine.quadrature import RULES
@@ -49,14 +53,46 @@ def positive(text: str, name: str = "value") -> int:
     return integer(integer_text(text, name), name, 1)
 
 
-def add_target_arguments(parser) -> None:
-    group = parser.add_argument_group("targets")  # one or the other: TargetChoice says so, as everywhere
-    group.add_argument("--target", metavar="C", help="class to explain (default: the predicted class)")
-    group.add_argument("--top-k", metavar="K", help="explain the K highest-scoring classes")
+MAX_TARGETS_FILE = 64 << 20
+
+
+def add_target_arguments(parser, mask: bool = False) -> None:
+    group = parser.add_argument_group("targets (docs/targets.md)")  # one or the other: TargetChoice says so
+    group.add_argument("--target", metavar="C|JSON|@FILE", help="a class to explain, or targets as JSON (an object "
+                       "or a list: {\"kind\": \"segmentation\", \"category\": 15}, ...), or @FILE holding that JSON "
+                       "(default: the model's best: the predicted class, the largest predicted class, the most "
+                       "confident detection)")
+    group.add_argument("--top-k", metavar="K", help="explain the K best (classes, detections, segmentation classes "
+                       "by area)")
+    if mask:
+        group.add_argument("--mask", metavar="FILE", help="with --target C on a segmenter: the pixels of class C to "
+                           "explain, an image (non-zero pixels; resized as the photo is); default: where the model "
+                           "predicts C")
 
 
 def target_choice(args) -> TargetChoice:
-    return TargetChoice.from_text(args.target, args.top_k)
+    text = args.target
+    if isinstance(text, str) and text.startswith("@"):
+        text = read_text_file(text[1:], "the targets file", MAX_TARGETS_FILE)
+        if text.lstrip()[:1] not in ("{", "["):
+            raise OptionError(f"the targets file '{args.target[1:]}' must hold a JSON object or list of targets")
+    return TargetChoice.from_text(text, args.top_k)
+
+
+def read_text_file(path: str, what: str, limit: int) -> str:
+    """A small UTF-8 text file given on the command line: a regular file of at most `limit` bytes."""
+    try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise OptionError(f"{what} '{path}' is not a regular file")
+        if status.st_size > limit:
+            raise OptionError(f"{what} '{path}' is {status.st_size} bytes, at most {limit}")
+        with open(path, encoding="utf-8") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {what} '{path}'") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionError(f"cannot read {what} '{path}': {getattr(e, 'strerror', None) or e}") from None
 
 
 def add_method_arguments(parser, steps_default: str = "50") -> None:

@@ -60,7 +60,7 @@ class ExplainImages:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
-        from igcam_engine.apps.outputs import render_explanation
+        from igcam_engine.apps.outputs import explain_images, render_explanation
         from igcam_engine.images import load_image, to_model_input
 
         names = [PurePosixPath(str(p)).name for p in batch["path"]]
@@ -75,18 +75,15 @@ class ExplainImages:
                 status[index], messages[index], kinds[index] = "failed", str(e), e.kind
         if loaded:
             images = np.stack([item[2] for item in loaded])
-            try:
-                scores = self.explainer.predict(images)
-                targets = self.job["targets"].select(scores)
-                maps = self.explainer.explain(images, targets, self.job["options"])
-            except UserError as e:
-                for index, *_ in loaded:
-                    status[index], messages[index], kinds[index] = "failed", str(e), e.kind
-                loaded = []
-            for position, (index, picture, _, shown) in enumerate(loaded):
+            results = explain_images(self.explainer, images, self.job["targets"], self.job["options"])
+            for result, (index, picture, _, shown) in zip(results, loaded):
+                if isinstance(result, UserError):
+                    status[index], messages[index], kinds[index] = "failed", str(result), result.kind
+                    continue
+                targets, maps, image_outputs = result
                 stem = PurePosixPath(names[index]).stem
-                entry, files = render_explanation(stem, picture, shown, maps[position], targets[position],
-                                                  scores[position], self.explainer, self.output)
+                entry, files = render_explanation(stem, picture, shown, maps, targets, image_outputs, self.explainer,
+                                                  self.output)
                 record = {"image": names[index], "options": self.job["record"], "node": self.node, **entry}
                 files[f"{stem}.json"] = (json.dumps(record, indent=2) + "\n").encode()  # last: the image is done
                 outputs[index] = pickle.dumps(list(files.items()))
@@ -150,7 +147,7 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
     backend, limits = (backend or BackendOptions()).checked(), limits.checked()
     manifest = load_manifest(bundle)
     options = (options or ExplainOptions()).checked(limits, manifest.target_layer.channels)
-    targets = (targets or TargetChoice()).checked(manifest.num_classes, limits)
+    targets = (targets or TargetChoice()).checked(manifest, limits)
     # a record names what its maps were computed with: a rerun with other options, or another precision, redoes them
     record = {"explain": options.record(), "targets": targets.record(), "precision": backend.precision}
     source, output = Location.parse(input_dir), Location.parse(output_dir)

@@ -1,5 +1,6 @@
-"""`igcam export` and `igcam layers`: a PyTorch module or an ONNX classifier into a bundle, and the layers that can
-be its target. The work is the exporter's (igcam_engine.export); this module reads the command line."""
+"""`igcam export` and `igcam layers`: a PyTorch module or an ONNX model into a bundle, and the layers that can be
+its target (and the outputs it keeps). The work is the exporter's (igcam_engine.export); this module reads the
+command line."""
 from __future__ import annotations
 
 import importlib
@@ -17,7 +18,7 @@ from igcam_engine.validators import integer_text, number_text, steps_text
 def export_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--torch", metavar="MODULE:FACTORY", help="a Python callable returning a torch.nn.Module")
-    source.add_argument("--onnx", metavar="FILE", help="an ONNX classifier (one NCHW float input, logits output)")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX model (one NCHW or NHWC float image input)")
     parser.add_argument("--layer", help="target module path for --torch, as in named_modules() (e.g. layer4)")
     parser.add_argument("--tensor", help="target activation tensor for --onnx (default: see `igcam layers`)")
     parser.add_argument("--input-shape", metavar="C,H,W", help="model input shape (required for --torch)")
@@ -29,6 +30,7 @@ def export_arguments(parser) -> None:
     parser.add_argument("--prefix-tokens", metavar="N", help="class, distillation and register tokens before a "
                         "token target's patch tokens")
     _fix_input_argument(parser)
+    _purpose_arguments(parser)
     parser.add_argument("--preprocess", default="none", help="'imagenet', 'none', or a JSON dict/file with resize "
                         "(stretch|crop), scale, mean, std (default: none)")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line")
@@ -72,17 +74,20 @@ def export(args) -> None:
         if args.fix_input:
             raise OptionError("--fix-input is for --onnx; a PyTorch model takes one image")
         path = exporter.from_torch(_torch_factory(args.torch), args.layer, shape, args.output, preprocess=preprocess,
-                                   labels=labels, **layout)
+                                   labels=labels, **layout, **_purpose(args))
     else:
         if args.layer:
             raise OptionError("--layer is for --torch; with --onnx name the activation with --tensor")
         path = exporter.from_onnx(args.onnx, args.output, tensor=args.tensor, preprocess=preprocess,
                                   input_shape=shape, labels=labels, input_layout=args.input_layout,
-                                  fixed_inputs=_fixed_inputs(args.fix_input), **layout)
+                                  fixed_inputs=_fixed_inputs(args.fix_input), **layout, **_purpose(args))
     manifest = json.loads((path / "manifest.json").read_text())
-    layer = manifest["target_layer"]
+    layer, task = manifest["target_layer"], manifest["task"]
+    kind = task["kind"] + (f" ({task['detector']})" if task["detector"] else "") + (
+        f", {task['classes']} classes" if task["classes"] else "")
+    outputs = ", ".join(f"{o['source']} {o['shape']}" for o in manifest["outputs"])
     print(f"wrote bundle {path} (target '{layer['name']}' {layer['tensor_shape']}, {layer['layout']} "
-          f"{layer['grid'][0]}x{layer['grid'][1]}, {manifest['num_classes']} classes) "
+          f"{layer['grid'][0]}x{layer['grid'][1]}; {kind}; outputs {outputs}) "
           f"in {time.perf_counter() - started:.1f} s")
     if triton is not None:
         folder = exporter.triton_repository(path, args.triton_repo, options=triton, max_batch_size=max_batch,
@@ -94,7 +99,26 @@ def layers_arguments(parser) -> None:
     parser.add_argument("onnx", nargs="?", metavar="FILE", help="an ONNX model: lists its activation tensors and their layouts")
     parser.add_argument("--torch", metavar="MODULE:FACTORY", help="a PyTorch model: lists module paths")
     parser.add_argument("--input-shape", metavar="C,H,W")
+    parser.add_argument("--outputs", metavar="NAME,...", help="an ONNX model's outputs to keep (default: all): "
+                        "which tensors they depend on decides what can be a target")
     _fix_input_argument(parser)
+
+
+def _purpose_arguments(parser) -> None:
+    group = parser.add_argument_group("outputs and task (docs/targets.md)")
+    group.add_argument("--outputs", metavar="NAME,...", help="the model outputs to keep, comma separated (default: "
+                       "all; an ONNX model's tensor may be named, e.g. a detector's raw head before its in-graph NMS)")
+    group.add_argument("--task", metavar="T", help="classification, segmentation, detection, embedding or outputs "
+                       "(default: read from the outputs)")
+    group.add_argument("--detector", metavar="F", help="a detection head's format: yolov8, yolov5, detr, rtdetr "
+                       "(implies --task detection)")
+    group.add_argument("--output-layout", metavar="NCHW|NHWC", help="a score map's layout, where its dims do not "
+                                                                    "tell")
+
+
+def _purpose(args) -> dict:
+    return {"outputs": None if args.outputs is None else [o.strip() for o in args.outputs.split(",")],
+            "task": args.task, "detector": args.detector, "output_layout": args.output_layout}
 
 
 def _fix_input_argument(parser) -> None:
@@ -131,11 +155,18 @@ def layers(args) -> None:
         return
     if not args.onnx:
         raise OptionError("give an ONNX file or --torch MODULE:FACTORY")
-    found = exporter.layers(args.onnx, shape, fixed_inputs=_fixed_inputs(args.fix_input))
+    fixed = _fixed_inputs(args.fix_input)
+    outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",")]
+    found = exporter.layers(args.onnx, shape, fixed_inputs=fixed, outputs=outputs)
+    kept = exporter.outputs_of(args.onnx, shape, fixed_inputs=fixed)
     print(f"{'tensor':48s} {'op':20s} {'shape':18s} {'layout':22s} --tensor?")
     for layer in found:
         print(f"{layer['tensor']:48s} {layer['op']:20s} {str(layer['shape']):18s} {_layout_text(layer):22s} "
               f"{layer['usable']}")
+    print(f"\n{'output (--outputs)':48s} {'differentiated tensor':40s} shape")
+    for output in kept:
+        before = f" (before its {output['before']})" if output["before"] else ""
+        print(f"{output['output']:48s} {output['tensor'] + before:40s} {output['shape']}")
 
 
 def _layout_text(layer: dict) -> str:
@@ -214,6 +245,6 @@ def _preprocess(text: str):
 
 
 COMMANDS = (
-    Command("export", "turn a PyTorch module or an ONNX classifier into a bundle", export_arguments, export),
-    Command("layers", "list the candidate target layers of a model", layers_arguments, layers),
+    Command("export", "turn a PyTorch module or an ONNX model into a bundle", export_arguments, export),
+    Command("layers", "list a model's outputs and the candidate target layers", layers_arguments, layers),
 )

@@ -1,4 +1,4 @@
-"""`igcam explain`: image files -> per image and class an overlay and a raw map, plus results.json.
+"""`igcam explain`: image files -> per image and target an overlay and a raw map, plus results.json.
 
 An image that cannot be read or explained is reported (one line on stderr and an entry with its error in
 results.json) and the others are still explained; the options are checked, and the output folder prepared, before
@@ -26,10 +26,10 @@ from igcam_engine.apps.arguments import (
 from igcam_engine.apps.outputs import prepare_output, unique_names, write_explanation
 from igcam_engine.backends import BackendOptions
 from igcam_engine.bundle import load_manifest
-from igcam_engine.errors import UserError
-from igcam_engine.images import load_image, to_model_input
+from igcam_engine.errors import OptionError, UserError
+from igcam_engine.images import load_image, load_mask, to_model_input
 from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
-from igcam_engine.targets import TargetChoice
+from igcam_engine.targets import SemanticSegmentationTarget, TargetChoice
 
 
 class Progress:
@@ -65,14 +65,16 @@ class Progress:
 
 def explain_files(bundle, image_paths, output, options: ExplainOptions | None = None,
                   targets: TargetChoice | None = None, *, backend: BackendOptions | None = None,
-                  limits: Limits = DEFAULT_LIMITS, placement: bool = False) -> list[dict]:
-    """Explains image files with a bundle; writes <name>.class<C>.png overlays, .npy raw maps and results.json
-    (an entry per image: its prediction and maps, or its error). Everything is checked, and the output folder
-    prepared, before the model runs."""
+                  limits: Limits = DEFAULT_LIMITS, placement: bool = False, mask=None) -> list[dict]:
+    """Explains image files with a bundle; writes <name>.<target>.png overlays, .npy raw maps and results.json
+    (an entry per image: its prediction and maps, or its error). `mask`: an image file of the pixels of the class
+    `targets.target` (a segmenter's) to explain. Everything is checked, and the output folder prepared, before the
+    model runs."""
     limits = limits.checked()
     manifest = load_manifest(bundle)
     options = (options or ExplainOptions()).checked(limits, manifest.target_layer.channels)
-    targets = (targets or TargetChoice()).checked(manifest.num_classes, limits)
+    targets = _with_mask(targets or TargetChoice(), mask, manifest, limits)
+    targets = targets.checked(manifest, limits)
     explainer = Explainer(manifest, **asdict(backend or BackendOptions()), limits=limits)
     output = prepare_output(output)
     if placement:
@@ -89,10 +91,9 @@ def explain_files(bundle, image_paths, output, options: ExplainOptions | None = 
                 progress.say(f"igcam: error: {e}", error=True)
             else:
                 results.append(entry)
-                progress.say(f"{path}: predicted {entry['predicted']} '{entry['label']}' "
-                             f"(p={entry['probability']:.2f}); "
-                             + ", ".join(f"map of {m['target']} '{m['label']}' (p={m['probability']:.2f}) -> "
-                                         f"{m['overlay']}" for m in entry["maps"])
+                progress.say(f"{path}: {_said(entry)}"
+                             + ", ".join(f"map of {m['name']} ({_score(m)}) -> {m['overlay']}"
+                                         for m in entry["maps"])
                              + f" [{entry['seconds']:.2f} s, {entry['passes']} passes]")
             progress.step()
     finally:
@@ -101,24 +102,50 @@ def explain_files(bundle, image_paths, output, options: ExplainOptions | None = 
     return results
 
 
+def _with_mask(targets: TargetChoice, mask, manifest, limits: Limits) -> TargetChoice:
+    """--mask FILE with --target C: the target SemanticSegmentationTarget(C, the mask as the model sees it)."""
+    if mask is None:
+        return targets
+    if targets.target is None or manifest.task.kind != "segmentation":
+        raise OptionError("--mask goes with --target C (a class) on a segmenter's bundle")
+    pixels = load_mask(mask, manifest.input.shape, manifest.preprocess, limits.pixels)
+    return TargetChoice(targets=(SemanticSegmentationTarget(targets.target, pixels),))
+
+
 def _explain_one(explainer, path, name, output, options, targets) -> dict:
     """One image's files and summary entry."""
     picture = load_image(path, explainer.limits.pixels)
     image, shown = to_model_input(picture, explainer.input_shape, explainer.preprocess)
     started = time.perf_counter()
-    scores = explainer.predict(image)
-    chosen = targets.select(scores)
-    result = explainer.explanation(image[None], chosen, options)
+    outputs = explainer.model_outputs(image[None])
+    chosen = targets.select(explainer.manifest, outputs)[0]
+    result = explainer.explanation(image[None], [chosen], options)
     elapsed = time.perf_counter() - started
     return {"image": str(path), "seconds": elapsed, "passes": result.passes, "options": options.record(),
-            **write_explanation(output, name, picture, shown, result.maps[0], chosen[0], scores[0], explainer)}
+            **write_explanation(output, name, picture, shown, result.maps[0], chosen, [o[0] for o in outputs],
+                                explainer)}
+
+
+def _score(entry: dict) -> str:
+    return f"p={entry['probability']:.2f}" if "probability" in entry else f"score {entry['score']:.3g}"
+
+
+def _said(entry: dict) -> str:
+    """The prediction of a results entry, in a few words."""
+    if "predicted" in entry:
+        return f"predicted {entry['predicted']} '{entry['label']}' (p={entry['probability']:.2f}); "
+    if "detections" in entry:
+        return f"{len(entry['detections'])} detection(s); "
+    if "classes" in entry:
+        return "predicted " + ", ".join(f"'{c['label']}' {c['share']:.0%}" for c in entry["classes"][:3]) + "; "
+    return ""
 
 
 def arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle directory (from `igcam export`)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    add_target_arguments(parser)
+    add_target_arguments(parser, mask=True)
     add_method_arguments(parser)
     add_backend_arguments(parser)
     add_limit_arguments(parser)
@@ -128,7 +155,7 @@ def arguments(parser) -> None:
 def run(args) -> int:
     results = explain_files(args.bundle, [Path(p) for p in args.images], args.output, explain_options(args),
                             target_choice(args), backend=backend_options(args), limits=limits(args),
-                            placement=args.placement)
+                            placement=args.placement, mask=args.mask)
     return 2 if any("error" in entry for entry in results) else 0
 
 

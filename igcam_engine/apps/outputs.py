@@ -1,6 +1,7 @@
-"""The files an explanation leaves behind, shared by `igcam explain` and `igcam batch`: per class an overlay
-(<name>.class<C>.png) and the raw map (<name>.class<C>.npy, float32 H x W), and a summary entry; and the checks
-made on the output folder before any model runs."""
+"""The files an explanation leaves behind, shared by `igcam explain` and `igcam batch`: per target an overlay
+(<name>.<target>.png: class285, box17.class0, concept, ...; a detection's box drawn) and the raw map
+(<name>.<target>.npy, float32 H x W), and a summary entry; and the checks made on the output folder before any
+model runs."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from igcam_engine.errors import OptionError
+from igcam_engine.detections import HEADS, decode
+from igcam_engine.errors import OptionError, UserError
 from igcam_engine.images import overlay_on_photo
-from igcam_engine.targets import class_probabilities
+from igcam_engine.targets import (
+    BoxScoreTarget,
+    ClassifierOutputTarget,
+    SemanticSegmentationTarget,
+    class_probabilities,
+    predicted_masks,
+)
 
 
 def prepare_output(output) -> Path:
@@ -40,35 +48,99 @@ def unique_names(paths) -> list[str]:
     return names
 
 
-def render_explanation(name: str, picture, shown, maps, targets, scores, explainer, folder: str):
-    """(the summary entry of one image: prediction, probability and per class its files, named under `folder`;
-    {file name: bytes} of its overlays and raw maps). The bytes are written by the caller: into a local folder
+def prediction(explainer, outputs: list) -> dict:
+    """What the model says of one image (its outputs, each without the batch), by the bundle's task: a classifier's
+    predicted class and probability, a segmenter's classes by the share of pixels predicted, a detector's
+    detections; nothing for embeddings and plain outputs."""
+    manifest, task = explainer.manifest, explainer.task
+    if task == "classification":
+        scores = outputs[0]
+        best, probabilities = int(np.argmax(scores)), class_probabilities(scores)
+        return {"predicted": best, "label": explainer.label(best), "probability": float(probabilities[best])}
+    if task == "segmentation":
+        predicted = predicted_masks(manifest.outputs[0], outputs[0][None])[0]
+        areas = np.bincount(predicted[predicted >= 0].ravel(), minlength=manifest.num_classes) / predicted.size
+        return {"classes": [{"class": int(c), "label": explainer.label(int(c)), "share": round(float(areas[c]), 6)}
+                            for c in np.argsort(-areas, kind="stable")[:5] if areas[c] > 0]}
+    if task == "detection":
+        found = decode(HEADS[manifest.task.detector], [o[None] for o in outputs], manifest.input.shape[1:])
+        return {"detections": [d.record(manifest.labels) for d in found]}
+    return {}
+
+
+def map_entry(target, explainer, outputs: list) -> dict:
+    """A map's summary: its target (JSON, a mask summarised), what the target names, its score and, for a
+    classifier's class, its probability."""
+    record = target.to_json()
+    if record.get("mask") is not None:
+        record["mask"] = f"{int(np.count_nonzero(target.mask))} of {target.mask.size} pixels"
+    entry = {"target": record, "name": target.describe(explainer.manifest),
+             "score": float(target.score(explainer.manifest, [o[None] for o in outputs])[0])}
+    if isinstance(target, (ClassifierOutputTarget, SemanticSegmentationTarget, BoxScoreTarget)) \
+            and explainer.num_classes and target.output is None:
+        entry["label"] = explainer.label(target.category)
+    if explainer.task == "classification" and isinstance(target, ClassifierOutputTarget) and target.output is None:
+        entry["probability"] = float(class_probabilities(outputs[0])[target.category])
+    return entry
+
+
+def render_explanation(name: str, picture, shown, maps, targets, outputs, explainer, folder: str):
+    """(the summary entry of one image: the model's prediction and per target its files, named under `folder`;
+    {file name: bytes} of its overlays and raw maps). `targets`: the image's (igcam_engine.targets), one per map;
+    `outputs`: its model outputs (each without the batch). The bytes are written by the caller: into a local folder
     (write_explanation), or wherever `igcam batch` keeps its output."""
     import io
 
-    order = np.argsort(-scores)
-    probabilities = class_probabilities(scores)
-    entry = {"predicted": int(order[0]), "label": explainer.label(int(order[0])),
-             "probability": float(probabilities[order[0]]), "precision": explainer.precision, "maps": []}
+    entry = {**prediction(explainer, outputs), "precision": explainer.precision, "maps": []}
     files = {}
-    for class_index, heatmap in zip(targets, maps):
-        class_index = int(class_index)
-        png, npy = f"{name}.class{class_index}.png", f"{name}.class{class_index}.npy"
+    for target, heatmap in zip(targets, maps):
+        png, npy = f"{name}.{target.slug}.png", f"{name}.{target.slug}.npy"
+        boxes = [(target.box, target.describe(explainer.manifest))] if getattr(target, "box", None) is not None else []
         buffer = io.BytesIO()
-        overlay_on_photo(picture, shown, heatmap, explainer.preprocess).save(buffer, format="PNG")
+        overlay_on_photo(picture, shown, heatmap, explainer.preprocess, boxes).save(buffer, format="PNG")
         files[png] = buffer.getvalue()
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(heatmap, np.float32))
         files[npy] = buffer.getvalue()
-        entry["maps"].append({"target": class_index, "label": explainer.label(class_index),
-                              "probability": float(probabilities[class_index]), "overlay": f"{folder}/{png}",
+        entry["maps"].append({**map_entry(target, explainer, outputs), "overlay": f"{folder}/{png}",
                               "map": f"{folder}/{npy}"})
     return entry, files
 
 
-def write_explanation(output: Path, name: str, picture, shown, maps, targets, scores, explainer) -> dict:
+def write_explanation(output: Path, name: str, picture, shown, maps, targets, outputs, explainer) -> dict:
     """Writes the overlays and maps of one image into the folder `output`; returns its summary entry."""
-    entry, files = render_explanation(name, picture, shown, maps, targets, scores, explainer, str(output))
+    entry, files = render_explanation(name, picture, shown, maps, targets, outputs, explainer, str(output))
     for file, data in files.items():
         (output / file).write_bytes(data)
     return entry
+
+
+def explain_images(explainer, images: np.ndarray, choice, options) -> list:
+    """Per image of a batch (model input [B, C, H, W]), (its targets, its maps [T, H, W], its outputs (each
+    without the batch)) or the UserError that stopped it: the outputs in one engine call, each image's targets
+    chosen by `choice` (a checked TargetChoice), then one explain call per group of images with as many targets (a
+    detector's top k may find fewer)."""
+    results: list = [None] * len(images)
+    try:
+        outputs = explainer.model_outputs(images)
+    except UserError as e:
+        return [e] * len(images)
+    chosen = {}
+    for n in range(len(images)):
+        try:
+            chosen[n] = choice.select(explainer.manifest, [o[n:n + 1] for o in outputs])[0]
+        except UserError as e:
+            results[n] = e
+    groups: dict = {}
+    for n, targets in chosen.items():
+        groups.setdefault(len(targets), []).append(n)
+    for members in groups.values():
+        try:
+            maps = explainer.explain(images[members], [chosen[n] for n in members], options)
+        except UserError as e:  # e.g. maps that overflow float32: the whole group was asked the same
+            for n in members:
+                results[n] = e
+            continue
+        for position, n in enumerate(members):
+            results[n] = (chosen[n], maps[position], [o[n] for o in outputs])
+    return results

@@ -1,11 +1,13 @@
 """`igcam serve`: explanations over HTTP with Ray Serve, requests from different clients batched into one engine call.
 
     POST /explain   an image (PNG/JPEG/... as a raw body with its image/* content type, or the field "image" of a
-                    multipart/form-data body) and parameters (query string or form fields): target or top_k, the
+                    multipart/form-data body; a segmenter's class mask as the field "mask") and parameters (query
+                    string or form fields): target (a class, or targets as JSON: docs/targets.md) or top_k, the
                     options of igcam_engine.options.ExplainOptions (method, integrate, channels, variant, rule,
                     steps, tolerance, max_steps, baseline, subtract_baseline, normalize), output = png | npy | json.
-                    png: the overlay (the predicted classes in the X-Igcam-Predictions header); npy: the maps,
-                    float32 [T, H, W] in .npy format; json: {"predictions": [...], "targets": [...], "maps": ...}.
+                    png: the overlay of the first target (the prediction in the X-Igcam-Predictions header, the
+                    targets in X-Igcam-Targets); npy: the maps, float32 [T, H, W] in .npy format; json:
+                    {"prediction": {...}, "targets": [...], "maps": ...}.
     GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
     GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
     GET  /stats     how many requests this replica answered, the sizes of the batches its engine ran (bounded), the
@@ -54,7 +56,7 @@ from igcam_engine.errors import (
     UserError,
 )
 from igcam_engine.options import TEXT, ExplainOptions, Limits
-from igcam_engine.targets import TargetChoice, class_probabilities
+from igcam_engine.targets import SemanticSegmentationTarget, TargetChoice
 from igcam_engine.validators import choice, integer, number
 
 MAX_BODY_BYTES = 20 << 20
@@ -65,7 +67,7 @@ MAX_PARTS = 16  # multipart fields
 SERVICE_LIMITS = Limits(steps=256, channels=256, top_k=10)
 OUTPUTS = ("png", "npy", "json")
 EXPLAIN_PARAMETERS = tuple(name for name in TEXT if name != "rows_per_call")  # the engine's own batching is ours
-PARAMETERS = ("target", "top_k", *EXPLAIN_PARAMETERS, "output")
+PARAMETERS = ("target", "top_k", *EXPLAIN_PARAMETERS, "output", "mask")
 RETRY_AFTER_S = 1
 # An error's type -> the HTTP status it is answered with (any other UserError: 422).
 STATUS = {OptionError: 400, NotFound: 404, LimitError: 413, InputError: 422, BundleError: 500, Unavailable: 503}
@@ -94,7 +96,7 @@ class Job:
 
     def group(self):
         """Jobs with the same key run as one engine call."""
-        return self.options, self.targets
+        return self.options, json.dumps(self.targets.record(), sort_keys=True)
 
 
 def _multipart(body: bytes, content_type: str):
@@ -117,6 +119,8 @@ def _multipart(body: bytes, content_type: str):
         payload = part.get_payload(decode=True) or b""
         if name == "image":
             image = payload
+        elif name == "mask":
+            fields[name] = payload
         elif name:
             fields[name] = payload.decode(errors="replace")
     if image is None:
@@ -136,11 +140,11 @@ class ExplainService:
         self.batch_sizes: Counter = Counter()
         self.explained = 0
         # Warm the sessions: Ray Serve routes no request here before this constructor returns.
-        self.explainer.predict(np.zeros((1, *self.explainer.input_shape), np.float32))
+        self.explainer.model_outputs(np.zeros((1, *self.explainer.input_shape), np.float32))
 
     def parse(self, body: bytes, content_type: str, params: dict) -> Job:
         """A request's job; a UserError (its status by type) or HTTPError for what is wrong with it."""
-        from igcam_engine.images import load_image, to_model_input
+        from igcam_engine.images import load_image, load_mask, to_model_input
 
         kind = content_type.split(";")[0].strip().lower()
         if kind == "multipart/form-data":
@@ -154,9 +158,16 @@ class ExplainService:
             raise OptionError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(PARAMETERS)}")
         if not body:
             raise HTTPError(400, "the request has no image")
+        if isinstance(params.get("mask"), str):
+            raise OptionError("a mask is an image: send it as the multipart field 'mask'")
         manifest = self.explainer.manifest
-        targets = TargetChoice.from_text(params.get("target"), params.get("top_k")).checked(manifest.num_classes,
-                                                                                            self.limits)
+        targets = TargetChoice.from_text(params.get("target"), params.get("top_k"))
+        if params.get("mask") is not None:
+            if targets.target is None or manifest.task.kind != "segmentation":
+                raise OptionError("a mask goes with target=C (a class) on a segmenter's bundle")
+            mask = load_mask(bytes(params["mask"]), manifest.input.shape, manifest.preprocess, self.limits.pixels)
+            targets = TargetChoice(targets=(SemanticSegmentationTarget(targets.target, mask),))
+        targets = targets.checked(manifest, self.limits)
         options = ExplainOptions.from_text({name: params[name] for name in EXPLAIN_PARAMETERS if name in params})
         options = options.checked(self.limits, manifest.target_layer.channels)
         output = choice(params.get("output", "png"), "output", OUTPUTS)
@@ -165,29 +176,25 @@ class ExplainService:
         return Job(image, picture, shown, options, targets, output)
 
     def run(self, jobs: list[Job]) -> list:
-        """One engine call per group of compatible jobs; returns (predictions, targets, maps) per job, or the
-        UserError of its group."""
+        """One engine call per group of compatible jobs (igcam_engine.apps.outputs.explain_images); returns
+        (the prediction, the map entries, the targets, the maps) per job, or its UserError."""
+        from igcam_engine.apps.outputs import explain_images, map_entry, prediction
+
         self.batch_sizes[len(jobs)] += 1
         results = [None] * len(jobs)
         groups = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.group(), []).append(index)
-        for (options, choice_of_targets), indices in groups.items():
+        for indices in groups.values():
+            first = jobs[indices[0]]
             images = np.stack([jobs[i].image for i in indices])
-            try:
-                scores = self.explainer.predict(images)
-                targets = choice_of_targets.select(scores)
-                maps = self.explainer.explain(images, targets, options)
-            except UserError as e:  # e.g. maps that overflow float32: the whole group was asked the same
-                for i in indices:
-                    results[i] = e
-                continue
-            probabilities = class_probabilities(scores)
-            order = np.argsort(-scores, axis=1)
-            for position, i in enumerate(indices):
-                predictions = [{"class": int(c), "label": self.explainer.label(int(c)),
-                                "probability": float(probabilities[position, c])} for c in order[position, :5]]
-                results[i] = (predictions, [int(t) for t in targets[position]], maps[position])
+            for i, result in zip(indices, explain_images(self.explainer, images, first.targets, first.options)):
+                if isinstance(result, UserError):
+                    results[i] = result
+                    continue
+                targets, maps, outputs = result
+                results[i] = (prediction(self.explainer, outputs),
+                              [map_entry(t, self.explainer, outputs) for t in targets], targets, maps)
         return results
 
     def respond(self, job: Job, result):
@@ -197,23 +204,33 @@ class ExplainService:
         self.explained += 1
         if isinstance(result, (UserError, HTTPError)):
             return _error(result)
-        predictions, targets, maps = result
-        headers = {"X-Igcam-Predictions": json.dumps(predictions[:3]), "X-Igcam-Targets": json.dumps(targets)}
+        said, entries, targets, maps = result
+        headers = {"X-Igcam-Predictions": _header(said), "X-Igcam-Targets": _header([e["target"] for e in entries])}
         if job.output == "npy":
             buffer = io.BytesIO()
             np.save(buffer, maps.astype(np.float32))
             return 200, "application/octet-stream", buffer.getvalue(), headers
         if job.output == "json":
-            body = {"predictions": predictions, "targets": targets, "shape": list(maps.shape),
+            body = {"prediction": said, "targets": entries, "shape": list(maps.shape),
                     "maps": maps.astype(np.float32).tolist()}
             return 200, "application/json", json.dumps(body).encode(), headers
         buffer = io.BytesIO()
-        overlay_on_photo(job.picture, job.shown, maps[0], self.explainer.preprocess).save(buffer, format="PNG")
+        boxes = [(targets[0].box, entries[0]["name"])] if getattr(targets[0], "box", None) is not None else []
+        overlay_on_photo(job.picture, job.shown, maps[0], self.explainer.preprocess, boxes).save(buffer, format="PNG")
         return 200, "image/png", buffer.getvalue(), headers
 
     def stats(self) -> dict:
         return {"explained": self.explained, "precision": self.explainer.precision,
                 "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
+
+
+MAX_HEADER = 4096  # characters of a JSON header value (a long prediction is cut, the body has it all)
+
+
+def _header(value) -> str:
+    """JSON for a response header: ASCII, and at most MAX_HEADER characters (the start of it, then "...")."""
+    text = json.dumps(value)
+    return text if len(text) <= MAX_HEADER else text[:MAX_HEADER - 3] + "..."
 
 
 def _inside_prefix(request) -> str:

@@ -97,7 +97,7 @@ def open_backend(manifest, options: BackendOptions) -> Backend:
 
 
 def _check_graphs(manifest, sessions: dict) -> None:
-    """The graphs' own inputs and outputs must agree with the manifest's shapes and classes."""
+    """The graphs' own inputs and outputs must agree with the manifest's shapes and outputs."""
     def dims(port):
         return [d if isinstance(d, int) else None for d in port.shape]
 
@@ -107,10 +107,12 @@ def _check_graphs(manifest, sessions: dict) -> None:
                         list(manifest.input.shape)),
         "target_layer.shape": ({o.name: dims(o) for o in forward.get_outputs()}.get("activations", [None] * 4)[1:],
                                list(manifest.target_layer.shape)),
-        "num_classes": ({o.name: dims(o) for o in gradient.get_outputs()}.get("logits", [None, None])[1:],
-                        [manifest.num_classes]),
     }
     outputs, inputs = {o.name: dims(o) for o in forward.get_outputs()}, {i.name: dims(i) for i in gradient.get_inputs()}
+    results = {o.name: dims(o) for o in gradient.get_outputs()}
+    for output in manifest.outputs:
+        found[f"outputs ({output.name})"] = (results.get(output.name, [None])[1:], list(output.shape))
+        found[f"outputs ({output.seed}, gradient)"] = (inputs.get(output.seed, [None])[1:], list(output.shape))
     for held in manifest.held:
         found[f"held ({held.name})"] = (outputs.get(held.name, [None])[1:], list(held.shape))
         found[f"held ({held.name}, gradient)"] = (inputs.get(held.name, [None])[1:], list(held.shape))

@@ -143,11 +143,12 @@ def load(manifest, options):
     if on_gpu(providers):
         from igcam_engine.device import DeviceStages
 
-        stages = DeviceStages(sessions["forward"], sessions["gradient"], options.device_id, manifest.held)
+        stages = DeviceStages(sessions["forward"], sessions["gradient"], options.device_id, manifest.held,
+                              manifest.outputs)
     else:
         from igcam_engine.host import HostStages
 
-        stages = HostStages(sessions["forward"], sessions["gradient"], manifest.held)
+        stages = HostStages(sessions["forward"], sessions["gradient"], manifest.held, manifest.outputs)
     return Backend(NAME, stages, precision, providers, lambda: placement(manifest, providers), sessions)
 
 
@@ -180,7 +181,8 @@ def placement(manifest, providers) -> dict:
         feeds = {"images": image, "baseline": image, "alphas": np.array([0.5, 1.0], np.float32)}
         held = [h.name for h in manifest.held]
         activations, *values = sessions["forward"].run(["activations", *held], feeds)
-        sessions["gradient"].run(None, {"activations": activations, "targets": np.zeros(2, np.int64),
+        seeds = {o.seed: np.zeros((1, *o.shape), np.float32) for o in manifest.outputs}
+        sessions["gradient"].run(None, {"activations": activations, "seed_index": np.zeros(2, np.int64), **seeds,
                                         **dict(zip(held, values))})
         for graph, session in sessions.items():
             report[graph] = node_placement(session.end_profiling())

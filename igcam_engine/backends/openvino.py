@@ -9,6 +9,7 @@ instead, so asking for bf16 there is an error that says so.
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, replace
 
@@ -44,9 +45,9 @@ def load(manifest, options):
     from igcam_engine.host import HostStages
 
     compiled = sessions({graph: manifest.graph_path(graph) for graph in GRAPHS}, options.precision, manifest.root)
-    return Backend(NAME, HostStages(compiled["forward"], compiled["gradient"], manifest.held), compiled["forward"].precision,
-                   [f"OpenVINO {DEVICE}"], lambda: {graph: session.placement() for graph, session in compiled.items()},
-                   compiled)
+    stages = HostStages(compiled["forward"], compiled["gradient"], manifest.held, manifest.outputs)
+    return Backend(NAME, stages, compiled["forward"].precision, [f"OpenVINO {DEVICE}"],
+                   lambda: {graph: session.placement() for graph, session in compiled.items()}, compiled)
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,16 @@ class OpenVINOSession:
         return report
 
 
+# The bundle graphs' own input and output names: OpenVINO gives a port every name of its tensor (an output_0 that
+# is an Identity of the model's "logits" is both), and the port is known by the graph's.
+IO_NAME = re.compile(r"(output|seed|held)_\d+|images|baseline|alphas|weights|activations|activation_grad|seed_index|"
+                     r"subtract_baseline|maps")
+
+
 def _port(node) -> Port:
     shape = node.get_partial_shape()
-    return Port(node.get_any_name(), [d.get_length() if d.is_static else None for d in shape])
+    name = next((n for n in sorted(node.get_names()) if IO_NAME.fullmatch(n)), node.get_any_name())
+    return Port(name, [d.get_length() if d.is_static else None for d in shape])
 
 
 def sessions(graph_paths: dict, precision: str, bundle: str) -> dict:

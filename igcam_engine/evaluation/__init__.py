@@ -106,6 +106,9 @@ class EngineModel(Model):
         self.bundle = Path(bundle)
         self.backend, self.rows_per_call, self.channels, self.limits = backend, rows_per_call, channels, limits
         self.explainer = Explainer(bundle, **asdict(backend or BackendOptions()), limits=limits)
+        if self.explainer.task != "classification":
+            raise OptionError(f"igcam evaluate measures a classifier's maps (its metrics read class probabilities); "
+                              f"this bundle's task is '{self.explainer.task}'")
         self.input_shape = self.explainer.input_shape
         self.preprocess = self.explainer.preprocess
         self.num_classes = self.explainer.num_classes

@@ -58,3 +58,9 @@ def assert_maps_match(got, expected, normalized_tolerance=1e-3, raw_tolerance=1e
     assert normalized_error <= normalized_tolerance and raw_error <= raw_tolerance, (
         f"normalized max |Δ| {normalized_error:.2e} (tolerance {normalized_tolerance:.0e}), raw max |Δ| / peak "
         f"{raw_error:.2e} (tolerance {raw_tolerance:.0e})")
+
+
+def one_hot(targets, classes: int) -> np.ndarray:
+    """The seed of class scores for class indices [N]: float32 [N, classes] (what the graphs take as seed_0)."""
+    targets = np.asarray(targets)
+    return (targets[:, None] == np.arange(classes)[None]).astype(np.float32)

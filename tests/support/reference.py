@@ -21,13 +21,17 @@ class ReferencePath:
         dict(self.model.named_modules())[layer].register_forward_hook(lambda m, i, o: self._captured.append(o))
         self._points = {}
 
-    def point(self, image: torch.Tensor, base: torch.Tensor, alpha: float, target: int):
-        """(activation, gradient of the target's score with respect to it) at base + alpha (image - base)."""
-        key = (hashlib.sha1(image.numpy().tobytes() + base.numpy().tobytes()).hexdigest(), float(alpha), target)
+    def point(self, image: torch.Tensor, base: torch.Tensor, alpha: float, target):
+        """(activation, gradient of the target's score with respect to it) at base + alpha (image - base). `target`:
+        a class index, or a function of the model's output for the image (its batch of one removed: a tensor, or a
+        dict or list of tensors) giving the score."""
+        key = (hashlib.sha1(image.numpy().tobytes() + base.numpy().tobytes()).hexdigest(), float(alpha),
+               target if isinstance(target, int) else id(target))
         if key not in self._points:
             self._captured.clear()
             x = (base + float(alpha) * (image - base))[None].clone().requires_grad_(True)
-            score = self.model(x)[0, target]
+            output = self.model(x)
+            score = output[0, target] if isinstance(target, int) else target(unbatched(output))
             (grad,) = torch.autograd.grad(score, self._captured[0])
             self._points[key] = (self.reshape(self._captured[0].detach())[0], self.reshape(grad)[0])
         return self._points[key]
@@ -42,15 +46,25 @@ def contract_maps(point, images, targets, alphas, weights, baseline, subtract, d
     images = torch.as_tensor(np.array(images), dtype=dtype)
     base = torch.as_tensor(np.array(baseline), dtype=dtype).expand_as(images)
     maps = []
-    for image, x0, target in zip(images, base, np.asarray(targets)):
-        a0 = point(image, x0, 0.0, int(target))[0] if subtract else 0
+    for image, x0, target in zip(images, base, targets):
+        target = target if callable(target) else int(target)
+        a0 = point(image, x0, 0.0, target)[0] if subtract else 0
         total = 0
         for alpha, weight in zip(alphas, weights):
-            a, g = point(image, x0, alpha, int(target))
+            a, g = point(image, x0, alpha, target)
             total = total + float(weight) * F.relu((g.mean(dim=(1, 2))[:, None, None] * (a - a0)).sum(0))
         size = images.shape[-2:]
         maps.append(F.interpolate(total[None, None], size=size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(maps).numpy()
+
+
+def unbatched(output):
+    """A model's output for a batch of one without its batch dim: a tensor, or a dict or list of them."""
+    if isinstance(output, dict):
+        return {key: value[0] for key, value in output.items() if isinstance(value, torch.Tensor)}
+    if isinstance(output, (list, tuple)):
+        return [value[0] for value in output]
+    return output[0]
 
 
 def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64,
