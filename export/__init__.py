@@ -359,6 +359,8 @@ def _batch_hint(prepared) -> str:
 
 
 def _compare(got, expected, message) -> None:
-    error = float(np.abs(got - expected).max()) / max(float(np.abs(expected).max()), 1e-6)
+    # relative to the outputs' peak, and to 1e-3 where they are all ~0 (a text detector's map of a photo without
+    # text: float32's last digits of a sigmoid near 0 are no disagreement)
+    error = float(np.abs(got - expected).max()) / max(float(np.abs(expected).max()), 1e-3)
     if got.shape != expected.shape or error > 1e-3:
         raise ModelError(f"{message} (relative error {error:.2e})")

@@ -37,11 +37,11 @@ class _Exposed(torch.nn.Module):
 
 
 def named_outputs(result) -> list:
-    """[(name, tensor)] of what a model returns: one tensor ("logits"), a dict of tensors (torchvision's
+    """[(name, tensor)] of what a model returns: one tensor ("output"), a dict of tensors (torchvision's
     segmenters, HuggingFace model outputs; entries that are not tensors are left out) or a list or tuple of tensors
     (output_0, output_1, ...). Anything else is refused in one line."""
     if isinstance(result, torch.Tensor):
-        return [("logits", result)]
+        return [("output", result)]
     if isinstance(result, dict):
         return [(str(key), value) for key, value in result.items() if isinstance(value, torch.Tensor)]
     if isinstance(result, (list, tuple)) and result and all(isinstance(v, torch.Tensor) for v in result):

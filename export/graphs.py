@@ -240,7 +240,7 @@ PROBE_BATCHES = (1, 3)
 
 
 def _name_the_batch(model: onnx.ModelProto) -> None:
-    """Completes what shape inference left open, by measuring: the dims of a float tensor that inference left
+    """Completes what shape inference left open, by measuring: the dims of a tensor that inference left
     unknown or gave a fresh symbol (a Reshape to -1, an Expand or a Resize sized from computed shapes, a legacy
     export's shape arithmetic; a detection head's anchors), and the whole shape of a tensor it could not see
     (after an op of another domain, which onnx has no schema for). The model runs at batches 1 and 3 with those
@@ -251,7 +251,7 @@ def _name_the_batch(model: onnx.ModelProto) -> None:
     for output in model.graph.output:
         if output.type.tensor_type.HasField("shape"):
             infos.setdefault(output.name, output)
-    unsure = [name for name, info in infos.items() if info.type.tensor_type.elem_type in FLOAT_TYPES
+    unsure = [name for name, info in infos.items() if info.type.tensor_type.elem_type != TensorProto.STRING
               and info.type.tensor_type.HasField("shape") and len(info.type.tensor_type.shape.dim)
               and (info.type.tensor_type.shape.dim[0].dim_param != BATCH
                    or not all(d.HasField("dim_value") for d in info.type.tensor_type.shape.dim[1:]))]

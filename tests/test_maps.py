@@ -289,7 +289,7 @@ def test_bundle_manifest_and_graphs(bundle):
     assert manifest["target_layer"]["name"] == "layer3" and manifest["target_layer"]["shape"] == [128, 4, 5]
     assert manifest["target_layer"]["layout"] == "NCHW" and manifest["target_layer"]["grid"] == [4, 5]
     assert manifest["task"] == {"kind": "classification", "detector": None, "classes": 10}
-    assert manifest["outputs"] == [{"name": "output_0", "source": "logits", "tensor": "logits", "before": None,
+    assert manifest["outputs"] == [{"name": "output_0", "source": "output", "tensor": "output", "before": None,
                                     "shape": [10], "layout": None}]
     for entry in list(manifest["graphs"].values()) + [manifest["weights"]]:
         assert sha256(path / entry["file"]) == entry["sha256"]

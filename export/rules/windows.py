@@ -1,12 +1,13 @@
 """Rules of sliding-window ops (convolution, pooling): each window's cotangent scattered back onto the input grid
-with a ConvTranspose of the same geometry."""
+with a ConvTranspose of the same geometry; a ConvTranspose's cotangent gathered back with the Conv it is the
+adjoint of."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ..builder import GraphBuilder, Node
+from ..builder import GraphBuilder, Node, ShapeUnknown
 from .helpers import extremum_mask
 from .table import rule
 
@@ -72,6 +73,30 @@ def conv(b, n, dy):
     weight = n.inputs[1]
     kernel = n.attrs.get("kernel_shape") or b.static_shape(weight, slice(2, None))
     return [_Window(b, n, kernel).transpose(b, dy[0], weight, n.attrs.get("group", 1)), None, None][: len(n.inputs)]
+
+
+@rule("ConvTranspose")
+def conv_transpose(b, n, dy):
+    # ConvTranspose is the adjoint of a Conv with the same weights, strides, dilations and group (cross-correlation,
+    # no flip): its adjoint is that Conv. Its output is the full transposed convolution, (in - 1) * s + extent long,
+    # with pads cut at the start and pads - output_padding at the end (output_padding may append zeros: their
+    # cotangent is dropped).
+    x, weight = n.inputs[0], n.inputs[1]
+    if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in n.attrs:
+        raise ShapeUnknown("a ConvTranspose sized by auto_pad SAME or output_shape; export it with explicit pads")
+    kernel = n.attrs.get("kernel_shape") or b.static_shape(weight, slice(2, None))
+    r = len(kernel)
+    inputs, outputs = b.static_shape(x, slice(2, None)), b.static_shape(n.outputs[0], slice(2, None))
+    strides, dilations = list(n.attrs.get("strides", [1] * r)), list(n.attrs.get("dilations", [1] * r))
+    begin = [0] * r if n.attrs.get("auto_pad") == "VALID" else list(n.attrs.get("pads", [0] * 2 * r))[:r]
+    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(inputs, strides, kernel, dilations)]
+    end = [f - p - o for f, p, o in zip(full, begin, outputs)]  # negative: output_padding's appended zeros
+    grad = dy[0]
+    if any(e < 0 for e in end):
+        grad = b.Slice(grad, [0] * r, [o + min(e, 0) for o, e in zip(outputs, end)], list(range(2, 2 + r)))
+    grad = b.Conv(grad, weight, strides=strides, dilations=dilations, pads=begin + [max(e, 0) for e in end],
+                  group=n.attrs.get("group", 1), kernel_shape=list(kernel))
+    return [grad, None, None][: len(n.inputs)]
 
 
 @rule("MaxPool")

@@ -1,4 +1,5 @@
-"""The rules of export/rules/windows.py (Conv, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool) against
+"""The rules of export/rules/windows.py (Conv, ConvTranspose, MaxPool, AveragePool, GlobalAveragePool,
+GlobalMaxPool) against
 torch autograd in float64 (tests/support/rule_cases.py)."""
 import numpy as np
 import pytest
@@ -42,6 +43,28 @@ def conv_case(attrs):
 
     return one("Conv", {"x": X}, reference, attrs,
                consts={"w": randn(out_channels, 4 // group, 3, 3, seed=2), "b": randn(out_channels, seed=3)})
+
+
+TRANSPOSED = [
+    dict(strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),  # DBNet's upsampling: end zeros appended
+    dict(strides=[2, 3], pads=[0, 2, 1, 0], dilations=[1, 2]),
+    dict(strides=[2, 2], group=2, output_padding=[1, 0]),
+    dict(strides=[3, 3], auto_pad="VALID"),
+]
+
+
+def conv_transpose_case(attrs):
+    group = attrs.get("group", 1)
+
+    def reference(x, w, b):
+        pads = attrs.get("pads", [0, 0, 0, 0])
+        y = F.conv_transpose2d(x, w, b, stride=attrs["strides"], dilation=attrs.get("dilations", 1), groups=group,
+                               output_padding=attrs.get("output_padding", 0))
+        return y[:, :, pads[0]:y.shape[2] - pads[2], pads[1]:y.shape[3] - pads[3]]  # ONNX crops pads from the result
+
+    return one("ConvTranspose", {"x": X}, reference, attrs,
+               consts={"w": randn(4, 6 // group, 3, 3, seed=2), "b": randn(6, seed=3)})
 
 
 # ---------------------------------------------------------------- pooling
@@ -88,6 +111,7 @@ GLOBAL = [
 
 CASES = (
     [conv_case(attrs) for attrs in CONV]
+    + [conv_transpose_case(attrs) for attrs in TRANSPOSED]
     + [one(op, {"x": WIDE}, lambda x, fn=fn: fn(x), attrs) for op, attrs, fn in GLOBAL]
     + [max_pool_case(attrs, ties) for attrs in POOL for ties in (False, True)]
     + [max_pool_case(DILATED, True)]

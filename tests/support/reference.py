@@ -26,7 +26,7 @@ class ReferencePath:
         a class index, or a function of the model's output for the image (its batch of one removed: a tensor, or a
         dict or list of tensors) giving the score."""
         key = (hashlib.sha1(image.numpy().tobytes() + base.numpy().tobytes()).hexdigest(), float(alpha),
-               target if isinstance(target, int) else id(target))
+               target)  # a function as a key, not its id: a collected function's id is reused
         if key not in self._points:
             self._captured.clear()
             x = (base + float(alpha) * (image - base))[None].clone().requires_grad_(True)
@@ -59,12 +59,12 @@ def contract_maps(point, images, targets, alphas, weights, baseline, subtract, d
 
 
 def unbatched(output):
-    """A model's output for a batch of one without its batch dim: a tensor, or a dict or list of them."""
+    """A model's output for a batch of one without its batch dim: a tensor, or dicts and lists of them (nested)."""
     if isinstance(output, dict):
-        return {key: value[0] for key, value in output.items() if isinstance(value, torch.Tensor)}
+        return {key: unbatched(value) for key, value in output.items() if value is not None}
     if isinstance(output, (list, tuple)):
-        return [value[0] for value in output]
-    return output[0]
+        return [unbatched(value) for value in output]
+    return output[0] if isinstance(output, torch.Tensor) else output
 
 
 def igcam_reference(model, layer, images, targets, alphas, weights, baseline, subtract, dtype=torch.float64,
