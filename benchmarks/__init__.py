@@ -13,6 +13,8 @@ for the plots; the runtime itself never imports either. One module per study:
 - targets: k classes per image in one call against k calls;
 - methods: every CAM method against pytorch-grad-cam, and IG-CAM against pytorch-grad-cam looped over the path
   (needs grad-cam: the corpus tier's virtualenv);
+- tasks: a segmenter and a detector against pytorch-grad-cam with the same targets (needs grad-cam and
+  ultralytics: the corpus tier's virtualenv);
 - evaluation: the metrics of igcam_engine.evaluation for every method on the shipped localization set with the
   pretrained EfficientNet-Lite0/1/2, and the same metrics with PyTorch eager, timed in the same run;
 - precision: the OpenVINO backend in float32 and bfloat16 and an int8 forward graph against the float32 engine,
@@ -24,12 +26,14 @@ from igcam_engine.benchmarks.methods import METHOD_MODELS
 from igcam_engine.benchmarks.models import LATENCY_MODELS
 from igcam_engine.benchmarks.precision import PRECISION_MODELS
 from igcam_engine.benchmarks.quadrature import QUADRATURE_STEPS
+from igcam_engine.benchmarks.tasks import TASK_MODELS
 
 STUDIES = ("latency", "quadrature", "adaptive", "targets")  # `all`: what runs with the bench extra alone
-# methods needs grad-cam; evaluation takes 75 min on 2 cores; precision needs the openvino extra
-EXTRA_STUDIES = ("methods", "evaluation", "precision")
+# methods and tasks need grad-cam; evaluation takes 75 min on 2 cores; precision needs the openvino extra
+EXTRA_STUDIES = ("methods", "tasks", "evaluation", "precision")
 
-__all__ = ["LATENCY_MODELS", "METHOD_MODELS", "PRECISION_MODELS", "QUADRATURE_STEPS", "STUDIES", "EXTRA_STUDIES", "run"]
+__all__ = ["LATENCY_MODELS", "METHOD_MODELS", "PRECISION_MODELS", "TASK_MODELS", "QUADRATURE_STEPS", "STUDIES",
+           "EXTRA_STUDIES", "run"]
 
 
 def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, batches=(1, 2, 4),
@@ -37,7 +41,7 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         log=print) -> list[str]:
     """Runs the studies `kinds` (a subset of STUDIES, in order) and writes KIND.json, KIND.md and KIND.png into
     `output`; returns the Markdown tables. models None: each study's own (LATENCY_MODELS, METHOD_MODELS)."""
-    from igcam_engine.benchmarks import evaluation, latency, methods, precision, quadrature, targets
+    from igcam_engine.benchmarks import evaluation, latency, methods, precision, quadrature, targets, tasks
     from igcam_engine.benchmarks.measure import write
 
     cases, tables = None, []
@@ -51,6 +55,9 @@ def run(kinds, output, *, models=None, steps=(8, 16, 32, 50), peer_steps=32, bat
         elif kind == "methods":
             report = methods.methods_study(models or METHOD_MODELS, max(steps), repeats, warmup, providers, small, log)
             markdown = methods.markdown(report)
+        elif kind == "tasks":
+            report = tasks.tasks_study(models or TASK_MODELS, max(steps), repeats, warmup, providers, small, log)
+            markdown = tasks.markdown(report)
         elif kind == "evaluation":
             report = evaluation.evaluation_study(small, providers, log)
             markdown = evaluation.markdown(report)

@@ -271,17 +271,22 @@ def _name_the_batch(model: onnx.ModelProto) -> None:
     image = model.graph.input[0]
     dims = [d.dim_value for d in image.type.tensor_type.shape.dim[1:]]
     names = unsure + unseen
+    runs = []
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        runs = [session.run(names, {image.name: np.random.default_rng(0).standard_normal((n, *dims), np.float32)})
-                for n in PROBE_BATCHES]
+        for n in PROBE_BATCHES:
+            runs.append(session.run(names, {image.name: np.random.default_rng(0).standard_normal((n, *dims),
+                                                                                                 np.float32)}))
     except Exception as e:  # onnxruntime's errors have no common base class
-        if unseen:
+        if unseen and not runs:
             node = next(n for n in model.graph.node if any(o in unseen for o in n.output))
             raise ModelError(f"onnx's shape inference cannot see through op '{node.op_type}' (domain "
                              f"'{node.domain or 'ai.onnx'}', node '{node.name}') and ONNX Runtime cannot run the model "
                              f"to measure it: {str(e).splitlines()[0][:200]}") from None
-        return  # shapes are complete up to the batch's name: the export's verification says what fails
+        if not runs:
+            return  # shapes are complete up to the batch's name: the export's verification says what fails
+        _measured_at_one(model, infos, names, runs[0])  # a batch still fixed somewhere: verification says so
+        return
     for index, name in enumerate(names):
         shapes = [np.shape(run[index]) for run in runs]
         batch_first = [shape[:1] for shape in shapes] == [(n,) for n in PROBE_BATCHES] and len({s[1:] for s in shapes}) == 1
@@ -298,6 +303,16 @@ def _name_the_batch(model: onnx.ModelProto) -> None:
             elem_type = helper.np_dtype_to_tensor_dtype(runs[0][index].dtype)
             shape = [BATCH, *shapes[0][1:]] if batch_first else list(shapes[0])
             model.graph.value_info.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+
+def _measured_at_one(model: onnx.ModelProto, infos: dict, names: list, run: list) -> None:
+    """The dims after the first that inference left open, from a run at batch 1 alone (a model whose batch some op
+    still fixes runs at no other): the first dim stays as inference left it."""
+    for name, value in zip(names, run):
+        if name in infos and len(infos[name].type.tensor_type.shape.dim) == np.ndim(value):
+            for dim, size in zip(infos[name].type.tensor_type.shape.dim[1:], np.shape(value)[1:]):
+                if not dim.HasField("dim_value"):
+                    dim.dim_value = size
 
 
 def _ir_version(model: onnx.ModelProto) -> int:
@@ -337,7 +352,9 @@ def _free_the_batch(model: onnx.ModelProto, fixed_batch: int) -> list[str]:
     constants = _constants(model.graph)
     rewritten = []
     for node in model.graph.node:
-        if node.op_type != "Reshape" or first_dims.get(node.input[0]) != BATCH:
+        # a first dim that inference names after the batch, or a fresh symbol it made of it on the way (a Resize or
+        # a Split sized from computed shapes); the export's verification at two batches checks the rewrite
+        if node.op_type != "Reshape" or not first_dims.get(node.input[0]):
             continue
         target = constants.get(node.input[1])
         if target is None or target.ndim != 1 or not len(target) or target[0] != fixed_batch or 0 in target:

@@ -56,7 +56,8 @@ def _grid(size, input_size) -> bool:
 
 
 def metadata(model: onnx.ModelProto) -> dict:
-    """What ultralytics' exporter records (task, class names), read as untrusted text."""
+    """What ultralytics' exporter records (task, class names), or paddle2onnx's rapid* models (class names), read
+    as untrusted text."""
     props = {p.key: p.value for p in model.metadata_props if len(p.value) <= MAX_METADATA}
     found = {}
     if props.get("task") in ("detect", "segment", "classify", "pose", "obb"):
@@ -68,6 +69,8 @@ def metadata(model: onnx.ModelProto) -> dict:
     if isinstance(names, dict) and names and all(isinstance(k, int) for k in names) \
             and sorted(names) == list(range(len(names))):
         found["labels"] = [str(names[i]) for i in range(len(names))]
+    elif props.get("character"):  # paddle2onnx models of the rapid* packages: class names one per line
+        found["labels"] = props["character"].splitlines()
     return found
 
 

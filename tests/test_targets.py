@@ -2,6 +2,7 @@
 classifiers, any linear functional; each against torch autograd in float64 of the same function of the model's
 outputs (pytorch-grad-cam's definitions: SemanticSegmentationTarget, FasterRCNNBoxScoreTarget's score + IoU,
 SimilarityToConceptTarget's cosine), with raw values compared."""
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.comparisons import assert_maps_match
-from support.reference import ReferencePath, contract_maps, randomized
+from support.reference import ReferencePath, contract_maps, randomized, unbatched
 
 from igcam_engine import Explainer
 from igcam_engine.detections import HEADS, decode, iou, iou_cotangent
@@ -539,3 +540,55 @@ def test_a_host_with_onnx_runtime_alone_reproduces_a_segmentation_map(segmenter)
                                      "seed_0": seed, "subtract_baseline": np.zeros(1, np.float32)})
     expected = Explainer(bundle).explain(x, SemanticSegmentationTarget(category), steps=8, baseline="zeros")
     assert_maps_match(maps, expected, 1e-4, 1e-4)
+
+
+# ---------------------------------------------------------------- the per-channel methods score by the target
+
+
+def per_channel_reference(model, x, function, method):
+    """Score-CAM or Ablation-CAM of one image in float64 torch for a target `function` of the model's output (as
+    pytorch-grad-cam 1.5 defines them: Score-CAM's masks upsampled with corners aligned and min-max scaled, softmax
+    of the target's scores; Ablation-CAM's channels set to 0, or far below the minimum, and the relative drop)."""
+    reference = copy.deepcopy(model).double().eval()
+    captured = []
+    reference.backbone.stage.register_forward_hook(lambda m, i, o: captured.append(o))
+    image = torch.from_numpy(x).double()[None]
+    with torch.no_grad():
+        original = function(unbatched(reference(image)))
+        a = captured[0][0]
+        if method == "scorecam":
+            masks = F.interpolate(a[None], size=image.shape[-2:], mode="bilinear", align_corners=True)[0]
+            low, high = masks.amin(dim=(1, 2), keepdim=True), masks.amax(dim=(1, 2), keepdim=True)
+            masks = (masks - low) / (high - low + 1e-8)
+            scores = torch.stack([function(unbatched(reference(image * m))) for m in masks])
+            weights = torch.softmax(scores, dim=0)
+        else:
+            value = 0.0 if float(a.min()) == 0 else float(a.min()) - 1e7
+            scores = []
+            for k in range(len(a)):
+                ablated = a.clone()
+                ablated[k] = value
+                handle = reference.backbone.stage.register_forward_hook(lambda m, i, o, v=ablated: v[None])
+                scores.append(function(unbatched(reference(image))))
+                handle.remove()
+            weights = (original - torch.stack(scores)) / original
+        cam = torch.relu((weights[:, None, None] * a).sum(0))
+    return F.interpolate(cam[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_score_cam_and_ablation_cam_score_by_the_target(segmenter, tmp_path, method):
+    """A segmentation class over a mask, and a YOLOv5 detection's score (objectness x class, not linear)."""
+    model, bundle = segmenter
+    x = images()
+    mask = np.zeros(SHAPE[1:], np.float32)
+    mask[2:20, 4:28] = 1
+    got = Explainer(bundle).explain(x, SemanticSegmentationTarget(2, mask), method=method)
+    expected = np.stack([per_channel_reference(model, image, lambda out: (out["out"][2] * torch.from_numpy(mask)).sum(),
+                                               method) for image in x])
+    assert_maps_match(got, expected)
+    model, bundle = export(YoloV5Head, tmp_path / "v5", detector="yolov5")
+    got = Explainer(bundle).explain(x, BoxScoreTarget(7, 2), method=method)
+    expected = np.stack([per_channel_reference(model, image, lambda out: out[7, 4] * out[7, 7], method)
+                         for image in x])
+    assert_maps_match(got, expected)

