@@ -592,3 +592,26 @@ def test_score_cam_and_ablation_cam_score_by_the_target(segmenter, tmp_path, met
     expected = np.stack([per_channel_reference(model, image, lambda out: out[7, 4] * out[7, 7], method)
                          for image in x])
     assert_maps_match(got, expected)
+
+
+def test_the_notebook_path_and_triton_take_targets(segmenter, tmp_path):
+    """explain_torch on a model returning a dict, with a segmentation target; a Triton repository of a segmenter
+    takes the seeds of its output as an input (a classifier's takes class indices)."""
+    from igcam_engine.export import triton_repository
+    from igcam_engine.notebook import explain_torch
+
+    model, bundle = segmenter
+    x = images()
+    mask = np.zeros(SHAPE[1:], np.float32)
+    mask[5:15, 3:30] = 1
+    target = SemanticSegmentationTarget(2, mask)
+    got = explain_torch(model, "backbone.stage", x, target, steps=STEPS, cache_dir=tmp_path / "cache")
+    assert_maps_match(got, reference(model, [lambda out: (out["out"][2] * torch.from_numpy(mask)).sum()] * 2, x))
+    folder = triton_repository(bundle, tmp_path / "triton", steps=STEPS)
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {"images", "seed_0"}
+    seed = np.zeros((2, 4, *SHAPE[1:]), np.float32)
+    seed[:, 2] = mask
+    (maps,) = session.run(["maps"], {"images": x, "seed_0": seed})
+    assert_maps_match(maps, Explainer(bundle).explain(x, target, steps=STEPS), 1e-4, 1e-4)
+    assert 'name: "seed_0" data_type: TYPE_FP32 dims: [ 4, 24, 32 ]' in (folder / "config.pbtxt").read_text()

@@ -416,6 +416,44 @@ def test_detr_from_a_config(tmp_path, record):
                       "logit + IoU"}, started)
 
 
+def test_ssdlite_head_through_a_linear_target(tmp_path, record):
+    """torchvision's SSDlite head: class logits and box offsets per anchor, decoded against anchors outside the
+    graph; an anchor's class logit as a linear functional of the cls_logits output (task 'outputs')."""
+    shape = (3, 128, 128)
+    torch.manual_seed(0)
+    detector = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                           num_classes=5)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = detector
+
+        def forward(self, x):
+            return self.model.head(list(self.model.backbone(x).values()))
+
+    model = calibrated(Head(), shape)
+    layer = "model.backbone.features.0"
+    started = time.perf_counter()
+    explainer = Explainer(from_torch(model, layer, shape, tmp_path / "bundle", preprocess="imagenet"))
+    assert explainer.task == "outputs" and [o.source for o in explainer.manifest.outputs] == ["bbox_regression",
+                                                                                              "cls_logits"]
+    images = photos(shape)
+    point = ReferencePath(model, layer).point
+    black = np.broadcast_to(IMAGENET_BLACK, (1, *shape))
+    logits = explainer.outputs(images)["cls_logits"]
+    chosen = []
+    for n in range(2):
+        candidates = [lambda out, a=int(a), c=int(c): out["cls_logits"][a, c]
+                      for a, c in zip(*np.unravel_index(np.argsort(-logits[n], axis=None)[:20], logits[n].shape))]
+        chosen.append(nontrivial(point, images[n:n + 1], black, candidates))
+    positions = [candidate.__defaults__ for candidate in chosen]
+    engine_targets = [targets.LinearTarget(indices=[list(p)], output="cls_logits") for p in positions]
+    against_autograd(explainer, point, images, engine_targets, chosen, black, record,
+                     {"family": "detection", "model": f"torchvision SSDlite head (LinearTarget at an anchor and class; "
+                      f"{layer}, {shape[1]}²)"}, started, ReferencePath(model, layer, torch.float32).point)
+
+
 # ---------------------------------------------------------------- embeddings
 
 
