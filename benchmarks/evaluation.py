@@ -35,7 +35,7 @@ class EagerModel(Model):
         self.model, self.layer = model, layer
         self.input_shape, self.preprocess, self.num_classes, self.labels = tuple(input_shape), preprocess, num_classes, None
 
-    def probabilities(self, images):
+    def probabilities(self, images, mask=None):  # a classifier's: the object's mask changes nothing
         import torch
 
         with torch.no_grad():
@@ -43,7 +43,7 @@ class EagerModel(Model):
                    for i in range(0, len(images), 64)]
         return np.concatenate(out)
 
-    def explain(self, images, targets, config):
+    def explain(self, images, targets, config, mask=None):
         import torch
 
         from igcam_engine.benchmarks.recipes import official_recipe

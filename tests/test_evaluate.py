@@ -1,6 +1,7 @@
 """`igcam evaluate`: each metric against an independent float64 computation (loops, torch), the whole pipeline
 against torch autograd and torch forward passes, the randomized head against torch, annotations as untrusted input,
 the shipped set, and the pretrained models of the comparison."""
+import copy
 import csv
 import json
 import subprocess
@@ -143,26 +144,33 @@ def _model_input(picture):
     return ((np.asarray(picture.resize((SIDE, SIDE), Image.BILINEAR), np.float64) / 255 - MEAN) / STD).transpose(2, 0, 1)
 
 
-def _expected_metrics(model, picture, box, accepted, steps):
+def _expected_metrics(model, picture, box, accepted, steps, segmenter=False):
     """Every metric of one image for Grad-CAM and IG-CAM (m = 8), by torch float64 (maps by autograd, probabilities
-    by forward passes) and loops over pixels."""
-    model64 = model.double()
+    by forward passes) and loops over pixels. A `segmenter` (test_targets.Segmenter: {"out": scores}) is explained at
+    its backbone for its class's scores over the object's pixels, and its probabilities are the class's softmax
+    averaged over them."""
+    model64 = copy.deepcopy(model).double()
     x = _model_input(picture)
     black = (-MEAN / STD)[:, None, None]
+    mask = np.zeros((SIDE, SIDE), bool)
+    x0, y0, x1, y1 = (v // 2 for v in box)
+    mask[y0:y1, x0:x1] = True
 
     def probabilities(images):
         with torch.no_grad():
+            if segmenter:
+                return torch.softmax(model64(torch.tensor(np.asarray(images)))["out"], 1).numpy()[:, :, mask].mean(2)
             return torch.softmax(model64(torch.tensor(np.asarray(images))), 1).numpy()
 
     p = probabilities(x[None])[0]
     target = max(accepted, key=lambda c: p[c])
-    mask = np.zeros((SIDE, SIDE), bool)
-    x0, y0, x1, y1 = (v // 2 for v in box)
-    mask[y0:y1, x0:x1] = True
+    explained = (lambda out: (out["out"][target] * torch.from_numpy(mask.astype(np.float64))).sum()) if segmenter \
+        else target
     expected = {}
     for label, alphas in (("igcam (official, m=8)", np.arange(8) / 8), ("gradcam", np.ones(1))):
         weights = np.full(len(alphas), 1 / len(alphas))
-        saliency = igcam_reference(model, "layer4", x[None], [target], alphas, weights, black[None], False)[0]
+        saliency = igcam_reference(model, "backbone.stage" if segmenter else "layer4", x[None], [explained], alphas,
+                                   weights, black[None], False)[0]
         blurred = F.conv2d(F.pad(torch.tensor(x)[None], (5,) * 4, mode="reflect"), _gauss_kernel(), groups=3)[0].numpy()
         ranked = _ranked(saliency)
         deletion, insertion = [], []
@@ -198,15 +206,30 @@ def _gauss_kernel():
     return torch.tensor(np.outer(g, g) / np.outer(g, g).sum())[None, None].repeat(3, 1, 1, 1)
 
 
-def test_every_metric_against_torch(subject):
-    model, bundle, data, rows = subject
+@pytest.fixture(scope="module")
+def segmenter(subject, tmp_path_factory):
+    """test_targets' Segmenter (5 classes, its scores upsampled to the input), bundled, with the subject's photos;
+    each box an object of its classes."""
+    from test_targets import Segmenter
+
+    torch.manual_seed(1)
+    model = randomized(Segmenter(classes=5)).eval()
+    bundle = from_torch(model, "backbone.stage", (3, SIDE, SIDE), tmp_path_factory.mktemp("segmenter") / "bundle",
+                        preprocess="imagenet")
+    return model, bundle, subject[2], subject[3]
+
+
+@pytest.mark.parametrize("kind", ["classifier", "segmenter"])
+def test_every_metric_against_torch(subject, segmenter, kind):
+    model, bundle, data, rows = subject if kind == "classifier" else segmenter
     steps = 8
     report = evaluate(bundle, data, methods=("igcam", "gradcam"), steps=(8,), perturbation_steps=steps, sanity=False,
                       keep_maps=3)
     assert report["counts"] == {"entries": 3, "evaluated": 3, "errors": 0, "skipped": 0}
     for record, kept, (file, classes, *box) in zip(report["images"], report["kept"], rows):
         accepted = [int(c) for c in classes.split("|")]
-        target, probability, expected = _expected_metrics(model, Image.open(data / file), box, accepted, steps)
+        target, probability, expected = _expected_metrics(model, Image.open(data / file), box, accepted, steps,
+                                                          segmenter=kind == "segmenter")
         assert record["target"] == target and record["probability"] == pytest.approx(probability, rel=1e-4)
         for label, values in expected.items():
             assert_maps_match(kept["maps"][label][None], values.pop("saliency")[None])

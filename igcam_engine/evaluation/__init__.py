@@ -24,7 +24,7 @@ from igcam_engine.images import fit, load_image, to_model_input
 from igcam_engine.methods import INTEGRATED_GRADCAM, METHODS
 from igcam_engine.options import DEFAULT_LIMITS, ExplainOptions, Limits
 from igcam_engine.preprocess import black_input
-from igcam_engine.targets import class_probabilities
+from igcam_engine.targets import SemanticSegmentationTarget, class_probabilities
 from igcam_engine.validators import choice, integer
 
 PAPER_PRESET = "igcam-paper"  # IG-CAM with the paper's variant; "igcam" is the official one
@@ -76,18 +76,23 @@ def configs(methods=DEFAULT_METHODS, steps=(50,)) -> list[Config]:
 
 
 class Model:
-    """What the evaluation needs of a model: its input, class probabilities of images in model input space, maps at
-    input resolution, and the same model with its head randomized (the sanity check)."""
+    """What the evaluation needs of a model: its input, each image's confidence in a class (a classifier's
+    probability; a segmenter's mean probability of the class over the object), maps at input resolution, and the
+    same model with its head randomized (the sanity check)."""
 
     input_shape: tuple
     preprocess: dict | None
     num_classes: int
     labels: list | None
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """[N, classes]: each image's confidence per class (`mask`, [H, W] at model input resolution: the object's
+        pixels, which a segmenter's confidence is averaged over)."""
         raise NotImplementedError
 
-    def explain(self, images: np.ndarray, targets: np.ndarray, config: Config) -> np.ndarray:
+    def explain(self, images: np.ndarray, targets: np.ndarray, config: Config, mask: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Maps of the classes `targets` (a segmenter's over the object's pixels `mask`)."""
         raise NotImplementedError
 
     def randomized(self, directory: Path) -> "Model":
@@ -106,16 +111,19 @@ class EngineModel(Model):
         self.bundle = Path(bundle)
         self.backend, self.rows_per_call, self.channels, self.limits = backend, rows_per_call, channels, limits
         self.explainer = Explainer(bundle, **asdict(backend or BackendOptions()), limits=limits)
-        if self.explainer.task != "classification":
-            raise OptionError(f"igcam evaluate measures a classifier's maps (its metrics read class probabilities); "
-                              f"this bundle's task is '{self.explainer.task}'")
+        if self.explainer.task not in ("classification", "segmentation"):
+            raise OptionError(f"igcam evaluate measures a classifier's or a segmenter's maps (its metrics read class "
+                              f"probabilities); this bundle's task is '{self.explainer.task}'")
         self.input_shape = self.explainer.input_shape
         self.preprocess = self.explainer.preprocess
         self.num_classes = self.explainer.num_classes
         self.labels = self.explainer.manifest.labels
 
-    def probabilities(self, images):
-        return class_probabilities(self.explainer.predict(images))
+    def probabilities(self, images, mask=None):
+        if self.explainer.task == "classification":
+            return class_probabilities(self.explainer.predict(images))
+        return segment_probabilities(self.explainer.manifest.outputs[0], self.explainer.model_outputs(images)[0],
+                                     mask)
 
     def options_for(self, config: Config) -> ExplainOptions:
         """The configuration's options with this model's rows per call and channels, checked."""
@@ -124,7 +132,9 @@ class EngineModel(Model):
                                  channels=self.channels if per_channel else None).checked(
             self.explainer.limits, self.explainer.manifest.target_layer.channels)
 
-    def explain(self, images, targets, config):
+    def explain(self, images, targets, config, mask=None):
+        if self.explainer.task == "segmentation":  # the class over the object's pixels
+            targets = [SemanticSegmentationTarget(int(c), mask) for c in targets]
         return self.explainer.explain(images, targets, self.options_for(config))
 
     def randomized(self, directory):
@@ -132,6 +142,25 @@ class EngineModel(Model):
 
         copy = randomized_head(self.bundle, Path(directory) / "bundle")
         return EngineModel(copy, self.backend, self.rows_per_call, self.channels, self.limits)
+
+
+def segment_probabilities(output, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[N, classes]: each class's probability (softmax over the classes; one class: its sigmoid) averaged over the
+    object's pixels `mask` ([H, W] of the model input, resized to the score map's grid by nearest neighbour)."""
+    planes = np.asarray(scores, np.float64)
+    planes = planes if output.layout == "NCHW" else np.moveaxis(planes, -1, 1)
+    if planes.shape[1] == 1:
+        probabilities = 1 / (1 + np.exp(-planes))
+    else:
+        e = np.exp(planes - planes.max(axis=1, keepdims=True))
+        probabilities = e / e.sum(axis=1, keepdims=True)
+    h, w = planes.shape[2:]
+    rows = ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(int)
+    columns = ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(int)
+    inside = mask[rows][:, columns].astype(bool)
+    if not inside.any():
+        raise InputError("the object covers no pixel of the model's score map")
+    return probabilities[:, :, inside].mean(axis=2)
 
 
 def evaluate(bundle_or_model, data, *, methods=DEFAULT_METHODS, steps=(50,), perturbation_steps: int = 16,
@@ -222,7 +251,7 @@ class _Run:
         except UserError as e:
             record["error"], record["kind"] = f"{entry.where}: {e}", e.kind
             return
-        probabilities = self.model.probabilities(x[None])[0]
+        probabilities = self.model.probabilities(x[None], mask)[0]
         accepted = np.array(entry.classes)
         target = int(accepted[np.argmax(probabilities[accepted])])
         correct = int(np.argmax(probabilities)) in entry.classes
@@ -234,15 +263,16 @@ class _Run:
         maps = {}
         started = time.perf_counter()
         for config in self.configs:
-            maps[config.label] = self.model.explain(x[None], np.array([target]), config)[0].astype(np.float32)
+            maps[config.label] = self.model.explain(x[None], np.array([target]), config, mask.astype(np.float32)
+                                                    )[0].astype(np.float32)
         self.seconds["maps"] += time.perf_counter() - started
         record["metrics"] = {label: self._localization(saliency, mask) for label, saliency in maps.items()}
-        self._perturbations(x, target, probabilities[target], maps, record)
+        self._perturbations(x, target, probabilities[target], maps, record, mask)
         if self.random_model is not None and (self.sanity_left is None or self.sanity_left > 0):
             self.sanity_left = None if self.sanity_left is None else self.sanity_left - 1
             started = time.perf_counter()
             for config in self.configs:
-                randomized = self.random_model.explain(x[None], np.array([target]), config)[0]
+                randomized = self.random_model.explain(x[None], np.array([target]), config, mask.astype(np.float32))[0]
                 record["metrics"][config.label]["sanity"] = metrics.spearman(maps[config.label], randomized)
             self.seconds["sanity"] += time.perf_counter() - started
         if keep:
@@ -266,7 +296,7 @@ class _Run:
     def _substitute(self, x, kind):
         return np.broadcast_to(self.black, x.shape) if kind == "black" else metrics.gaussian_blur(x)
 
-    def _perturbations(self, x, target, full, maps, record) -> None:
+    def _perturbations(self, x, target, full, maps, record, mask) -> None:
         """Deletion and insertion sequences and the map-multiplied image of every method: one batched call."""
         started = time.perf_counter()
         deleted, inserted = self._substitute(x, self.deletion), self._substitute(x, self.insertion)
@@ -275,7 +305,7 @@ class _Run:
             batch += [metrics.perturbation_sequence(x, deleted, saliency, self.steps, insertion=False),
                       metrics.perturbation_sequence(x, inserted, saliency, self.steps, insertion=True),
                       metrics.masked_by_map(x, self.black, saliency)[None]]
-        probabilities = self.model.probabilities(np.concatenate(batch))[:, target]
+        probabilities = self.model.probabilities(np.concatenate(batch), mask)[:, target]
         size = self.steps + 1
         for n, label in enumerate(maps):
             block = probabilities[n * (2 * size + 1):(n + 1) * (2 * size + 1)]
