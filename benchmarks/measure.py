@@ -28,6 +28,19 @@ def measure(fn, warmup: int, repeats: int) -> dict:
             "p95_s": float(np.percentile(samples, 95)), "peak_rss_mb": memory.megabytes, "samples": samples}
 
 
+def against_peer(rows: list, name: str, label: str, engine, peer, warmup: int, repeats: int, log) -> dict:
+    """The engine and a peer computing the same maps, timed alike, with the normalized map difference; appends the
+    row to `rows` and logs it."""
+    engine_maps, peer_maps = engine(), peer()
+    row = {"method": label, "engine": measure(engine, warmup, repeats), "peer": measure(peer, warmup, repeats),
+           "normalized_error": map_errors(engine_maps, peer_maps)[0]}
+    row["ratio"] = row["peer"]["median_s"] / row["engine"]["median_s"]
+    log(f"  {name:30s} {label:22s} engine {ms(row['engine']['median_s']):>9s}  pytorch-grad-cam "
+        f"{ms(row['peer']['median_s']):>9s}  x{row['ratio']:.1f}  max normalized Δ {row['normalized_error']:.1e}")
+    rows.append(row)
+    return row
+
+
 def machine() -> dict:
     import onnxruntime
     import torch

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine import Explainer
-from igcam_engine.benchmarks.measure import machine, map_errors, measure, ms
+from igcam_engine.benchmarks.measure import against_peer, machine, ms
 from igcam_engine.benchmarks.models import SHAPE, build_model
+from igcam_engine.benchmarks.recipes import pytorch_grad_cam_path
 from igcam_engine.methods import METHOD_TABLE
-from igcam_engine.quadrature import quadrature
 
 METHOD_MODELS = ("efficientnet_lite0", "mobilenet_v2")
 PEER_CLASSES = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
@@ -34,7 +34,6 @@ def methods_study(models=METHOD_MODELS, steps=50, repeats=3, warmup=1, providers
 
 
 def _model_methods(name, workdir, steps, repeats, warmup, providers, small, log) -> dict:
-    import cv2
     import pytorch_grad_cam
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -52,13 +51,7 @@ def _model_methods(name, workdir, steps, repeats, warmup, providers, small, log)
     rows = []
 
     def timed(label, engine, peer):
-        engine_maps, peer_maps = engine(), peer()
-        row = {"method": label, "engine": measure(engine, warmup, repeats), "peer": measure(peer, warmup, repeats),
-               "normalized_error": map_errors(engine_maps, peer_maps)[0]}
-        row["ratio"] = row["peer"]["median_s"] / row["engine"]["median_s"]
-        log(f"  {name:20s} {label:22s} engine {ms(row['engine']['median_s']):>9s}  pytorch-grad-cam "
-            f"{ms(row['peer']['median_s']):>9s}  x{row['ratio']:.1f}  max normalized Δ {row['normalized_error']:.1e}")
-        rows.append(row)
+        against_peer(rows, name, label, engine, peer, warmup, repeats, log)
 
     for method, class_name in PEER_CLASSES.items():
         peer = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=[module])
@@ -68,36 +61,11 @@ def _model_methods(name, workdir, steps, repeats, warmup, providers, small, log)
               lambda p=peer: p(input_tensor=image_t, targets=targets))
         peer.activations_and_grads.release()
 
-    # IG-CAM: pytorch-grad-cam's GradCAM once per interpolated image; its raw (unnormalized) step maps are captured
-    # so that the sum is IG-CAM's map, the same quantity as the engine's.
-    alphas, weights = quadrature("left", steps)
-    black = torch.from_numpy(np.broadcast_to(_black(explainer.preprocess), image.shape[1:]).astype(np.float32))
     grad_cam = pytorch_grad_cam.GradCAM(model=model, target_layers=[module])
-    raw = []
-    compute = grad_cam.get_cam_image
-
-    def capture(*args, **kwargs):
-        raw.append(compute(*args, **kwargs))
-        return raw[-1]
-
-    grad_cam.get_cam_image = capture
-
-    def looped():
-        raw.clear()
-        for alpha in alphas:
-            grad_cam(input_tensor=(black + float(alpha) * (image_t[0] - black))[None], targets=targets)
-        coarse = sum(w * np.maximum(r[0], 0) for w, r in zip(weights, raw))
-        return cv2.resize(np.float32(coarse), SHAPE[1:][::-1])[None]
-
-    timed(f"igcam (m={steps})", lambda: explainer.explain(image, target, steps=steps), looped)
+    timed(f"igcam (m={steps})", lambda: explainer.explain(image, target, steps=steps),
+          pytorch_grad_cam_path(grad_cam, image, explainer.preprocess, targets, steps))
     grad_cam.activations_and_grads.release()
     return {"model": name, "layer": layer, "target": target, "rows": rows}
-
-
-def _black(preprocess) -> np.ndarray:
-    if not preprocess:
-        return np.zeros((SHAPE[0], 1, 1))
-    return (-np.array(preprocess["mean"]) / np.array(preprocess["std"]))[:, None, None]
 
 
 def markdown(report: dict) -> str:

@@ -62,3 +62,37 @@ def pytorch_grad_cam(model, layer):
         return None, f"not usable here: {type(e).__name__}: {e}"
     cam = GradCAM(model=model, target_layers=[dict(model.named_modules())[layer]])
     return (lambda image, target: cam(input_tensor=image[None], targets=[ClassifierOutputTarget(target)])), None
+
+
+def pytorch_grad_cam_path(grad_cam, image, preprocess, targets, steps):
+    """IG-CAM as a pytorch-grad-cam user computes it: `grad_cam` (its GradCAM) called once per interpolated image
+    (left rule, m = `steps`, black baseline), its raw step maps captured (its get_cam_image) and summed, upsampled by
+    OpenCV as it upsamples; the same quantity as the engine's map. Returns the function computing it for `image`
+    (numpy [1, C, H, W]) and `targets` (its target objects)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from igcam_engine.preprocess import black_input
+    from igcam_engine.quadrature import quadrature
+
+    alphas, weights = quadrature("left", steps)
+    black = torch.tensor(black_input(preprocess, image.shape[1]), dtype=torch.float32)[:, None, None]
+    black = black.expand(image.shape[1:])
+    image_t, size = torch.from_numpy(image), image.shape[-2:]
+    raw, compute = [], grad_cam.get_cam_image
+
+    def capture(*args, **kwargs):
+        raw.append(compute(*args, **kwargs))
+        return raw[-1]
+
+    grad_cam.get_cam_image = capture
+
+    def looped():
+        raw.clear()
+        for alpha in alphas:
+            grad_cam(input_tensor=(black + float(alpha) * (image_t[0] - black))[None], targets=targets)
+        coarse = sum(w * np.maximum(r[0], 0) for w, r in zip(weights, raw))
+        return cv2.resize(np.float32(coarse), (size[1], size[0]))[None]
+
+    return looped

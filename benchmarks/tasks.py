@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from igcam_engine import Explainer
-from igcam_engine.benchmarks.measure import machine, map_errors, measure, ms
-from igcam_engine.quadrature import quadrature
+from igcam_engine.benchmarks.measure import against_peer, machine, ms
+from igcam_engine.benchmarks.recipes import pytorch_grad_cam_path
 
 TASK_MODELS = ("deeplabv3_mobilenet_v3_large", "yolov8n")
 
@@ -150,46 +150,21 @@ def _detector(side, workdir):
 
 def _compare(name, peer_model, module, layer, explainer, image, target, peer_target, what, steps, repeats, warmup,
              providers, log) -> dict:
-    import cv2
     import pytorch_grad_cam
     import torch
 
     if providers is not None:
         explainer = Explainer(explainer.manifest, providers=providers)
-    image_t, size = torch.from_numpy(image), image.shape[-2:]
-    rows = []
+    image_t, rows = torch.from_numpy(image), []
 
     def timed(label, engine, peer):
-        engine_maps, peer_maps = engine(), peer()
-        row = {"method": label, "engine": measure(engine, warmup, repeats), "peer": measure(peer, warmup, repeats),
-               "normalized_error": map_errors(engine_maps, peer_maps)[0]}
-        row["ratio"] = row["peer"]["median_s"] / row["engine"]["median_s"]
-        log(f"  {name:30s} {label:12s} engine {ms(row['engine']['median_s']):>9s}  pytorch-grad-cam "
-            f"{ms(row['peer']['median_s']):>9s}  x{row['ratio']:.1f}  max normalized Δ {row['normalized_error']:.1e}")
-        rows.append(row)
+        against_peer(rows, name, label, engine, peer, warmup, repeats, log)
 
     grad_cam = pytorch_grad_cam.GradCAM(model=peer_model, target_layers=[module])
     timed("gradcam", lambda: explainer.explain(image, target, method="gradcam"),
           lambda: grad_cam(input_tensor=image_t, targets=[peer_target]))
-    # IG-CAM: GradCAM once per interpolated image, its raw step maps captured so that their sum is IG-CAM's map
-    alphas, weights = quadrature("left", steps)
-    black = torch.from_numpy(np.broadcast_to(_black(explainer.preprocess), image.shape[1:]).astype(np.float32))
-    raw, compute = [], grad_cam.get_cam_image
-
-    def capture(*args, **kwargs):
-        raw.append(compute(*args, **kwargs))
-        return raw[-1]
-
-    grad_cam.get_cam_image = capture
-
-    def looped():
-        raw.clear()
-        for alpha in alphas:
-            grad_cam(input_tensor=(black + float(alpha) * (image_t[0] - black))[None], targets=[peer_target])
-        coarse = sum(w * np.maximum(r[0], 0) for w, r in zip(weights, raw))
-        return cv2.resize(np.float32(coarse), (size[1], size[0]))[None]
-
-    timed(f"igcam (m={steps})", lambda: explainer.explain(image, target, steps=steps), looped)
+    timed(f"igcam (m={steps})", lambda: explainer.explain(image, target, steps=steps),
+          pytorch_grad_cam_path(grad_cam, image, explainer.preprocess, [peer_target], steps))
     grad_cam.activations_and_grads.release()
     if name == "yolov8n":
         eigen = pytorch_grad_cam.EigenCAM(model=peer_model, target_layers=[module])
@@ -197,12 +172,6 @@ def _compare(name, peer_model, module, layer, explainer, image, target, peer_tar
               lambda: eigen(input_tensor=image_t, targets=[peer_target]))
         eigen.activations_and_grads.release()
     return {"model": name, "layer": layer, "target": what, "rows": rows}
-
-
-def _black(preprocess) -> np.ndarray:
-    if not preprocess:
-        return np.zeros((3, 1, 1))
-    return ((0 * preprocess["scale"] - np.array(preprocess["mean"])) / np.array(preprocess["std"]))[:, None, None]
 
 
 def markdown(report: dict) -> str:

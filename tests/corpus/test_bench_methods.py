@@ -21,3 +21,17 @@ def test_bench_methods_runs_small_and_compares_equal_maps(tmp_path):
             assert row["normalized_error"] <= 1e-3, (method, row["normalized_error"])
     table = (tmp_path / "methods.md").read_text()
     assert "| mobilenet_v2 (features.18) | scorecam |" in table
+
+
+def test_bench_tasks_runs_small_and_compares_equal_maps(tmp_path):
+    """`igcam bench tasks`: a segmenter's and a detector's targets, the engine and pytorch-grad-cam agreeing."""
+    code = main(["bench", "tasks", "--small", "--steps", "4", "--repeats", "1", "--warmup", "0", "-o", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "tasks.json").read_text())
+    rows = {(entry["model"], row["method"]): row for entry in report["results"] for row in entry["rows"]}
+    assert set(rows) == {("deeplabv3_mobilenet_v3_large", "gradcam"), ("deeplabv3_mobilenet_v3_large", "igcam (m=4)"),
+                         ("yolov8n", "gradcam"), ("yolov8n", "igcam (m=4)"), ("yolov8n", "eigencam")}
+    for (model, method), row in rows.items():
+        if method != "eigencam":  # pytorch-grad-cam keeps SVD's arbitrary sign
+            assert row["normalized_error"] <= 1e-3, (model, method, row["normalized_error"])
+    assert "| yolov8n (model.9) |" in (tmp_path / "tasks.md").read_text()
