@@ -312,20 +312,9 @@ def _checked(manifest: dict, root: Path, where: str) -> Manifest:
 def _outputs(entries, fail, integer, text) -> tuple:
     """The kept outputs: output_0, output_1, ... in order, each [rows, fixed dims], their elements per row bounded
     together."""
-    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_OUTPUTS:
-        fail("outputs", f"a list of 1 to {MAX_OUTPUTS} {{name, source, tensor, before, shape, layout}}", entries)
-    outputs, total = [], 0
-    for index, entry in enumerate(entries):
-        field = f"outputs[{index}]"
-        if not isinstance(entry, dict) or entry.get("name") != f"output_{index}":
-            fail(field, f"{{name: 'output_{index}', source, tensor, before, shape, layout}}", entry)
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or len(shape) > 8:
-            fail(f"{field}.shape", "a list of at most 8 dims", shape)
-        shape = tuple(integer(d, f"{field}.shape[{i}]", 1, 1 << 24) for i, d in enumerate(shape))
-        total += math.prod(shape)
-        if total > LIMITS["output_elements"]:
-            fail("outputs", f"at most {LIMITS['output_elements']} elements per row together", entries)
+    outputs = []
+    for field, entry, shape in _per_row(entries, "outputs", "output", (1, MAX_OUTPUTS), "source, tensor, before, "
+                                        "shape, layout", LIMITS["output_elements"], fail, integer):
         if entry.get("before") not in SCORE_OPS:
             fail(f"{field}.before", "null, 'Softmax', 'LogSoftmax' or 'Sigmoid'", entry.get("before"))
         layout = entry.get("layout")
@@ -361,27 +350,38 @@ def _task(entry, outputs: tuple, fail, integer) -> Task:
     return Task(kind, detector, expected.get(kind))
 
 
+def _per_row(entries, kind: str, prefix: str, count: tuple, fields: str, elements: int, fail, integer):
+    """(field, entry, shape) of each of a manifest's per-row tensors (`kind`: held, outputs): a list of `count`
+    (least, most) objects named prefix_0, prefix_1, ... in order, each with its dims after the rows, their elements
+    per row at most `elements` together."""
+    least, most = count
+    if not isinstance(entries, list) or not least <= len(entries) <= most:
+        fail(kind, f"a list of {least} to {most} {{name, {fields}}}", entries)
+    total = 0
+    for index, entry in enumerate(entries):
+        field = f"{kind}[{index}]"
+        if not isinstance(entry, dict) or entry.get("name") != f"{prefix}_{index}":
+            fail(field, f"{{name: '{prefix}_{index}', {fields}}}", entry)
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8:
+            fail(f"{field}.shape", "a list of at most 8 dims", shape)
+        shape = tuple(integer(d, f"{field}.shape[{i}]", 1, 1 << 24) for i, d in enumerate(shape))
+        total += math.prod(shape)
+        if total > elements:
+            fail(kind, f"at most {elements} elements per row together", entries)
+        yield field, entry, shape
+
+
 def _held(entries, prefix: int, activation, fail, integer, text) -> tuple:
     """The held tensors: inputs held_0, held_1, ... in order, each [rows, fixed dims], their elements per row
     bounded together; the prefix tokens [P, K] among them exactly when the layout has P > 0."""
-    if not isinstance(entries, list) or len(entries) > MAX_HELD:
-        fail("held", f"a list of at most {MAX_HELD} {{name, tensor, shape}}", entries)
-    held, total = [], 0
-    for index, entry in enumerate(entries):
-        field = f"held[{index}]"
-        if not isinstance(entry, dict) or entry.get("name") != f"held_{index}":
-            fail(field, f"{{name: 'held_{index}', tensor, shape}}", entry)
+    held = []
+    for field, entry, shape in _per_row(entries, "held", "held", (0, MAX_HELD), "tensor, shape",
+                                        LIMITS["activation_elements"], fail, integer):
         tensor = entry.get("tensor")
         if tensor is not None:
             text(tensor, f"{field}.tensor")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not 0 <= len(shape) <= 8:
-            fail(f"{field}.shape", "a list of at most 8 dims", shape)
-        shape = [integer(d, f"{field}.shape[{i}]", 1, 1 << 24) for i, d in enumerate(shape)]
-        total += math.prod(shape)
-        if total > LIMITS["activation_elements"]:
-            fail("held", f"at most {LIMITS['activation_elements']} elements per row together", entries)
-        held.append(HeldTensor(entry["name"], tensor, tuple(shape)))
+        held.append(HeldTensor(entry["name"], tensor, shape))
     prefixes = [h for h in held if h.tensor is None]
     if len(prefixes) != (1 if prefix else 0) or (prefixes and list(prefixes[0].shape) != [prefix, activation[0]]):
         fail("held", f"one entry with tensor null and shape [{prefix}, {activation[0]}] (the prefix tokens) exactly "

@@ -71,12 +71,17 @@ def prediction(explainer, outputs: list) -> dict:
     return {}
 
 
+SHOWN_VALUES = 64  # a target's arrays up to this size are written out in results, larger ones summarised
+
+
 def map_entry(target, explainer, outputs: list) -> dict:
-    """A map's summary: its target (JSON, a mask summarised), what the target names, its score and, for a
+    """A map's summary: its target (JSON, its large arrays summarised), what the target names, its score and, for a
     classifier's class, its probability."""
     record = target.to_json()
-    if record.get("mask") is not None:
-        record["mask"] = f"{int(np.count_nonzero(target.mask))} of {target.mask.size} pixels"
+    for name, value in vars(target).items():  # a mask, an embedding, dense weights: summarised, not repeated
+        if isinstance(value, np.ndarray) and value.size > SHOWN_VALUES:
+            record[name] = (f"{int(np.count_nonzero(value))} of {value.size} pixels" if name == "mask"
+                            else f"{value.size} values")
     entry = {"target": record, "name": target.describe(explainer.manifest),
              "score": float(target.score(explainer.manifest, [o[None] for o in outputs])[0])}
     if isinstance(target, (ClassifierOutputTarget, SemanticSegmentationTarget, BoxScoreTarget)) \
