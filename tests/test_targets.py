@@ -345,13 +345,22 @@ def test_a_yolov5_score_is_objectness_times_class(tmp_path):
     assert_maps_match(got, expected)
 
 
-def test_detr_queries_with_the_iou_term(tmp_path):
-    """Two outputs: the class logit at a query, and the IoU of its box (relative cx, cy, w, h scaled to pixels)."""
-    model, bundle = export(DetrHead, tmp_path / "bundle", detector="detr")
+@pytest.mark.parametrize("detector", ["detr", "rtdetr"])
+def test_detr_queries_with_the_iou_term(tmp_path, detector):
+    """Two outputs: the class logit at a query, and the IoU of its box (relative cx, cy, w, h scaled to pixels).
+    DETR's last class is "no object" and its confidences a softmax; RT-DETR's logits are read through a sigmoid."""
+    model, bundle = export(DetrHead, tmp_path / "bundle", detector=detector)
     explainer = Explainer(bundle)
     assert [o.source for o in explainer.manifest.outputs] == ["logits", "pred_boxes"]
-    assert explainer.num_classes == 3
+    assert explainer.num_classes == (3 if detector == "detr" else 4)
     x = images()
+    logits, boxes = (np.asarray(o, np.float64) for o in explainer.model_outputs(x[:1]))
+    found = decode(HEADS[detector], [logits, boxes], SHAPE[1:], score_threshold=0.0, iou_threshold=1.0)
+    confidences = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))[0, :, :-1] if detector == "detr" \
+        else 1 / (1 + np.exp(-logits[0]))
+    assert [(d.index, d.category) for d in found] == [
+        (q, int(confidences[q].argmax())) for q in np.argsort(-confidences.max(axis=1), kind="stable")]
+    assert found[0].score == pytest.approx(confidences.max(), rel=1e-6)
     box = [4.0, 3.0, 20.0, 18.0]
     targets = [BoxScoreTarget(1, 2, box, iou=True), BoxScoreTarget(3, 0, box, iou=True)]
     got = explainer.explain(x, targets, steps=STEPS)
