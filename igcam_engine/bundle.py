@@ -115,8 +115,13 @@ class OutputSpec:
     layout: str | None = None
 
     @property
+    def index(self) -> int:
+        """Its place among the bundle's outputs."""
+        return int(self.name.split("_")[1])
+
+    @property
     def seed(self) -> str:
-        return "seed_" + self.name.split("_")[1]
+        return f"seed_{self.index}"
 
     @property
     def size(self) -> int:

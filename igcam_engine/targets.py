@@ -88,10 +88,6 @@ class Target:
                 record[item.name] = value.tolist() if isinstance(value, np.ndarray) else value
         return record
 
-    def key(self) -> str:
-        """Equal for equal targets (arrays included): what a service groups requests by."""
-        return json.dumps(self.to_json(), sort_keys=True)
-
 
 def _spec(manifest, output, what: str):
     try:
@@ -133,10 +129,6 @@ def _only(manifest, spec, seed) -> list:
     return [seed if o.name == spec.name else None for o in manifest.outputs]
 
 
-def _index(spec) -> int:
-    return int(spec.name.split("_")[1])
-
-
 def _label(manifest, category: int) -> str:
     return manifest.labels[category] if manifest.labels and category < len(manifest.labels) else str(category)
 
@@ -161,7 +153,7 @@ class ClassifierOutputTarget(Target):
         return _only(manifest, spec, _one_hot(spec.shape, self.category))
 
     def score(self, manifest, outputs):
-        return outputs[_index(manifest.output(self.output))][:, self.category]
+        return outputs[manifest.output(self.output).index][:, self.category]
 
     @property
     def slug(self):
@@ -199,7 +191,7 @@ class BinaryClassifierOutputTarget(Target):
         return _only(manifest, spec, _one_hot(spec.shape, (self.index,) if spec.shape else (), self.sign))
 
     def score(self, manifest, outputs):
-        values = outputs[_index(manifest.output(self.output))]
+        values = outputs[manifest.output(self.output).index]
         return self.sign * values.reshape(len(values), -1)[:, self.index]
 
     @property
@@ -246,7 +238,7 @@ class SemanticSegmentationTarget(Target):
         if self.mask is not None:
             return self
         spec = manifest.output(self.output)
-        mask = predicted_masks(spec, outputs[_index(spec)][None])[0] == self.category
+        mask = predicted_masks(spec, outputs[spec.index][None])[0] == self.category
         if not mask.any():
             raise InputError(f"class {self.category} is predicted nowhere in this image: give a mask "
                              "(SemanticSegmentationTarget(category, mask), CLI --mask) or another class")
@@ -263,7 +255,7 @@ class SemanticSegmentationTarget(Target):
 
     def score(self, manifest, outputs):
         spec = manifest.output(self.output)
-        values = outputs[_index(spec)]
+        values = outputs[spec.index]
         plane = values[:, self.category] if spec.layout == "NCHW" else values[..., self.category]
         return (plane * self.mask).sum(axis=(1, 2))
 
@@ -397,7 +389,7 @@ class SimilarityToConceptTarget(Target):
 
     def seeds(self, manifest, outputs=None):
         spec = manifest.output(self.output)
-        o = np.asarray(outputs[_index(spec)], np.float64).ravel()
+        o = np.asarray(outputs[spec.index], np.float64).ravel()
         e = np.asarray(self.embedding, np.float64)
         norm_o, norm_e = np.linalg.norm(o), np.linalg.norm(e)
         if norm_o == 0:
@@ -407,7 +399,7 @@ class SimilarityToConceptTarget(Target):
         return _only(manifest, spec, seed.reshape(spec.shape).astype(np.float32))
 
     def score(self, manifest, outputs):
-        values = np.asarray(outputs[_index(manifest.output(self.output))], np.float64)
+        values = np.asarray(outputs[manifest.output(self.output).index], np.float64)
         values = values.reshape(len(values), -1)
         e = np.asarray(self.embedding, np.float64)
         norms = np.linalg.norm(values, axis=1) * np.linalg.norm(e)
@@ -470,7 +462,7 @@ class LinearTarget(Target):
 
     def score(self, manifest, outputs):
         spec = manifest.output(self.output)
-        values = outputs[_index(spec)]
+        values = outputs[spec.index]
         return (values.reshape(len(values), -1).astype(np.float64) @ self._dense(spec).ravel()).astype(np.float64)
 
     @property
