@@ -17,6 +17,7 @@ from support.processes import Scope
 from igcam_engine import Explainer
 from igcam_engine.apps.cli import main
 from igcam_engine.images import load_image, to_model_input
+from igcam_engine.targets import ClassifierOutputTarget, LinearTarget
 
 HAS_RAY_DATA = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pandas") is not None
 pytestmark = [pytest.mark.ray,
@@ -105,6 +106,18 @@ def test_a_rerun_with_other_options_redoes_the_work(folder, tmp_path):
         expected = explainer.explain(image, 3, method="layercam", integrate=True, steps=4)
         assert_maps_match(np.load(out / f"{photo.stem}.class3.npy")[None], expected, 1e-5, 1e-5)
     assert all(r["precision"] == "f32" == r["options"]["precision"] for r in records)
+    # targets as JSON (docs/targets.md): their records name them, and the maps are the API's for them
+    weights = [1.0, -1.0] + [0.0] * 8  # class 0's score against class 1's
+    given = json.dumps([{"kind": "classifier", "category": 1}, {"kind": "linear", "weights": weights}])
+    third = batch(root, bundle, small, out, "--target", given)
+    assert third.returncode == 0 and "3 explained, 0 already done" in third.stdout, third.stderr
+    for photo in sorted(small.iterdir()):
+        record = json.loads((out / f"{photo.stem}.json").read_text())
+        assert record["options"]["targets"]["targets"] == json.loads(given)
+        image = to_model_input(load_image(photo), explainer.input_shape, explainer.preprocess)[0]
+        expected = explainer.explain(image[None], [[ClassifierOutputTarget(1), LinearTarget(weights)]], steps=4)[0]
+        for index, name in enumerate(("class1", "linear")):
+            assert_maps_match(np.load(out / f"{photo.stem}.{name}.npy")[None], expected[index:index + 1], 1e-5, 1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the openvino extra is not installed")
