@@ -146,7 +146,7 @@ class Explainer:
         images = check_images(images, self.input_shape)
         grid, multi = targets_of(targets, len(images), self.manifest, self.limits)
         layer_shape, size = self.manifest.target_layer.shape, self.input_shape[1:]
-        self.limits.check_maps(len(images), len(grid[0]), size, layer_shape[1:])
+        self.limits.check_maps(len(images), len(grid[0]), size, layer_shape[1:], self.manifest.output_elements)
         grid = bound_grid(grid, self.manifest)
         if any(t.needs_image for row in grid for t in row):  # a predicted mask: the image's own outputs first
             outputs = self.model_outputs(images)

@@ -81,13 +81,14 @@ class Limits:
                              "raises it)")
         return self.memory // per_row
 
-    def check_maps(self, images: int, targets: int, input_size, layer_size) -> None:
-        """Refuses, before anything is allocated, a call whose maps would not fit the memory budget."""
-        needed = 4 * images * targets * (math.prod(input_size) + math.prod(layer_size))
+    def check_maps(self, images: int, targets: int, input_size, layer_size, output_elements: int = 0) -> None:
+        """Refuses, before anything is allocated, a call whose maps, and its targets' seeds (one row per image and
+        target, `output_elements` floats each: the outputs' elements together), would not fit the memory budget."""
+        needed = 4 * images * targets * (math.prod(input_size) + math.prod(layer_size) + output_elements)
         if needed > self.memory:
-            raise LimitError(f"{images} image(s) x {targets} class(es) of maps need about {_mib(needed)}, more than "
-                             f"the memory budget of {_mib(self.memory)}: explain fewer images or classes per call "
-                             "(memory_budget, --memory-budget raises it)")
+            raise LimitError(f"{images} image(s) x {targets} target(s) of maps and seeds need about {_mib(needed)}, "
+                             f"more than the memory budget of {_mib(self.memory)}: explain fewer images or targets "
+                             "per call (memory_budget, --memory-budget raises it)")
 
 
 def _mib(size: int) -> str:

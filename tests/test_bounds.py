@@ -165,7 +165,7 @@ def test_work_is_bounded_before_it_is_allocated(bundle):
     with pytest.raises(OptionError, match=r"^targets: 1000000 classes per image, more than 6"):
         explainer.explain(image, np.zeros((2, 10**6), np.int64))
     small = Explainer(bundle, memory_budget=60_000)
-    with pytest.raises(LimitError, match=r"^11 image\(s\) x 6 class\(es\) of maps need about"):
+    with pytest.raises(LimitError, match=r"^11 image\(s\) x 6 target\(s\) of maps and seeds need about"):
         small.explain(np.zeros((11, 3, 12, 10), np.float32), np.tile(np.arange(6), (11, 1)))
     with pytest.raises(OptionError, match="^rows_per_call must be a positive integer, got 0$"):
         explainer.explain(image, 1, rows_per_call=0)
