@@ -8,6 +8,7 @@ see. Needs grad-cam, torchvision and ultralytics: run it in the corpus tier's vi
 (.venv-models/bin/igcam bench tasks, see benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -38,6 +39,22 @@ def tasks_study(models=TASK_MODELS, steps=50, repeats=3, warmup=1, providers=Non
                 raise ValueError(f"unknown tasks model '{name}'; choose from {', '.join(TASK_MODELS)}")
             results.append(_compare(name, *build(side, Path(workdir)), steps, repeats, warmup, providers, log))
     return {"machine": machine(), "steps": steps, "side": side, "results": results}
+
+
+@contextlib.contextmanager
+def process_state_kept():
+    """Importing and using ultralytics sets torch to one thread and OMP_NUM_THREADS=1 for the whole process (its
+    training defaults): the peers would then be timed on fewer threads than the engine, and float32 results
+    elsewhere change. What it changes is put back on the way out."""
+    import torch
+
+    threads, environment = torch.get_num_threads(), dict(os.environ)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def _photo(shape, preprocess):
@@ -104,30 +121,13 @@ def _segmenter(side, workdir):
 def _detector(side, workdir):
     import torch
 
-    os.environ["YOLO_OFFLINE"] = "1"
-    from ultralytics import YOLO
-
     from igcam_engine.detections import HEADS, decode
     from igcam_engine.export import from_onnx
     from igcam_engine.targets import BoxScoreTarget
 
     shape = (3, side, side)
     preprocess = {"resize": "stretch", "scale": 1 / 255, "mean": [0.0] * 3, "std": [1.0] * 3}  # ultralytics'
-    torch.manual_seed(0)
-    yolo = YOLO("yolov8n.yaml")
-    for branch in yolo.model.model[-1].cv3:  # class scores near 0.5, not the training prior of ~1e-4
-        torch.nn.init.zeros_(branch[-1].bias)
-    _calibrated(yolo.model, shape, preprocess)
-    cwd = os.getcwd()
-    os.chdir(workdir)  # ultralytics writes next to the model's name
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            path = workdir / yolo.export(format="onnx", imgsz=side, dynamic=True, simplify=False, opset=18,
-                                         verbose=False)
-    finally:
-        os.chdir(cwd)
-    model = yolo.model.eval()
+    model, path = yolov8n(shape, preprocess, workdir)
     explainer = Explainer(from_onnx(path, workdir / "yolo", tensor="/model.9/cv2/act/Mul_output_0", input_shape=shape,
                                     preprocess=preprocess))
     image = _photo(shape, preprocess)
@@ -146,6 +146,33 @@ def _detector(side, workdir):
 
     return (Predictions().eval(), model.model[9], "model.9", explainer, image, BoxScoreTarget.of(best), score,
             f"detection at {best.index}, class {best.category}")
+
+
+def yolov8n(shape, preprocess, workdir: Path):
+    """(ultralytics' YOLOv8n built from its yaml, random weights with class scores near 0.5 and batch norms measured
+    on the sample photos, in eval mode; its ONNX file written by ultralytics' own exporter, dynamic, opset 18),
+    the process's threads and environment as they were."""
+    import torch
+
+    with process_state_kept():
+        os.environ["YOLO_OFFLINE"] = "1"
+        from ultralytics import YOLO
+
+        torch.manual_seed(0)
+        yolo = YOLO("yolov8n.yaml")
+        for branch in yolo.model.model[-1].cv3:  # not ultralytics' training prior of ~1e-4
+            torch.nn.init.zeros_(branch[-1].bias)
+        _calibrated(yolo.model, shape, preprocess)
+        cwd = os.getcwd()
+        os.chdir(workdir)  # ultralytics writes next to the model's name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                path = workdir / yolo.export(format="onnx", imgsz=shape[1], dynamic=True, simplify=False, opset=18,
+                                             verbose=False)
+        finally:
+            os.chdir(cwd)
+    return yolo.model.eval(), path
 
 
 def _compare(name, peer_model, module, layer, explainer, image, target, peer_target, what, steps, repeats, warmup,

@@ -11,7 +11,6 @@ EigenCAM on YOLO, as its tutorial explains YOLO) on the same model, image and ta
 """
 import os
 import time
-import warnings
 from pathlib import Path
 
 import cv2
@@ -74,8 +73,9 @@ def against_autograd(explainer, point, images, engine_targets, functions, black,
     return worst
 
 
-def peer_gradcam(cam_class, model, module, images, peer_targets, size) -> np.ndarray:
-    """pytorch-grad-cam's raw maps as its get_cam_image computed them, rectified and upsampled by OpenCV as it
+def peer_gradcam(cam_class, model, module, images, peer_targets, size, eigen=False) -> np.ndarray:
+    """pytorch-grad-cam's raw maps as its get_cam_image computed them (`eigen`: EigenCAM's, signed as the engine
+    signs them, the larger extreme positive: SVD's sign is arbitrary), rectified and upsampled by OpenCV as it
     upsamples (the quantity the engine's maps are)."""
     cam = cam_class(model=model, target_layers=[module])
     raw, compute = [], cam.get_cam_image
@@ -87,7 +87,10 @@ def peer_gradcam(cam_class, model, module, images, peer_targets, size) -> np.nda
     cam.get_cam_image = capture
     cam(input_tensor=torch.from_numpy(images), targets=peer_targets)
     cam.activations_and_grads.release()
-    return np.stack([cv2.resize(np.maximum(m, 0), (size[1], size[0])) for m in np.asarray(raw[0], np.float32)])
+    raw = np.asarray(raw[0], np.float32)
+    if eigen:
+        raw = np.stack([-m if abs(m.min()) > abs(m.max()) else m for m in raw])
+    return np.stack([cv2.resize(np.maximum(m, 0), (size[1], size[0])) for m in raw])
 
 
 class Out(torch.nn.Module):
@@ -285,30 +288,16 @@ def test_the_readme_figures_are_made_as_documented(tmp_path):
 
 @pytest.fixture(scope="module")
 def yolo(tmp_path_factory):
-    """ultralytics' YOLOv8n built from its yaml (random weights, calibrated) and exported by ultralytics' own ONNX
-    exporter (dynamic, opset 18; its metadata says task detect)."""
-    os.environ["YOLO_OFFLINE"] = "1"
-    from ultralytics import YOLO
+    """ultralytics' YOLOv8n built from its yaml (random weights, batch norms measured on the sample photos) and
+    exported by ultralytics' own ONNX exporter (dynamic, opset 18; its metadata says task detect), as `igcam bench
+    tasks` builds it (with the process's threads and environment kept: ultralytics sets one thread)."""
+    from igcam_engine.benchmarks.tasks import yolov8n
 
     folder = tmp_path_factory.mktemp("yolo")
     shape = (3, 96, 96)
-    torch.manual_seed(0)
-    yolo = YOLO("yolov8n.yaml")
-    for branch in yolo.model.model[-1].cv3:  # class scores near 0.5, not ultralytics' training prior of ~1e-4
-        torch.nn.init.zeros_(branch[-1].bias)
-    calibrated(yolo.model, shape)
-    cwd = os.getcwd()
-    os.chdir(folder)  # ultralytics writes next to the model's name
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            path = folder / yolo.export(format="onnx", imgsz=shape[1], dynamic=True, simplify=False, opset=18,
-                                        verbose=False)
-    finally:
-        os.chdir(cwd)
-    model = yolo.model.eval()
-    started = time.perf_counter()
     preprocess = {"resize": "stretch", "scale": 1 / 255, "mean": [0.0] * 3, "std": [1.0] * 3}  # ultralytics'
+    model, path = yolov8n(shape, preprocess, folder)
+    started = time.perf_counter()
     explainer = Explainer(from_onnx(path, folder / "bundle", tensor="/model.9/cv2/act/Mul_output_0",
                                     input_shape=shape, preprocess=preprocess))
     return model, explainer, shape, started
@@ -337,8 +326,8 @@ def test_yolov8_box_scores(yolo, record):
            "score + IoU"}
     against_autograd(explainer, point, images, engine_targets, functions, zeros, record, row, started, point32)
     # EigenCAM, as pytorch-grad-cam's tutorial explains YOLO: the layer's first principal component
-    peer = peer_gradcam(pgc.EigenCAM, First(model), model.model[9], images, [lambda out: out.sum()] * 2, shape[1:])
-    peer = np.stack([-m if abs(m.min()) > abs(m.max()) else m for m in peer])
+    peer = peer_gradcam(pgc.EigenCAM, First(model), model.model[9], images, [lambda out: out.sum()] * 2, shape[1:],
+                        eigen=True)
     assert_maps_match(explainer.explain(images, engine_targets, method="eigencam"), peer, 1e-3, 1e-3)
 
 
