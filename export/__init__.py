@@ -107,7 +107,7 @@ def outputs_of(path, input_shape=None, *, fixed_inputs=None) -> list[dict]:
     model's own output (Softmax, LogSoftmax, Sigmoid) and the dims after the batch."""
     prepared = prepare(_load(_path(path, "the ONNX file")), None if input_shape is None else _shape(input_shape),
                        fixed_inputs=checked_fixed_inputs(fixed_inputs))
-    shown = {new: old for old, new in prepared.renamed.items()}
+    shown = prepared.model_names
     return [{"output": shown.get(o.source, o.source), "tensor": shown.get(o.tensor, o.tensor), "before": o.before,
              "shape": o.shape} for o in model_outputs(prepared.model, scores_first=True)]
 
@@ -242,7 +242,7 @@ def _export(model, out, tensor, preprocess, input_shape, labels, stated, layer, 
         graphs = build_graphs(s)
     except MissingRules as e:
         raise ModelError(f"{e}; {later_target_hint(prepared.model, s, e.missing)}") from None
-    shown = {new: old for old, new in prepared.renamed.items()}
+    shown = prepared.model_names
     manifest = {
         "input": {"name": "images", "shape": s.input_shape, "layout": "NCHW", "dtype": "float32",
                   "model_layout": s.input_layout, "fixed_inputs": fixed_inputs},
@@ -278,7 +278,7 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
     images = _sample_inputs(s.input_shape, preprocess)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure is reported in the one-line error below, not on stderr
-    shown = {new: old for old, new in prepared.renamed.items()}
+    shown = prepared.model_names
     names = [shown.get(o.source, o.source) for o in s.outputs]
     source_model = original
     if not set(names) <= {o.name for o in original.graph.output}:  # tensors inside the graph: made outputs
@@ -303,7 +303,7 @@ def _verify(bundle: Path, original: onnx.ModelProto, prepared, s, preprocess, re
                         f"(ONNX Runtime: {str(e).splitlines()[0]}); re-export it with a dynamic batch") from None
     graph = ort.InferenceSession(str(bundle / "igcam.onnx"), options, providers=["CPUExecutionProvider"])
     for rows in (images[:1], images):
-        seeds = {f"seed_{i}": np.zeros((len(rows), *o.shape), np.float32) for i, o in enumerate(s.outputs)}
+        seeds = {o.seed: np.zeros((len(rows), *o.shape), np.float32) for o in s.outputs}
         try:
             values = graph.run([o.name for o in s.outputs], {"images": rows, "baseline": np.zeros_like(rows[:1]),
                                                               "alphas": np.ones(1, np.float32), **seeds})

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import torch
 
+from igcam_engine.bundle import MAX_OUTPUTS
 from igcam_engine.errors import ModelError, OptionError, UserError
 
 TARGET = "igcam_target"  # the exposed layer's output in the export (dropped from the model afterwards)
-MAX_OUTPUTS = 16
 
 
 class _Exposed(torch.nn.Module):

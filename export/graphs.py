@@ -15,6 +15,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
 
+from igcam_engine.bundle import MAX_OUTPUTS  # model outputs a bundle keeps (output_0 ..., their seeds seed_0 ...)
 from igcam_engine.errors import ModelError, OptionError, UserError
 from igcam_engine.validators import number, shown
 
@@ -25,7 +26,6 @@ from .contrib import unfused
 from .layouts import Layout, LayoutChoice
 
 MAX_HELD = 32  # tensors held constant besides the target (graph inputs held_0 ...)
-MAX_OUTPUTS = 16  # model outputs a bundle keeps (graph outputs output_0 ..., their cotangents seed_0 ...)
 # Names of the bundle graphs' inputs and outputs; model tensors with these names are renamed out of the way.
 IO_NAMES = (
     "images", "baseline", "alphas", "weights", "seed_index", "subtract_baseline",
@@ -57,6 +57,11 @@ class Prepared:
     batch_rewrites: list  # Reshape nodes whose shape constant carried that batch size (now 0: copy the batch)
     input_layout: str = "NCHW"  # the model's image input: "NCHW" or "NHWC"; the bundle's graphs take NCHW
     renamed: dict = field(default_factory=dict)  # a model tensor named like a bundle graph's input or output -> its new name
+
+    @property
+    def model_names(self) -> dict:
+        """A renamed tensor's new name -> the model's own (what messages and the manifest show)."""
+        return {new: old for old, new in self.renamed.items()}
 
 
 def prepare(model: onnx.ModelProto, input_shape=None, input_layout=None, fixed_inputs=None) -> Prepared:
@@ -466,6 +471,11 @@ class Output:
     before: str | None
     shape: list
     axis: int = -1  # the Softmax's or LogSoftmax's axis
+
+    @property
+    def seed(self) -> str:
+        """Its cotangent's name in the graphs."""
+        return self.name.replace("output_", "seed_")
 
     def record(self, shown: dict, layout: str | None) -> dict:
         """The manifest's entry; `shown` maps tensors `prepare` renamed back to the model's names."""
@@ -916,7 +926,7 @@ def build_graphs(s: Split) -> dict:
     activations = _info("activations", f, ["rows", k, ah, aw])
     activation_grad = _info("activation_grad", f, ["rows", k, ah, aw])
     outputs = [_info(o.name, f, ["rows", *o.shape]) for o in s.outputs]
-    seeds = [_info(f"seed_{i}", f, [BATCH, *o.shape]) for i, o in enumerate(s.outputs)]
+    seeds = [_info(o.seed, f, [BATCH, *o.shape]) for o in s.outputs]
     held = [_info(x.name, x.elem_type, ["rows", *x.shape]) for x in s.held]
 
     def builder(prefix):
@@ -943,12 +953,12 @@ def build_graphs(s: Split) -> dict:
     # (a mask over a score map) crosses to the device once, not once per interpolated image.
     g = builder("gradient")
     differentiated = _rebuilt(s, g, "activations", {x.name: x.name for x in s.held}) + s.tail
-    row_seeds = {o.name: g.Gather(f"seed_{i}", "seed_index", axis=0) for i, o in enumerate(s.outputs)}
+    row_seeds = {o.name: g.Gather(o.seed, "seed_index", axis=0) for o in s.outputs}
     grad = _backward(g, s, differentiated, "activations", row_seeds)
     graphs["gradient"] = _model(
         s, "gradient", differentiated + g.nodes + [_alias(grad, "activation_grad")] + _output_aliases(s),
         [g], [activations, *held, _info("seed_index", i64, ["rows"]),
-              *[_info(f"seed_{i}", f, ["seeds", *o.shape]) for i, o in enumerate(s.outputs)]],
+              *[_info(o.seed, f, ["seeds", *o.shape]) for o in s.outputs]],
         [activation_grad, *outputs],
     )
 
@@ -959,7 +969,7 @@ def build_graphs(s: Split) -> dict:
     canonical, carriers = _canonical(s, lay, head_target, {})
     g = builder("gradient")
     differentiated = _rebuilt(s, g, canonical, carriers) + s.tail
-    row_seeds = {o.name: _per_row(g, f"seed_{i}", o.shape) for i, o in enumerate(s.outputs)}
+    row_seeds = {o.name: _per_row(g, o.seed, o.shape) for o in s.outputs}
     grad = _backward(g, s, differentiated, canonical, row_seeds)
     graphs["igcam"] = _model(
         s, "igcam",
@@ -995,7 +1005,7 @@ def _explain_graph(s: Split, builder, images, baseline, alphas, seeds) -> onnx.M
 
     g = builder("gradient")
     differentiated = _rebuilt(s, g, path, carriers) + s.tail
-    row_seeds = {o.name: _per_row(g, f"seed_{i}", o.shape) for i, o in enumerate(s.outputs)}
+    row_seeds = {o.name: _per_row(g, o.seed, o.shape) for o in s.outputs}
     grad = _backward(g, s, differentiated, path, row_seeds)
 
     r = builder("reduce")

@@ -14,7 +14,7 @@ import ast
 
 import onnx
 
-from igcam_engine.bundle import TASKS
+from igcam_engine.bundle import TASKS, task_classes
 from igcam_engine.detections import HEADS
 from igcam_engine.errors import ModelError, OptionError
 from igcam_engine.validators import choice
@@ -96,22 +96,16 @@ def task_of(outputs: list, input_size, meta: dict, task: str | None, detector: s
             task = "segmentation"
         else:
             task = "outputs"
-    classes = None
-    if task == "classification":
-        if len(first.shape) != 1:
-            raise ModelError(f"a classifier's first output is class scores [classes]; '{first.source}' is "
-                             f"{first.shape} (task='outputs' explains any output with explicit targets)")
-        classes = first.shape[0]
-    elif task == "segmentation":
-        if layouts[0] is None:
-            raise ModelError(f"a segmenter's first output is a score map [C, h, w] or [h, w, C] on the input's grid; "
-                             f"'{first.source}' is {first.shape} (state output_layout=..., CLI --output-layout)")
-        classes = first.shape[0] if layouts[0] == "NCHW" else first.shape[-1]
-    elif task == "detection":
-        if detector is None:
-            raise OptionError(f"task 'detection' needs the head's format: detector= one of {', '.join(HEADS)}")
-        classes = HEADS[detector].classes([o.shape for o in outputs])
-        if classes is None:
-            raise ModelError(f"the outputs {[o.shape for o in outputs]} are not a {detector} head's "
-                             "(docs/targets.md#detectors): keep its raw outputs (outputs=[...]) or name another format")
+    if task == "detection" and detector is None:
+        raise OptionError(f"task 'detection' needs the head's format: detector= one of {', '.join(HEADS)}")
+    classes = task_classes(task, detector, [o.shape for o in outputs], layouts[0])
+    if task == "classification" and classes is None:
+        raise ModelError(f"a classifier's first output is class scores [classes]; '{first.source}' is "
+                         f"{first.shape} (task='outputs' explains any output with explicit targets)")
+    if task == "segmentation" and classes is None:
+        raise ModelError(f"a segmenter's first output is a score map [C, h, w] or [h, w, C] on the input's grid; "
+                         f"'{first.source}' is {first.shape} (state output_layout=..., CLI --output-layout)")
+    if task == "detection" and classes is None:
+        raise ModelError(f"the outputs {[o.shape for o in outputs]} are not a {detector} head's "
+                         "(docs/targets.md#detectors): keep its raw outputs (outputs=[...]) or name another format")
     return {"kind": task, "detector": detector, "classes": classes}, layouts

@@ -39,6 +39,7 @@ MAX_HELD = 32
 MAX_OUTPUTS = 16
 # What a bundle's model is for: it decides the default targets and how results are shown (docs/targets.md).
 TASKS = ("classification", "segmentation", "detection", "embedding", "outputs")
+CLASS_TASKS = ("classification", "segmentation", "detection")  # the tasks whose targets choose among classes
 DETECTORS = tuple(HEADS)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
@@ -341,18 +342,33 @@ def _task(entry, outputs: tuple, fail, integer) -> Task:
     detector = entry.get("detector")
     if (detector is not None) != (kind == "detection") or (detector is not None and detector not in DETECTORS):
         fail("task.detector", f"one of {list(DETECTORS)} for a detection task, else null", detector)
-    expected = {"classification": first.shape[0] if len(first.shape) == 1 else None,
-                "segmentation": (first.shape[0] if first.layout == "NCHW" else first.shape[-1])
-                if first.layout else None,
-                "detection": HEADS[detector].classes([o.shape for o in outputs]) if detector else None}
-    if kind in expected and expected[kind] is None:
+    expected = task_classes(kind, detector, [o.shape for o in outputs], first.layout)
+    if kind in CLASS_TASKS and expected is None:
         fail("task", f"outputs that a {kind} task reads ({kind}: see docs/bundle-format.md)", entry)
     classes = entry.get("classes")
-    if kind in expected and integer(classes, "task.classes", 1, LIMITS["classes"]) != expected[kind]:
-        fail("task.classes", f"{expected[kind]} (what the outputs hold)", classes)
-    if kind not in expected and classes is not None:
+    if kind in CLASS_TASKS and integer(classes, "task.classes", 1, LIMITS["classes"]) != expected:
+        fail("task.classes", f"{expected} (what the outputs hold)", classes)
+    if kind not in CLASS_TASKS and classes is not None:
         fail("task.classes", "null for embeddings and plain outputs", classes)
-    return Task(kind, detector, expected.get(kind))
+    return Task(kind, detector, expected)
+
+
+def map_classes(shape, layout: str) -> int:
+    """The classes of a score map [C, h, w] (layout NCHW) or [h, w, C] (NHWC)."""
+    return shape[0] if layout == "NCHW" else shape[-1]
+
+
+def task_classes(kind: str, detector: str | None, shapes: list, first_layout: str | None) -> int | None:
+    """The classes a task's outputs hold (their dims after the batch, the first one's score-map layout): a
+    classifier's [classes], a segmenter's score map, a detection head's (igcam_engine.detections); None where the
+    outputs are not that task's, and for embeddings and plain outputs."""
+    if kind == "classification":
+        return shapes[0][0] if len(shapes[0]) == 1 else None
+    if kind == "segmentation":
+        return map_classes(shapes[0], first_layout) if first_layout else None
+    if kind == "detection" and detector:
+        return HEADS[detector].classes(shapes)
+    return None
 
 
 def _per_row(entries, kind: str, prefix: str, count: tuple, fields: str, elements: int, fail, integer):

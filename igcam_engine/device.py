@@ -54,6 +54,7 @@ class DeviceStages(Stages):
         self._forward, self._gradient = forward, gradient
         self._held = [h.name for h in held]  # forward outputs, gradient inputs: ONNX Runtime allocates them on the device
         self._results = [o.name for o in outputs]  # gradient outputs: the model's outputs
+        self._seeds = [o.seed for o in outputs]  # gradient inputs: their cotangents
         self._no_seeds = [np.zeros((1, *o.shape), np.float32) for o in outputs]  # outputs only: zero seeds
         self._activation_type = DTYPES[forward.get_outputs()[0].type]
         with self._context():
@@ -126,11 +127,11 @@ class DeviceStages(Stages):
         self._bind(binding, "activations", forward.activations, 0, len(forward.activations))
         for name, value in zip(self._held, forward.held):
             self._bind(binding, name, value, 0, len(value))
-        for i, seed in enumerate(seeds):
+        for name, seed in zip(self._seeds, seeds):
             if isinstance(seed, DeviceArray):
-                self._bind(binding, f"seed_{i}", seed, 0, len(seed))
+                self._bind(binding, name, seed, 0, len(seed))
             else:
-                binding.bind_cpu_input(f"seed_{i}", np.ascontiguousarray(seed, dtype=np.float32))
+                binding.bind_cpu_input(name, np.ascontiguousarray(seed, dtype=np.float32))
         binding.bind_cpu_input("seed_index", np.ascontiguousarray(index, dtype=np.int64))
         return binding
 

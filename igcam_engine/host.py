@@ -18,6 +18,7 @@ class HostStages(Stages):
         self._held = [h.name for h in held]  # the bundle's held tensors: forward outputs, gradient inputs
         self._outputs = ["activations", *self._held]
         self._results = [o.name for o in outputs]  # the bundle's kept outputs: gradient outputs
+        self._seeds = [o.seed for o in outputs]  # their cotangents: gradient inputs
         # outputs only: every seed is zero (one row, which every row reads)
         self._no_seeds = [np.zeros((1, *o.shape), np.float32) for o in outputs]
 
@@ -27,7 +28,7 @@ class HostStages(Stages):
 
     def _gradient_feeds(self, forward: Forward, seeds: list, index: np.ndarray) -> dict:
         return {"activations": forward.activations, "seed_index": np.ascontiguousarray(index, np.int64),
-                **{f"seed_{i}": seed for i, seed in enumerate(seeds)}, **dict(zip(self._held, forward.held))}
+                **dict(zip(self._seeds, seeds)), **dict(zip(self._held, forward.held))}
 
     def put(self, array: np.ndarray):
         return array

@@ -145,7 +145,6 @@ def seeds_for(manifest, column: list, rows_outputs: list | None = None) -> list:
     return stacked
 
 
-
 def _row_seeds(call: Call, chunk: Chunk, column: list, outputs: list) -> list:
     """Per output, the placed seeds [R, ...] of the chunk's rows for targets that depend on the outputs."""
     targets = [column[n] for n in range(chunk.first, chunk.last) for _ in range(chunk.nodes)]
@@ -235,26 +234,26 @@ def _concatenated(parts: list) -> list:
 def _masked_outputs(call: Call, image: np.ndarray, activations: np.ndarray, kept) -> list:
     """The model's outputs (each [len(kept), ...]) for the image multiplied by each kept channel, upsampled
     (corners aligned) and min-max scaled to [0, 1]: Score-CAM's masks."""
-    scores = []
+    parts = []
     for start in range(0, len(kept), call.rows):
         masks = upsample(activations[kept[start:start + call.rows]], call.input_size, align_corners=True)
         low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
         masks = (masks - low) / (high - low + SCORECAM_EPS)
         batch = call.stages.put(np.ascontiguousarray(image[None] * masks[:, None], dtype=np.float32))
-        scores.append(call.stages.outputs(call.stages.activations(batch)))
-    return _concatenated(scores)
+        parts.append(call.stages.outputs(call.stages.activations(batch)))
+    return _concatenated(parts)
 
 
 def _ablated_outputs(call: Call, activations: np.ndarray, held: tuple, kept) -> list:
     """The model's outputs (each [len(kept), ...]) from the layers after the target, each kept channel ablated in
     turn (the image's held tensors as they are)."""
-    value, scores = ablation_value(activations), []
+    value, parts = ablation_value(activations), []
     for start in range(0, len(kept), call.rows):
         chunk = kept[start:start + call.rows]
         batch = np.repeat(activations[None], len(chunk), axis=0)
         batch[np.arange(len(chunk)), chunk] = value
-        scores.append(call.stages.outputs(_placed(call, batch, held, len(chunk))))
-    return _concatenated(scores)
+        parts.append(call.stages.outputs(_placed(call, batch, held, len(chunk))))
+    return _concatenated(parts)
 
 
 def _placed(call: Call, activations: np.ndarray, held: tuple, rows: int) -> Forward:

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from igcam_engine.bundle import map_classes
 from igcam_engine.detections import HEADS, Detection, corners_cotangent, decode, iou, iou_cotangent
 from igcam_engine.errors import InputError, OptionError
 from igcam_engine.options import DEFAULT_LIMITS, Limits
@@ -216,7 +217,7 @@ class SemanticSegmentationTarget(Target):
             raise OptionError(f"SemanticSegmentationTarget reads a score map [C, h, w] or [h, w, C]; output "
                               f"'{spec.source}' is {list(spec.shape)} with no score-map layout (export with "
                               "output_layout=..., CLI --output-layout)")
-        classes, size = _map_classes(spec), _map_size(spec)
+        classes, size = map_classes(spec.shape, spec.layout), _map_size(spec)
         category = _category(self.category, classes, "SemanticSegmentationTarget")
         if self.mask is None:
             return replace(self, category=category)
@@ -265,10 +266,6 @@ class SemanticSegmentationTarget(Target):
 
     def describe(self, manifest):
         return f"class {self.category} '{_label(manifest, self.category)}'"
-
-
-def _map_classes(spec) -> int:
-    return spec.shape[0] if spec.layout == "NCHW" else spec.shape[-1]
 
 
 def _map_size(spec) -> tuple:
@@ -587,7 +584,7 @@ def _segments(choice: TargetChoice, manifest, outputs: list) -> list:
     if choice.target is not None:
         return [SemanticSegmentationTarget(choice.target).resolved(manifest, outputs)]
     predicted = predicted_masks(spec, outputs[0][None])[0]
-    areas = np.bincount(predicted[predicted >= 0].ravel(), minlength=_map_classes(spec))
+    areas = np.bincount(predicted[predicted >= 0].ravel(), minlength=map_classes(spec.shape, spec.layout))
     order = [int(c) for c in np.argsort(-areas, kind="stable")[:choice.count] if areas[c] > 0]
     if not order:
         raise InputError("the model predicts no class anywhere in this image: name a class and a mask")
