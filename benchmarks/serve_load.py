@@ -22,7 +22,13 @@ def _headers(headers) -> dict:
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 120.0):
     """(status, body, headers with lower-case names, seconds) of one POST."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    return request("POST", url, body, content_type, timeout)
+
+
+def request(method: str, url: str, body: bytes | None, content_type: str, timeout: float = 120.0):
+    """(status, body, headers with lower-case names, seconds) of one request."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {},
+                                     method=method)
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

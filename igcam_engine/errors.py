@@ -1,7 +1,7 @@
 """The errors a user can fix, one class per kind, so that every front end answers by type, never by wording.
 
 Each is raised with one line saying what was wrong and what is accepted. The CLI prints it and exits with status 2;
-the HTTP service maps the kind to a status code (igcam_engine.apps.serve.STATUS); batch records store `kind`.
+the HTTP service maps the kind to a status code (igcam_engine.apps.protocols.STATUS); batch records store `kind`.
 Anything else is a bug and keeps its traceback. `UserError` itself is only the common base: code raises a kind.
 """
 

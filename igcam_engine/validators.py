@@ -44,6 +44,15 @@ def flag(value, name: str) -> bool:
     raise OptionError(f"{name} must be true or false (or 1/0), got {shown(value)}")
 
 
+def parameter_text(value, name: str) -> str:
+    """A protocol's JSON parameter (a string, a number or a boolean) as the text the *_text forms read."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise OptionError(f"parameter '{name}' must be a string, number or boolean, got {type(value).__name__}")
+
+
 def choice(value, name: str, accepted, what: str | None = None) -> str:
     if not isinstance(value, str) or value not in accepted:
         raise OptionError(f"unknown {what or name} {shown(value)}; accepted: {', '.join(accepted)}")

@@ -7,10 +7,15 @@ bash scripts/setup.sh
 # The Node.js embedding example (tests/test_node.py): onnxruntime-node's CPU binaries ship in the package; its
 # install script, which would download CUDA binaries, is switched off.
 (cd examples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+# Triton's and KServe's own Python clients (tests/test_serve.py drives the service with them) in a virtualenv of
+# their own, as a client's process would have them: kserve pins versions of protobuf and pandas that Ray's differ from.
+PYTHON=${PYTHON:-python3}
+[ -x .venv-clients/bin/python ] || "$PYTHON" -m venv .venv-clients
+.venv-clients/bin/python -m pip install -q --upgrade pip
+.venv-clients/bin/python -m pip install -q "tritonclient[http]==2.73.0" kserve==0.21.0 pillow
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
 
-PYTHON=${PYTHON:-python3}
 [ -x .venv-notorch/bin/python ] || "$PYTHON" -m venv .venv-notorch
 .venv-notorch/bin/python -m pip install -q --upgrade pip
 .venv-notorch/bin/python -m pip install -q -e ".[cpu,onnx]" pytest

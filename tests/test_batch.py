@@ -50,6 +50,7 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
     first = batch(root, bundle, images, out)
     assert first.returncode == 1, first.stderr
     assert "20 explained, 0 already done, 3 failed" in first.stdout
+    assert "local://" not in first.stderr and "deprecat" not in first.stderr.lower(), first.stderr
     assert "corrupt.png: cannot read 'corrupt.png' as an image" in first.stderr
     assert "huge.png: 'huge.png' claims 2500000000 pixels, more than the limit" in first.stderr
     assert "looped.png: 'looped.png' cannot be read: a broken link or a link loop" in first.stderr

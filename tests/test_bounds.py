@@ -16,7 +16,8 @@ from support.tiny_onnx import build_model
 from igcam_engine import Explainer, ExplainOptions, Limits, TargetChoice
 from igcam_engine.apps.batch import run_batch
 from igcam_engine.apps.cli import main
-from igcam_engine.apps.serve import STATUS, ExplainService, HTTPError, status_of
+from igcam_engine.apps.protocols import STATUS, HTTPError, Request, native_jobs, status_of
+from igcam_engine.apps.serve import ExplainService
 from igcam_engine.data import sample_images
 from igcam_engine.errors import InputError, LimitError, OptionError, UserError
 from igcam_engine.export import from_onnx
@@ -107,7 +108,7 @@ def test_every_front_end_refuses_alike(bundle, service, photo, tmp_path, capsys,
     error = api_error(bundle, photo, values)
     assert type(error) is kind and str(error) == message
     with pytest.raises(kind) as served:
-        service.parse(photo.read_bytes(), "image/png", texts)
+        native_jobs(service, Request("POST", "/explain", texts, "image/png", body=photo.read_bytes()))
     assert str(served.value) == message and status_of(served.value) == STATUS[kind] == 400
     for command in (["explain", str(bundle), str(photo)], ["batch", str(bundle), str(photo.parent)]):
         assert main([*command, "-o", str(tmp_path / "out"), *command_line(texts)]) == 2
@@ -137,7 +138,7 @@ def test_bad_images_are_answered_by_kind(bundle, service, tmp_path, capsys, data
     with pytest.raises(kind, match=re.escape(message)):
         load_image(path, LIMITS.pixels)
     with pytest.raises(kind) as served:
-        service.parse(data, "image/png", {})
+        native_jobs(service, Request("POST", "/explain", {}, "image/png", body=data))
     assert message in str(served.value) and status_of(served.value) == STATUS[kind]
     assert main(["explain", str(bundle), str(path), "-o", str(tmp_path / "out"), "--max-pixels", "200000"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -153,7 +154,7 @@ def test_statuses_follow_the_kind_not_the_wording(service):
     assert status_of(LimitError("trapezoid")) == 413
     assert status_of(InputError("x")) == 422
     with pytest.raises(HTTPError) as error:
-        service.parse(b"", "image/png", {})
+        native_jobs(service, Request("POST", "/explain", {}, "image/png"))
     assert error.value.status == 400
 
 

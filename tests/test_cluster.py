@@ -270,8 +270,8 @@ def test_locations_and_options_are_checked(tmp_path):
     uri.create()
     uri.write("x.json", b"{}")
     assert local.files() == {"x.json": 2} and local.read("x.json") == b"{}"
-    assert uri.reader_paths(["x.json"]) == [f"{tmp_path}/a/x.json"]
-    assert local.reader_paths(["x.json"]) == [f"local://{tmp_path}/a/x.json"]
+    assert uri.join("x.json") == f"{tmp_path}/a/x.json" and uri.filesystem is not None
+    assert local.join("x.json") == f"{tmp_path}/a/x.json" and local.filesystem is None
     for text, message in (("ftp://host/x", "unsupported storage scheme 'ftp://'"),):
         with pytest.raises(UserError, match=message):
             Location.parse(text)

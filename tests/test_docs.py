@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [Path("README.md"), *sorted(p.relative_to(ROOT) for p in (ROOT / "docs").glob("*.md"))]
 # what a fresh checkout holds, linked into each page's folder (its writes stay in that folder)
 CHECKOUT = ("README.md", "pyproject.toml", "igcam_engine", "export", "kernels", "benchmarks", "zoo", "examples",
-            "scripts", "tests", "docs", ".ci", ".venv")
+            "scripts", "tests", "docs", ".ci", ".venv", ".venv-clients")
 QUICK_START = ["bash scripts/setup.sh && .venv/bin/igcam demo", "bash scripts/test.sh"]
 
 

@@ -15,9 +15,9 @@ from support.comparisons import assert_maps_match
 from test_targets import SHAPE, Segmenter, YoloV8Head, export
 
 from igcam_engine import Explainer
-from igcam_engine.apps.serve import ExplainService, HTTPError, status_of
+from igcam_engine.apps.protocols import Request
+from igcam_engine.apps.serve import ExplainService
 from igcam_engine.data import sample_images
-from igcam_engine.errors import UserError
 from igcam_engine.images import load_image, load_mask, to_model_input
 from igcam_engine.targets import BoxScoreTarget, SemanticSegmentationTarget
 
@@ -156,14 +156,9 @@ def multipart(fields: dict) -> tuple:
 
 
 def serve(service, body, content_type, params):
-    """What the HTTP layer does with a request: parse, run (as its own batch), respond; (status, type, body)."""
-    try:
-        job = service.parse(body, content_type, params)
-    except (UserError, HTTPError) as e:
-        return (e.status if isinstance(e, HTTPError) else status_of(e)), "application/json", json.dumps(
-            {"error": str(e)}).encode()
-    status, kind, reply, _ = service.respond(job, service.run([job])[0])
-    return status, kind, reply
+    """What an engine replica does with a request: decode, run (as its own batch), encode; (status, type, body)."""
+    response = service.answer(Request("POST", "/explain", params, content_type, body=body))
+    return response.status, response.content_type, response.body
 
 
 def test_the_service_takes_targets_and_masks(segmenter, tmp_path):

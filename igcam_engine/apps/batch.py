@@ -1,7 +1,7 @@
 """`igcam batch`: explain every image of a folder with Ray Data, on this machine or on a Ray cluster.
 
-The images are read by Ray Data's binary-file reader (a local folder's on the machine where igcam runs, a URI's by
-whichever node reads it); Ray actors, as many as the cluster has CPUs unless --actors says otherwise, each hold one
+The images of a local folder are read by the driver into Ray's object store, a URI's by Ray Data's binary-file
+reader on whichever node reads it; Ray actors, as many as the cluster has CPUs unless --actors says otherwise, each hold one
 Explainer built from the bundle shipped through the object store, and explain a batch of images per engine call.
 Every image gets the files `igcam explain` writes (overlays, raw maps) plus <stem>.json, written last into the output
 location (a local folder or a filesystem URI, see igcam_engine.apps.storage): an image whose record exists there is
@@ -132,6 +132,45 @@ def actor_count(ray, requested, batches: int) -> int:
     return max(1, min(cpus if requested is None else requested, cpus, batches))
 
 
+def images_per_call(ray, requested_actors, images: int, batch_size: int) -> int:
+    """Images per engine call: --batch-size, or fewer for a small job, so that every actor the cluster allows gets
+    a call (12 images in calls of 8 would leave all but two CPUs idle)."""
+    actors = actor_count(ray, requested_actors, images)
+    return max(1, min(batch_size, -(-images // actors)))
+
+
+READ_CHUNK_BYTES = 64 << 20  # a local folder's files held by the driver at once, on their way to the object store
+
+
+def image_rows(ray, source: Location, names: list, per_call: int):
+    """(a Ray Data dataset of rows {path, bytes}, one block per engine call so that the calls spread over the
+    actors; the files that could not be read, as failures). A URI's files are read by the nodes; a local folder's by
+    the driver, a chunk at a time, into Ray's object store, so that no other node needs the folder (Ray Data's
+    `local://` paths, which did this on the head node, are deprecated)."""
+    if not source.local:
+        return ray.data.read_binary_files([source.join(n) for n in names], include_paths=True,
+                                          filesystem=source.filesystem, num_cpus=0,
+                                          override_num_blocks=-(-len(names) // per_call)), []
+    parts, rows, size, failed = [], [], 0, []
+    for name in names:
+        try:
+            data = source.read(name)
+        except OSError as e:
+            failed.append({"image": name, "error": f"'{name}' cannot be read: {e.strerror or e}",
+                           "kind": InputError.kind})
+            continue
+        rows.append({"path": name, "bytes": data})
+        size += len(data)
+        if size >= READ_CHUNK_BYTES and len(rows) % per_call == 0:
+            parts.append(ray.data.from_items(rows, override_num_blocks=len(rows) // per_call))
+            rows, size = [], 0
+    if rows:
+        parts.append(ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)))
+    if not parts:
+        return None, failed
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), failed
+
+
 def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = None,
               targets: TargetChoice | None = None, *, backend: BackendOptions | None = None,
               limits: Limits = DEFAULT_LIMITS, address=None, actors=None, batch_size=8, retry_failed=False,
@@ -177,20 +216,23 @@ def _explain_on_ray(summary, todo, bundle, source, output, address, runtime_env,
     ray = start_ray(address, "scale", "batch", runtime_env)
     try:
         shipped = ship_bundle(ray, bundle)
-        summary["actors"] = actor_count(ray, actors, -(-len(todo) // batch_size))
+        per_call = images_per_call(ray, actors, len(todo), batch_size)
+        summary["actors"] = actor_count(ray, actors, -(-len(todo) // per_call))
         nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
         print(f"igcam batch: {len(todo)} images, {summary['actors']} actors on a cluster of {len(nodes)} node(s) "
-              f"({int(ray.cluster_resources().get('CPU', 0))} CPUs)", flush=True)
+              f"({int(ray.cluster_resources().get('CPU', 0))} CPUs), {per_call} images per engine call", flush=True)
         # the command prints its own summary; Ray Data's progress reports would flood a log
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        # Reading takes no CPU slot, so that the actors may hold every one without starving the readers.
-        dataset = ray.data.read_binary_files(source.reader_paths(todo), include_paths=True,
-                                             filesystem=source.reader_filesystem(), num_cpus=0)
+        dataset, unreadable = image_rows(ray, source, todo, per_call)
+        summary["failed"].extend(unreadable)
+        if dataset is None:
+            return
+        # SPREAD: the actors go to different nodes before any node takes a second one.
         dataset = dataset.map_batches(
             ExplainImages, fn_constructor_args=(shipped, output.shown, job, backend, limits),
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
-            batch_format="numpy")
+            batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
+            batch_format="numpy", scheduling_strategy="SPREAD")
         worked = Counter()
         for result in dataset.iter_rows():
             name = str(result["path"])

@@ -1,39 +1,28 @@
 """`igcam serve`: explanations over HTTP with Ray Serve, requests from different clients batched into one engine call.
 
-    POST /explain   an image (PNG/JPEG/... as a raw body with its image/* content type, or the field "image" of a
-                    multipart/form-data body; a segmenter's class mask as the field "mask") and parameters (query
-                    string or form fields): target (a class, or targets as JSON: docs/targets.md) or top_k, the
-                    options of igcam_engine.options.ExplainOptions (method, integrate, channels, variant, rule,
-                    steps, tolerance, max_steps, baseline, subtract_baseline, normalize), output = png | npy | json.
-                    png: the overlay of the first target (the prediction in the X-Igcam-Predictions header, the
-                    targets in X-Igcam-Targets); npy: the maps, float32 [T, H, W] in .npy format; json:
-                    {"prediction": {...}, "targets": [...], "maps": ...}.
-    GET  /healthz   200 while the service answers: a deployment of its own, never queued behind explanations.
-    GET  /ready     200 once a replica's ONNX Runtime sessions are warm (unanswered before).
-    GET  /stats     how many requests this replica answered, the sizes of the batches its engine ran (bounded), the
-                    precision its engine computes in (f32, or bf16 with --providers openvino --precision bf16) and
-                    the Ray node it runs on.
+Three protocols on one service (igcam_engine.apps.protocols has the routes, /openapi.json describes them):
+igcam's own `POST /explain` (an image file; a PNG overlay, .npy maps or JSON), KServe's V1 data plane
+(`/v1/models/NAME:predict` and `:explain`) and the Open Inference Protocol (`/v2/...`: Triton's and KServe V2's
+clients). Also `GET /healthz` (a deployment of its own, never queued behind explanations), `/ready` (200 while an
+engine replica runs), `/stats` (one engine replica's counts, batch sizes, precision and node) and `/metrics`
+(Prometheus). NAME is the application's --name; the paths are under its --route-prefix. The bundle is shipped to
+the replicas through Ray's object store, so it need exist only where `igcam serve` runs.
 
-The paths are under the application's route prefix (--route-prefix, default /). The bundle is shipped to the
-replicas through Ray's object store, so it need exist only where `igcam serve` runs.
-
-Untrusted input stays cheap to refuse: a body is read with a size limit while it streams (chunked or not) and a
-deadline (a stalled upload gets 408 instead of holding a slot); image decoding, multipart parsing and PNG encoding
-run off the event loop; requests beyond the replica's queue get 503 with Retry-After. Bad requests get a 4xx with
-a one-line JSON message, its status chosen by the error's type (STATUS), and never stop the server.
+Two deployments: the front takes every request, answers health, metadata and documents itself, and reads a body to
+its end (a size limit while it streams, chunked or not; a deadline counted from the request's arrival: 408) before
+the request reaches an engine replica through a deployment handle, so that stalled uploads hold only the front's
+cheap slots, never the engine's. The engine's replicas decode, batch and explain off the event loop; requests
+beyond their queue get 503 with Retry-After. Bad requests get a 4xx with a one-line JSON message, {"error": ...},
+its status chosen by the error's type (protocols.STATUS), and never stop the server.
 """
 from __future__ import annotations
 
 import asyncio
-import email.message
-import email.parser
-import email.policy
-import io
-import json
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -45,139 +34,83 @@ from igcam_engine.apps.arguments import (
     limits,
 )
 from igcam_engine.apps.cluster import add_cluster_arguments, serve_replica_on_loopback
-from igcam_engine.backends import BackendOptions
-from igcam_engine.errors import (
-    BundleError,
-    InputError,
-    LimitError,
-    NotFound,
-    OptionError,
-    Unavailable,
-    UserError,
+from igcam_engine.apps.protocols import (
+    HTTPError,
+    Job,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    match,
+    native_jobs,
+    native_response,
+    openapi,
+    v1_jobs,
+    v1_response,
+    v2_jobs,
+    v2_model_metadata,
+    v2_response,
 )
-from igcam_engine.options import TEXT, ExplainOptions, Limits
-from igcam_engine.targets import SemanticSegmentationTarget, TargetChoice
-from igcam_engine.validators import choice, integer, number
+from igcam_engine.backends import BackendOptions
+from igcam_engine.errors import OptionError, UserError
+from igcam_engine.options import Limits
+from igcam_engine.validators import integer, number
 
 MAX_BODY_BYTES = 20 << 20
-BODY_TIMEOUT_S = 15.0  # the whole body must arrive within this after the headers
-MAX_PARTS = 16  # multipart fields
+BODY_TIMEOUT_S = 15.0  # the whole body must arrive within this, counted from the request's arrival
 # One request may not hold a replica for minutes: its passes per map, Score-CAM's and Ablation-CAM's channels (a
 # request without `channels` takes this many of largest activation mass) and its classes are bounded.
 SERVICE_LIMITS = Limits(steps=256, channels=256, top_k=10)
-OUTPUTS = ("png", "npy", "json")
-EXPLAIN_PARAMETERS = tuple(name for name in TEXT if name != "rows_per_call")  # the engine's own batching is ours
-PARAMETERS = ("target", "top_k", *EXPLAIN_PARAMETERS, "output", "mask")
 RETRY_AFTER_S = 1
-# An error's type -> the HTTP status it is answered with (any other UserError: 422).
-STATUS = {OptionError: 400, NotFound: 404, LimitError: 413, InputError: 422, BundleError: 500, Unavailable: 503}
-
-
-class HTTPError(Exception):
-    """A refusal of the transport itself (content type, body size or deadline, a malformed form) with its status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def status_of(error: UserError) -> int:
-    return next((status for kind, status in STATUS.items() if isinstance(error, kind)), 422)
-
-
-@dataclass(frozen=True)
-class Job:
-    image: np.ndarray  # model input [C, H, W]
-    picture: object  # the decoded photo (for overlays)
-    shown: np.ndarray  # what the model sees, uint8 [H, W, 3]
-    options: ExplainOptions  # checked
-    targets: TargetChoice  # checked
-    output: str
-
-    def group(self):
-        """Jobs with the same key run as one engine call."""
-        return self.options, json.dumps(self.targets.record(), sort_keys=True)
-
-
-def _multipart(body: bytes, content_type: str):
-    """(image bytes, form fields) from a multipart/form-data body, with the standard library's MIME parser, after
-    bounding the number of parts (a body of many tiny parts would otherwise cost seconds to parse)."""
-    boundary = email.message.Message()
-    boundary["content-type"] = content_type
-    marker = boundary.get_param("boundary")
-    if not marker:
-        raise HTTPError(400, "multipart/form-data without a boundary")
-    if body.count(b"--" + str(marker).encode()) > MAX_PARTS + 1:
-        raise HTTPError(400, f"a multipart body may hold at most {MAX_PARTS} fields")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    if not message.is_multipart():
-        raise HTTPError(400, "malformed multipart/form-data body")
-    image, fields = None, {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name == "image":
-            image = payload
-        elif name == "mask":
-            fields[name] = payload
-        elif name:
-            fields[name] = payload.decode(errors="replace")
-    if image is None:
-        raise HTTPError(400, "multipart body has no 'image' field")
-    return image, fields
+# Requests the front holds at once: each costs a coroutine while its body streams in (or stalls), never an engine
+# slot; beyond, Serve answers 503.
+FRONT_REQUESTS = 1024
+READY_CACHE_S = 1.0  # how long the front trusts its last look at the engine's replicas
 
 
 class ExplainService:
-    """One replica's engine: an Explainer plus request parsing and responses (all synchronous, CPU-bound work that
-    the deployment runs off the event loop); `serve_application` wraps it in Ray Serve deployments."""
+    """One engine replica's work: an Explainer, the protocols' codecs (igcam_engine.apps.protocols) and engine calls
+    over batches of jobs (all synchronous, CPU-bound work that the deployment runs off the event loop);
+    `serve_application` wraps it in Ray Serve deployments."""
 
-    def __init__(self, bundle: str, backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS):
+    def __init__(self, bundle: str, backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS,
+                 model: str = "igcam"):
         from igcam_engine import Explainer
 
         self.explainer = Explainer(bundle, **asdict(backend or BackendOptions()), limits=limits)
-        self.limits = self.explainer.limits
+        self.manifest, self.limits, self.model = self.explainer.manifest, self.explainer.limits, model
         self.batch_sizes: Counter = Counter()
         self.explained = 0
         # Warm the sessions: Ray Serve routes no request here before this constructor returns.
         self.explainer.model_outputs(np.zeros((1, *self.explainer.input_shape), np.float32))
 
-    def parse(self, body: bytes, content_type: str, params: dict) -> Job:
-        """A request's job; a UserError (its status by type) or HTTPError for what is wrong with it."""
-        from igcam_engine.images import load_image, load_mask, to_model_input
+    def decode(self, request: Request):
+        """(the request's jobs, the function that turns their results into its Response); a UserError (its status
+        by type) or HTTPError for what is wrong with it."""
+        route = match(request.method, request.path, self.model)
+        if route.name == "explain":
+            jobs = native_jobs(self, request)
+            return jobs, partial(self._finish, jobs, partial(native_response, self, jobs))
+        if route.name in ("v1_predict", "v1_explain"):
+            jobs = v1_jobs(self, request, explain=route.name == "v1_explain")
+            return jobs, partial(self._finish, jobs, partial(v1_response, self, jobs))
+        if route.name == "v2_infer":
+            jobs, asked = v2_jobs(self, request)
+            return jobs, partial(self._finish, jobs, partial(v2_response, self, self.model, asked))
+        raise HTTPError(404, f"{request.method} {request.path} is not answered by the engine")
 
-        kind = content_type.split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            body, fields = _multipart(body, content_type)
-            params = {**fields, **params}
-        elif not kind.startswith("image/") and kind != "application/octet-stream":
-            raise HTTPError(415, f"content type '{kind}' is not accepted; send an image (image/png, image/jpeg, ...) "
-                                 "or multipart/form-data with an 'image' field")
-        unknown = sorted(set(params) - set(PARAMETERS))
-        if unknown:
-            raise OptionError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(PARAMETERS)}")
-        if not body:
-            raise HTTPError(400, "the request has no image")
-        if isinstance(params.get("mask"), str):
-            raise OptionError("a mask is an image: send it as the multipart field 'mask'")
-        manifest = self.explainer.manifest
-        targets = TargetChoice.from_text(params.get("target"), params.get("top_k"))
-        if params.get("mask") is not None:
-            if targets.target is None or manifest.task.kind != "segmentation":
-                raise OptionError("a mask goes with target=C (a class) on a segmenter's bundle")
-            mask = load_mask(bytes(params["mask"]), manifest.input.shape, manifest.preprocess, self.limits.pixels)
-            targets = TargetChoice(targets=(SemanticSegmentationTarget(targets.target, mask),))
-        targets = targets.checked(manifest, self.limits)
-        options = ExplainOptions.from_text({name: params[name] for name in EXPLAIN_PARAMETERS if name in params})
-        options = options.checked(self.limits, manifest.target_layer.channels)
-        output = choice(params.get("output", "png"), "output", OUTPUTS)
-        picture = load_image(bytes(body), self.limits.pixels)
-        image, shown = to_model_input(picture, self.explainer.input_shape, self.explainer.preprocess)
-        return Job(image, picture, shown, options, targets, output)
+    def _finish(self, jobs: list[Job], encode, results: list) -> Response:
+        self.explained += len(jobs)
+        refused = next((r for r in results if isinstance(r, (UserError, HTTPError))), None)
+        try:
+            return error_response(refused) if refused is not None else encode(results)
+        except (UserError, HTTPError) as e:
+            return error_response(e)
 
     def run(self, jobs: list[Job]) -> list:
         """One engine call per group of compatible jobs (igcam_engine.apps.outputs.explain_images); returns
-        (the prediction, the map entries, the targets, the maps) per job, or its UserError."""
+        (the prediction, the map entries, the targets, the maps) per job (a prediction alone for a job without
+        options), or its UserError."""
         from igcam_engine.apps.outputs import explain_images, map_entry, prediction
 
         self.batch_sizes[len(jobs)] += 1
@@ -188,6 +121,15 @@ class ExplainService:
         for indices in groups.values():
             first = jobs[indices[0]]
             images = np.stack([jobs[i].image for i in indices])
+            if first.options is None:
+                try:
+                    outputs = self.explainer.model_outputs(images)
+                except UserError as e:
+                    outputs = e
+                for position, i in enumerate(indices):
+                    results[i] = outputs if isinstance(outputs, UserError) else (
+                        prediction(self.explainer, [o[position] for o in outputs]),)
+                continue
             for i, result in zip(indices, explain_images(self.explainer, images, first.targets, first.options)):
                 if isinstance(result, UserError):
                     results[i] = result
@@ -197,40 +139,18 @@ class ExplainService:
                               [map_entry(t, self.explainer, outputs) for t in targets], targets, maps)
         return results
 
-    def respond(self, job: Job, result):
-        """(status, content type, body bytes, extra headers)."""
-        from igcam_engine.images import overlay_on_photo
-
-        self.explained += 1
-        if isinstance(result, (UserError, HTTPError)):
-            return _error(result)
-        said, entries, targets, maps = result
-        headers = {"X-Igcam-Predictions": _header(said), "X-Igcam-Targets": _header([e["target"] for e in entries])}
-        if job.output == "npy":
-            buffer = io.BytesIO()
-            np.save(buffer, maps.astype(np.float32))
-            return 200, "application/octet-stream", buffer.getvalue(), headers
-        if job.output == "json":
-            body = {"prediction": said, "targets": entries, "shape": list(maps.shape),
-                    "maps": maps.astype(np.float32).tolist()}
-            return 200, "application/json", json.dumps(body).encode(), headers
-        buffer = io.BytesIO()
-        boxes = [(targets[0].box, entries[0]["name"])] if getattr(targets[0], "box", None) is not None else []
-        overlay_on_photo(job.picture, job.shown, maps[0], self.explainer.preprocess, boxes).save(buffer, format="PNG")
-        return 200, "image/png", buffer.getvalue(), headers
+    def answer(self, request: Request) -> Response:
+        """The whole request at once, its jobs in one batch (in-process use and tests; the deployment batches
+        jobs across requests)."""
+        try:
+            jobs, finish = self.decode(request)
+        except (UserError, HTTPError) as e:
+            return error_response(e)
+        return finish(self.run(jobs))
 
     def stats(self) -> dict:
         return {"explained": self.explained, "precision": self.explainer.precision,
                 "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
-
-
-MAX_HEADER = 4096  # characters of a JSON header value (a long prediction is cut, the body has it all)
-
-
-def _header(value) -> str:
-    """JSON for a response header: ASCII, and at most MAX_HEADER characters (the start of it, then "...")."""
-    text = json.dumps(value)
-    return text if len(text) <= MAX_HEADER else text[:MAX_HEADER - 3] + "..."
 
 
 def _inside_prefix(request) -> str:
@@ -242,15 +162,12 @@ def _inside_prefix(request) -> str:
     return path.rstrip("/")
 
 
-def _error(error):
-    """The answer to a refused request: its status (an HTTPError's own, a UserError's by type), one JSON line."""
-    status = error.status if isinstance(error, HTTPError) else status_of(error)
-    return status, "application/json", json.dumps({"error": str(error)}).encode(), {}
-
-
-async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_S) -> bytes:
+async def read_body(request, limit: int = MAX_BODY_BYTES, deadline: float | None = None) -> bytes:
     """The request body, read as it streams: 413 once it passes `limit` (chunked or not; the rest is drained,
-    not kept, so that the client reads the answer), 408 when it has not all arrived within `timeout` seconds."""
+    not kept, so that the client reads the answer), 408 when it has not all arrived by `deadline` (the event loop's
+    clock; default BODY_TIMEOUT_S from now)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BODY_TIMEOUT_S if deadline is None else deadline
     declared = request.headers.get("content-length", "")
     oversized = declared.isdigit() and int(declared) > limit
     chunks, size = [], 0
@@ -265,31 +182,41 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_
                 chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(receive(), timeout)
+        await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
     except asyncio.TimeoutError:
-        raise HTTPError(408, f"the request body did not arrive within {timeout:g} s") from None
+        raise HTTPError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     if oversized:
         raise HTTPError(413, f"the request body exceeds the limit of {limit} bytes")
     return b"".join(chunks)
 
 
-def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                      backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS,
-                      cpus_per_replica: float = 1.0,
-                      max_queued: int | None = None):
-    """The Ray Serve application (its ingress deployment bound to its arguments) for a bundle shipped with
-    cluster.ship_bundle. A replica takes up to 4 x max_batch requests at once (at least 16) and queues up to
-    `max_queued` more (default: as many); beyond, Ray Serve answers 503 with Retry-After."""
+def serve_application(shipped: list, *, model: str = "igcam", replicas: int = 1, max_batch: int = 8,
+                      batch_wait_ms: float = 10.0, backend: BackendOptions | None = None,
+                      limits: Limits = SERVICE_LIMITS, cpus_per_replica: float = 1.0, max_queued: int | None = None,
+                      application: str | None = None, prefix: str = "/", manifest=None):
+    """The Ray Serve application for a bundle shipped with cluster.ship_bundle: its ingress, the front (every HTTP
+    request: bodies read to their end under a deadline counted from arrival, health, metadata, /metrics and
+    /openapi.json answered at once), bound to the engine (replicas of ExplainService, reached through a deployment
+    handle with each body already read, so that a slow client never holds an engine slot). An engine replica
+    takes up to 4 x max_batch requests at once (at least 16) and queues up to `max_queued` more (default: as
+    many); beyond, the front answers 503 with Retry-After. `application` (the Serve application's name, default
+    `model`) is where the front looks for the engine's replicas; `manifest` (the bundle's) describes the model."""
     from ray import serve
     from ray.serve.config import BackpressureConfig
-    from starlette.responses import JSONResponse, Response
+    from ray.serve.exceptions import BackPressureError
+    from starlette.responses import Response as StarletteResponse
+
+    from igcam_engine import __version__
+    from igcam_engine.apps.metrics import ServiceMetrics
 
     ongoing = max(4 * max_batch, 16)
+    application = application or model
+    busy = HTTPError(503, "the service is busy; retry after the time in Retry-After",
+                     {"Retry-After": str(RETRY_AFTER_S)})
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                      max_ongoing_requests=ongoing, max_queued_requests=max_queued or ongoing,
-                      backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S))
-    class Explain:
+                      max_ongoing_requests=ongoing, max_queued_requests=max_queued or ongoing)
+    class Engine:
         def __init__(self):
             import ray
 
@@ -297,39 +224,101 @@ def serve_application(shipped: list, *, replicas: int = 1, max_batch: int = 8, b
 
             serve_replica_on_loopback()
             self.folder = materialize_bundle(shipped)
-            self.service = ExplainService(self.folder.name, backend, limits)
+            self.service = ExplainService(self.folder.name, backend, limits, model)
             self.node = ray.get_runtime_context().get_node_id()
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def explain_batch(self, jobs: list[Job]) -> list:
-            # The engine call blocks; run it off the event loop so requests keep queueing meanwhile.
-            return await asyncio.get_running_loop().run_in_executor(None, self.service.run, jobs)
+            # The engine call blocks; run it off the event loop so requests keep queueing meanwhile. The batch's
+            # size rides with its first job's answer: /metrics counts each batch once.
+            results = await asyncio.get_running_loop().run_in_executor(None, self.service.run, jobs)
+            return [(result, len(jobs) if n == 0 else 0) for n, result in enumerate(results)]
 
-        async def __call__(self, request):
-            path = _inside_prefix(request)
-            if request.method == "GET" and path == "/ready":  # reachable only once the sessions are warm
-                return JSONResponse({"ready": True})
-            if request.method == "GET" and path == "/stats":
-                return JSONResponse({**self.service.stats(), "node": self.node})
-            if path != "/explain":
-                return JSONResponse({"error": f"no route {request.method} {path or '/'}; see GET /healthz, "
-                                              "/ready, /stats, POST /explain"}, status_code=404)
-            if request.method != "POST":
-                return JSONResponse({"error": "POST an image to /explain"}, status_code=405)
+        async def handle(self, request: Request) -> Response:
+            if request.path == "/stats":
+                return json_response({**self.service.stats(), "node": self.node})
             loop = asyncio.get_running_loop()
             try:
-                body = await read_body(request)
-                job = await loop.run_in_executor(None, self.service.parse, body,
-                                                 request.headers.get("content-type", ""), dict(request.query_params))
-                result = await self.explain_batch(job)
-                status, kind, body, headers = await loop.run_in_executor(None, self.service.respond, job, result)
+                jobs, finish = await loop.run_in_executor(None, self.service.decode, request)
             except (HTTPError, UserError) as e:
-                status, kind, body, headers = _error(e)
-            return Response(body, status_code=status, media_type=kind, headers=headers)
+                return error_response(e)
+            answered = await asyncio.gather(*(self.explain_batch(job) for job in jobs))
+            response = await loop.run_in_executor(None, finish, [result for result, _ in answered])
+            return replace(response, batches=tuple(size for _, size in answered if size))
 
-    return Explain.bind()
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=FRONT_REQUESTS,
+                      max_queued_requests=FRONT_REQUESTS,
+                      backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S))
+    class Front:
+        def __init__(self, engine):
+            serve_replica_on_loopback()
+            self.engine = engine
+            self.metrics = ServiceMetrics()
+            self.checked_at, self.engine_ready = -READY_CACHE_S, False
+            self.documents = {"openapi": openapi(model, __version__, prefix),
+                              "v2_model": v2_model_metadata(model, manifest, manifest.input.shape)}
+
+        async def ready(self) -> bool:
+            """Whether an engine replica is running (Serve's controller says; looked at once per READY_CACHE_S):
+            the engine's readiness, never its queue's."""
+            loop = asyncio.get_running_loop()
+            if loop.time() - self.checked_at >= READY_CACHE_S:
+                self.checked_at = loop.time()
+                self.engine_ready = await loop.run_in_executor(None, engine_running, application)
+                self.metrics.ready.set(int(self.engine_ready))
+            return self.engine_ready
+
+        async def answer(self, route) -> Response:
+            """A route the front answers itself."""
+            if route.name in ("ready", "v2_ready", "v2_model_ready"):
+                ready = await self.ready()
+                return json_response({"ready": ready}, 200 if ready else 503)
+            if route.name == "v1_model":
+                return json_response({"name": model, "ready": await self.ready()})
+            if route.name == "metrics":
+                return Response(200, self.metrics.content_type, self.metrics.text())
+            documents = {"openapi": self.documents["openapi"], "v2_model": self.documents["v2_model"],
+                         "v1_models": {"models": [model]}, "v1_live": {"status": "alive"},
+                         "v2_live": {"live": True}, "healthz": {"status": "ok"},
+                         "v2_server": {"name": "igcam-engine", "version": __version__,
+                                       "extensions": ["binary_tensor_data"]}}
+            return json_response(documents[route.name])
+
+        async def __call__(self, request):
+            loop = asyncio.get_running_loop()
+            arrived, route = loop.time(), None
+            try:
+                route = match(request.method, _inside_prefix(request), model)
+                if route.answered_by != "engine":
+                    response = await self.answer(route)
+                else:
+                    with self.metrics.reading.track_inprogress():
+                        body = await read_body(request, deadline=arrived + BODY_TIMEOUT_S)
+                    headers = request.headers
+                    with self.metrics.queued.track_inprogress():
+                        response = await self.engine.handle.remote(Request(
+                            request.method, _inside_prefix(request), dict(request.query_params),
+                            headers.get("content-type", ""), headers.get("inference-header-content-length"), body))
+            except (HTTPError, UserError) as e:
+                response = error_response(e)
+            except BackPressureError:
+                response = error_response(busy)
+            self.metrics.observe(route, request.method, response, loop.time() - arrived)
+            return StarletteResponse(response.body, status_code=response.status, media_type=response.content_type,
+                                     headers=response.headers)
+
+    return Front.bind(Engine.bind())
+
+
+def engine_running(application: str) -> bool:
+    """Whether the application's Engine deployment has a running replica (asked of Serve's controller)."""
+    from ray import serve
+
+    status = serve.status().applications.get(application)
+    engine = status.deployments.get("Engine") if status else None
+    return bool(engine and engine.replica_states.get("RUNNING", 0))
 
 
 def health_application():
@@ -381,7 +370,7 @@ def run_server(bundle: str, server: ServerOptions = ServerOptions(), *, backend:
 
     check_address(address, "serve")
     server, backend, limits = server.checked(), (backend or BackendOptions()).checked(), limits.checked()
-    load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
+    manifest = load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
     name, prefix = server.name, server.route_prefix
     ray = start_ray(address, "serve", "serve", runtime_env)
     from ray import serve
@@ -394,11 +383,13 @@ def run_server(bundle: str, server: ServerOptions = ServerOptions(), *, backend:
         host, port = _proxy_address(server.host, server.port)
         serve.run(health_application(), name=f"{name}-health", route_prefix=f"{prefix.rstrip('/')}/healthz",
                   blocking=False)
-        serve.run(serve_application(ship_bundle(ray, bundle), replicas=server.replicas, max_batch=server.max_batch,
-                                    batch_wait_ms=server.batch_wait_ms, backend=backend, limits=limits),
+        serve.run(serve_application(ship_bundle(ray, bundle), model=name, replicas=server.replicas,
+                                    max_batch=server.max_batch, batch_wait_ms=server.batch_wait_ms, backend=backend,
+                                    limits=limits, prefix=prefix, manifest=manifest),
                   name=name, route_prefix=prefix, blocking=False)
         base = f"http://{host}:{port}{prefix.rstrip('/')}"
-        print(f"igcam serve: {base}/explain (POST an image), {base}/healthz, /ready, /stats; application '{name}'; "
+        print(f"igcam serve: {base}/explain (POST an image), KServe V1 {base}/v1/models/{name}, Open Inference "
+              f"Protocol {base}/v2/models/{name}; {base}/openapi.json lists every route; application '{name}'; "
               "Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)

@@ -112,15 +112,9 @@ class Location:
         if self.local and not os.access(self.path, os.W_OK | os.X_OK):
             raise OptionError(f"the output folder '{self.shown}' is not writable")
 
-    def reader_paths(self, names) -> list[str]:
-        """The files as Ray Data's readers take them with `reader_filesystem`: a local folder's files are read
-        on the node where igcam runs (local://) and travel through the object store, so no other node needs the
-        folder; a URI's files are read by whichever node runs the read."""
-        if self.local:
-            return [f"local://{self.join(n)}" for n in names]
-        return [self.join(n) for n in names]
-
-    def reader_filesystem(self):
+    @property
+    def filesystem(self):
+        """The pyarrow filesystem Ray Data's readers take for a URI's files (None for a local folder)."""
         return None if self.local else self.fs
 
 
