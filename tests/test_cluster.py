@@ -1,4 +1,4 @@
-"""`igcam batch` and `igcam serve` on a two-node Ray cluster on 127.0.0.1 (tests/cluster_nodes.py): work on both
+"""`igcam batch` and `igcam serve` on a two-node Ray cluster on 127.0.0.1 (examples/two_nodes.py): work on both
 nodes, outputs through a filesystem URI, maps equal to local ones, a node killed mid-run and the job completing, a
 rerun doing nothing, two replicas on two nodes, Serve's applications of others left alone, every socket on
 loopback, and the address forms."""
@@ -36,9 +36,11 @@ HERE = Path(__file__).resolve().parent
 class TwoNodes:
     """The helper cluster in a scope of its own (its processes carry the scope's marker)."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, cpus_per_node: int = 1, env: dict | None = None):
         self.scope = Scope(log)
-        self.process = subprocess.Popen([sys.executable, str(HERE / "support" / "cluster_nodes.py")], env=self.scope.env,
+        self.scope.env.update(env or {})
+        self.process = subprocess.Popen([sys.executable, str(HERE.parent / "examples" / "two_nodes.py"),
+                                         "--cpus-per-node", str(cpus_per_node)], env=self.scope.env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         assert line, "the two-node cluster did not start"
@@ -78,8 +80,11 @@ def cluster(work):
 
 def run(root, *args, timeout=600, env=None):
     scope = Scope(root / "command.log")
-    if env:
-        scope.env.update(env)
+    for name, value in (env or {}).items():  # None: not set
+        if value is None:
+            scope.env.pop(name, None)
+        else:
+            scope.env[name] = value
     result = scope.run(list(args), cwd=root, timeout=timeout)
     assert not scope.members(), "the command left processes behind"
     return result
@@ -93,7 +98,7 @@ def expected_map(bundle, photo, steps):
 
 
 def replica_nodes(address, application, env) -> list[str]:
-    """The nodes of the application's live replicas, from the cluster's actor table (a driver of its own: Serve's
+    """The nodes of the application's live engine replicas, from the cluster's actor table (a driver of its own: Serve's
     proxy prefers replicas on its own node, so answers alone would not show where the replicas are)."""
     script = f"""
 import json, os
@@ -102,7 +107,7 @@ import ray
 from ray._private import state
 ray.init(address={address!r}, logging_level="ERROR", include_dashboard=False)
 print(json.dumps([a["Address"]["NodeID"] for a in state.actors().values()
-                  if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:{application}:")]))
+                  if a["State"] == "ALIVE" and a["ActorClassName"] == "ServeReplica:{application}:Engine"]))
 """
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -341,3 +346,44 @@ def test_batch_from_and_to_object_storage(work, cluster, s3, tmp_path):
     again = run(root, "batch", bundle, source, "-o", out, "--address", cluster.address, "--steps", "4")
     assert again.returncode == 0 and "0 explained, 8 already done" in again.stdout, again.stderr
     assert all(address == "127.0.0.1" for _, address, _ in listening([moto_pid]))
+
+
+def test_token_auth_a_small_job_spread_and_one_line_for_a_wrong_token(work, tmp_path):
+    """A cluster with token authentication and two CPUs per node: 12 images with --actors 2 land on both nodes
+    (the actors spread before doubling up; the calls are small enough for both); a wrong token, no token, or the
+    token without RAY_AUTH_MODE are each one line within seconds, not ActorDiedError or a 20 s ConnectionError."""
+    root, bundle, images = work
+    home = tmp_path / "home"  # no ~/.ray/auth_token of this machine's own
+    home.mkdir()
+    token = "0123456789abcdef" * 4
+    nodes = TwoNodes(tmp_path / "cluster.log", cpus_per_node=2,
+                     env={"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        twelve = tmp_path / "twelve"
+        twelve.mkdir()
+        for photo in sorted(images.iterdir())[:12]:
+            shutil.copy(photo, twelve / photo.name)
+        client = {"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        done = run(root, "batch", bundle, twelve, "-o", tmp_path / "out", "--address", nodes.address, "--steps", "2",
+                   "--actors", "2", env=client)
+        assert done.returncode == 0, done.stderr
+        assert "12 explained" in done.stdout and "2 actors on a cluster of 2 node(s) (4 CPUs), 6 images per " \
+            "engine call" in done.stdout, done.stdout
+        records = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("photo*.json")]
+        assert len(records) == 12 and len({r["node"] for r in records}) == 2, "the small job stayed on one node"
+
+        for env, message in (({**client, "RAY_AUTH_TOKEN": "f" * 64}, "refused this machine's authentication "
+                               "token: set RAY_AUTH_TOKEN"),
+                             ({"HOME": str(home), "RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None},
+                              "uses token authentication and this machine has no token: set RAY_AUTH_MODE=token"),
+                             ({**client, "RAY_AUTH_MODE": None}, "uses token authentication: set RAY_AUTH_MODE=token "
+                              "here")):
+            started = time.monotonic()
+            refused = run(root, "batch", bundle, twelve, "-o", tmp_path / "refused", "--address", nodes.address,
+                          env=env)
+            (line,) = refused.stderr.strip().splitlines()
+            assert refused.returncode == 2 and line.startswith(f"igcam: error: the Ray cluster at {nodes.address} ")
+            assert message in line, line
+            assert time.monotonic() - started < 15
+    finally:
+        nodes.stop()

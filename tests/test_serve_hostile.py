@@ -1,6 +1,8 @@
-"""`igcam serve` against careless and hostile clients on 127.0.0.1 (bounded in count and time): stalled uploads and
-a burst of requests leave /healthz fast and get 408/503 instead of an unbounded queue; oversized, chunked, many-part
-and misspelled requests get a 4xx; Ray listens on loopback only; SIGTERM stops every process the command started."""
+"""`igcam serve` against careless and hostile clients on 127.0.0.1 (bounded in count and time): 100 stalled uploads
+leave readiness and valid requests on every route family answered and get their 408 at the deadline; a burst gets
+503 instead of an unbounded queue while /healthz stays fast; oversized, chunked, many-part and misspelled requests
+get a 4xx on every protocol's routes; Ray listens on loopback only; SIGTERM stops every process the command
+started."""
 import base64
 import importlib.util
 import json
@@ -217,6 +219,30 @@ def test_bad_parameters_and_images(server, query, body, status, message):
     got, reply, _, _ = serve_load.post(f"{base}/explain{query}", photo if body is None else body, "image/png")
     error = json.loads(reply)["error"]
     assert got == status and message in error and "BytesIO" not in error
+
+
+@pytest.mark.parametrize("path", ["/v1/models/igcam:explain", "/v2/models/igcam/infer"])
+def test_the_protocols_routes_get_the_same_bounds(server, path):
+    """A body over 20 MiB (declared, or chunked), a misspelled parameter and a wrong type on KServe's and the Open
+    Inference Protocol's routes: the answers of /explain, in the protocols' {"error": ...} shape."""
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    got, reply, _, _ = serve_load.post(base + path, b"{" + b" " * (21 << 20) + b"}", "application/json")
+    assert got == 413 and "exceeds the limit of 20971520 bytes" in json.loads(reply)["error"]
+    megabyte = b" " * (1 << 20)
+    chunks = [f"{len(megabyte):x}\r\n".encode() + megabyte + b"\r\n" for _ in range(22)] + [b"0\r\n\r\n"]
+    answer = raw_request(port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                               "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode(), chunks)
+    assert answer.startswith(b"HTTP/1.1 413")
+    body = ({"instances": [[[[1, 2, 3]]]], "parameters": {"stpes": 3}} if "v1" in path else
+            {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}],
+             "parameters": {"stpes": 3}})
+    got, reply, _, _ = serve_load.post(base + path, json.dumps(body).encode(), "application/json")
+    assert got == 400 and "unknown parameter(s) 'stpes'" in json.loads(reply)["error"]
+    body["parameters"] = {"steps": {"a": 1}}
+    got, reply, _, _ = serve_load.post(base + path, json.dumps(body).encode(), "application/json")
+    assert got == 400 and json.loads(reply) == {"error": "parameter 'steps' must be a string, number or boolean, "
+                                                         "got dict"}
 
 
 def test_stats_stay_bounded(server):

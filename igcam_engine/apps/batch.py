@@ -168,7 +168,8 @@ def image_rows(ray, source: Location, names: list, per_call: int):
         parts.append(ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)))
     if not parts:
         return None, failed
-    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), failed
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return dataset.materialize(), failed
 
 
 def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = None,
@@ -228,11 +229,12 @@ def _explain_on_ray(summary, todo, bundle, source, output, address, runtime_env,
         summary["failed"].extend(unreadable)
         if dataset is None:
             return
-        # SPREAD: the actors go to different nodes before any node takes a second one.
+        # Ray Data places its actors with its SPREAD strategy; a block per engine call, and one call in flight per
+        # actor, let the calls spread too (with four in flight, the actor next to the blocks took a small job whole).
         dataset = dataset.map_batches(
             ExplainImages, fn_constructor_args=(shipped, output.shown, job, backend, limits),
-            batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=summary["actors"]), num_cpus=1,
-            batch_format="numpy", scheduling_strategy="SPREAD")
+            batch_size=per_call, num_cpus=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=summary["actors"], max_tasks_in_flight_per_actor=1))
         worked = Counter()
         for result in dataset.iter_rows():
             name = str(result["path"])

@@ -107,6 +107,8 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
         import ray
     except ImportError:
         raise Unavailable(f"this command needs Ray: {install_hint(extra)}") from None
+    if address and not address.startswith("ray://"):
+        check_token(address)
     # Ray's core worker would install a handler of its own for SIGTERM that aborts the process (leaving its agents
     # behind); the one below stops it cleanly from the start.
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
@@ -118,16 +120,65 @@ def start_ray(address, extra: str, workload: str, runtime_env=None) -> object:
                  runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as e:
         stop_ray(ray)
-        hint = ("; if the cluster uses token authentication (`ray start` turns it on by default since Ray 2.59), set "
-                "RAY_AUTH_MODE=token here too, see docs/deploying.md") if address and \
-            os.environ.get("RAY_AUTH_MODE") != "token" else ""
         raise Unavailable(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     except BaseException:  # stopped while starting (Ray's own SIGTERM handler exits then): what started stops too
         stop_ray(ray)
         raise
     stop_on_sigterm()
     return ray
+
+
+TOKEN_HELP = ("RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's token; `ray "
+              "get-auth-token` on its head node prints it")
+
+
+def _token() -> str | None:
+    """The token Ray would send, found where Ray looks (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names,
+    ~/.ray/auth_token). Read here, not through Ray's token loader: the loader keeps what it read for this process's
+    own connections to the cluster afterwards (its actors then failed to start on a cluster without tokens)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def check_token(address: str) -> None:
+    """One line, at once, when the cluster at `address` refuses this machine's authentication: ray.init would retry
+    for 20 s and end in a ConnectionError whose cause is only in a log. One gRPC call to the cluster's GCS (the one
+    Ray's own client makes first), with the token Ray would send; a cluster that cannot be reached is left to
+    ray.init to report."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray's internals: ray.init says what it says
+        return
+    token = _token()
+
+    def refused(send: bool) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                    gcs_service_pb2.GetClusterIdRequest(), timeout=5,
+                    metadata=(("authorization", f"Bearer {token}"),) if send and token else ())
+            except grpc.RpcError as e:
+                return e.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    sending = os.environ.get("RAY_AUTH_MODE") == "token"
+    if not refused(sending):
+        return
+    if sending and token:
+        raise Unavailable(f"the Ray cluster at {address} refused this machine's authentication token: set "
+                          + TOKEN_HELP)
+    if token and not refused(True):
+        raise Unavailable(f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_MODE=token here "
+                          "(this machine has the cluster's token)")
+    raise Unavailable(f"the Ray cluster at {address} uses token authentication and this machine has no token: set "
+                      "RAY_AUTH_MODE=token and " + TOKEN_HELP)
 
 
 def ship_bundle(ray, bundle) -> list:
