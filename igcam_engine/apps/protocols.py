@@ -136,11 +136,6 @@ class Route:
     def pattern(self) -> re.Pattern:
         return re.compile(re.escape(self.path).replace(re.escape("{model}"), "(?P<model>[^/:]+)") + "$")
 
-    @property
-    def family(self) -> str:
-        """The protocol a route belongs to, a metrics label."""
-        return "v2" if self.path.startswith("/v2") else "v1" if self.path.startswith("/v1") else "igcam"
-
 
 def _object(**properties) -> dict:
     return {"type": "object", "properties": properties}

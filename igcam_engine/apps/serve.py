@@ -288,9 +288,9 @@ def serve_application(shipped: list, *, model: str = "igcam", replicas: int = 1,
 
         async def __call__(self, request):
             loop = asyncio.get_running_loop()
-            arrived, route = loop.time(), None
+            arrived, route, path = loop.time(), None, _inside_prefix(request)
             try:
-                route = match(request.method, _inside_prefix(request), model)
+                route = match(request.method, path, model)
                 if route.answered_by != "engine":
                     response = await self.answer(route)
                 else:
@@ -299,7 +299,7 @@ def serve_application(shipped: list, *, model: str = "igcam", replicas: int = 1,
                     headers = request.headers
                     with self.metrics.queued.track_inprogress():
                         response = await self.engine.handle.remote(Request(
-                            request.method, _inside_prefix(request), dict(request.query_params),
+                            request.method, path, dict(request.query_params),
                             headers.get("content-type", ""), headers.get("inference-header-content-length"), body))
             except (HTTPError, UserError) as e:
                 response = error_response(e)
