@@ -13,7 +13,7 @@ AT_THE_IMAGE = np.ones(1, np.float32)  # one node at alpha 1 with the image as i
 
 
 class HostStages(Stages):
-    def __init__(self, forward, gradient, held=(), outputs=()):
+    def __init__(self, forward, gradient, held, outputs):
         self._forward, self._gradient = forward, gradient
         self._held = [h.name for h in held]  # the bundle's held tensors: forward outputs, gradient inputs
         self._outputs = ["activations", *self._held]
