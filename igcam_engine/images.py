@@ -31,9 +31,7 @@ def load_image(source, max_pixels: int = MAX_PIXELS, name: str | None = None) ->
     name = name or ("image bytes" if encoded else f"'{source}'")
     try:
         image = Image.open(io.BytesIO(bytes(source)) if encoded else source)
-        if image.width * image.height > max_pixels:
-            raise LimitError(f"{name} is {image.width}x{image.height} pixels, more than the limit of {max_pixels} "
-                            "(--max-pixels raises it)")
+        check_pixels(image.width, image.height, max_pixels, name)
         image.load()
         image = ImageOps.exif_transpose(image)
     except LimitError:
@@ -53,6 +51,13 @@ def load_image(source, max_pixels: int = MAX_PIXELS, name: str | None = None) ->
         raise InputError(f"cannot read {name} as an image (accepted: PNG, JPEG, BMP, WebP, TIFF, ...): {detail}"
                         ) from None
     return _rgb(image, name)
+
+
+def check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    """LimitError when a picture of width x height is over the pixel limit (read before its pixels are)."""
+    if width * height > max_pixels:
+        raise LimitError(f"{name} is {width}x{height} pixels, more than the limit of {max_pixels} "
+                         "(--max-pixels raises it)")
 
 
 def _rgb(image: Image.Image, name: str) -> Image.Image:

@@ -168,8 +168,7 @@ def image_rows(ray, source: Location, names: list, per_call: int):
         parts.append(ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)))
     if not parts:
         return None, failed
-    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return dataset.materialize(), failed
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), failed
 
 
 def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = None,

@@ -303,7 +303,7 @@ def _options(service, params: dict) -> ExplainOptions:
 def native_jobs(service, request: Request) -> list[Job]:
     """POST /explain: one image (a raw image/* body, or the field "image" of a multipart form; a segmenter's class
     mask as the field "mask") and parameters in the query string or form fields."""
-    from igcam_engine.images import load_image, load_mask, to_model_input
+    from igcam_engine.images import load_image, load_mask
 
     kind = request.content_type.split(";")[0].strip().lower()
     body, params = request.body, request.query
@@ -328,9 +328,7 @@ def native_jobs(service, request: Request) -> list[Job]:
     targets = targets.checked(manifest, service.limits)
     options = _options(service, params)
     output = choice(params.get("output", "png"), "output", OUTPUTS)
-    picture = load_image(bytes(body), service.limits.pixels)
-    image, shown = to_model_input(picture, service.explainer.input_shape, service.explainer.preprocess)
-    return [Job(image, picture, shown, options, targets, output)]
+    return [_picture_job(service, load_image(bytes(body), service.limits.pixels), options, targets, output)]
 
 
 def native_response(service, jobs: list[Job], results: list) -> Response:
@@ -370,8 +368,12 @@ def _json_body(request: Request) -> dict:
     kind = request.content_type.split(";")[0].strip().lower()
     if kind not in ("application/json", ""):
         raise HTTPError(415, f"content type '{kind}' is not accepted here; send application/json")
+    return _json_object(request.body)
+
+
+def _json_object(data: bytes) -> dict:
     try:
-        body = json.loads(request.body)
+        body = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise HTTPError(400, f"the body is not JSON: {e}") from None
     if not isinstance(body, dict):
@@ -379,22 +381,22 @@ def _json_body(request: Request) -> dict:
     return body
 
 
-def _picture_job(service, picture, options, targets) -> Job:
+def _picture_job(service, picture, options, targets, output: str = "json") -> Job:
     from igcam_engine.images import to_model_input
 
     image, shown = to_model_input(picture, service.explainer.input_shape, service.explainer.preprocess)
-    return Job(image, picture, shown, options, targets)
+    return Job(image, picture, shown, options, targets, output)
 
 
 def _pixels(service, array: np.ndarray, where: str):
     """A uint8 picture [H, W, 3] within the pixel limit, as a PIL image."""
     from PIL import Image
 
+    from igcam_engine.images import check_pixels
+
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise InputError(f"{where} must be uint8 pixels [H, W, 3], got shape {list(array.shape)}")
-    if array.shape[0] * array.shape[1] > service.limits.pixels:
-        raise LimitError(f"{where} is {array.shape[1]}x{array.shape[0]} pixels, more than the limit of "
-                         f"{service.limits.pixels}")
+    check_pixels(array.shape[1], array.shape[0], service.limits.pixels, where)
     return Image.fromarray(np.ascontiguousarray(array, np.uint8))
 
 
@@ -466,13 +468,15 @@ def v1_response(service, jobs: list[Job], results: list) -> Response:
 
 DATATYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "BYTES": object}
 V2_OUTPUTS = ("maps", "scores", "targets", "prediction", "classes")
+DATATYPE_NAMES = {np.dtype(kind): name for name, kind in DATATYPES.items()}
 INPUTS = ("'image' (UINT8 pixels [B, H, W, 3]), 'files' (BYTES [B], image files) or 'input' (FP32, the model's "
           "input [B, C, H, W])")
 
 
-def v2_model_metadata(model: str, manifest, input_shape: tuple) -> dict:
+def v2_model_metadata(model: str, manifest) -> dict:
     """The model's inputs (the pictures as uint8 [B, H, W, 3], encoded image files as BYTES [B], or the model-space
     float32 tensor [B, C, H, W]: one of them per request), its outputs, and the request parameters it takes."""
+    input_shape = manifest.input.shape
     shapes = {"maps": ("FP32", [-1, -1, *input_shape[1:]]), "scores": ("FP32", [-1, -1]),
               "targets": ("BYTES", [-1, -1]), "prediction": ("BYTES", [-1]), "classes": ("INT64", [-1])}
     outputs = [{"name": name, "datatype": shapes[name][0], "shape": shapes[name][1]}
@@ -492,8 +496,7 @@ def _v2_header(request: Request):
             raise HTTPError(400, f"Inference-Header-Content-Length {request.header_length!r} is not a length within "
                                  f"the body's {len(body)} bytes")
         body, binary = body[:int(request.header_length)], body[int(request.header_length):]
-    header = _json_body(Request(request.method, request.path, content_type="application/json", body=body))
-    return header, binary
+    return _json_object(body), binary
 
 
 def _v2_tensor(tensor, binary: bytes, offset: int):
@@ -640,7 +643,7 @@ def v2_response(service, model: str, asked: dict, results: list) -> Response:
     tensors, blobs = [], []
     for name, binary in asked["outputs"].items():
         array = values[name]
-        datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64"}[array.dtype.type]
+        datatype = DATATYPE_NAMES[array.dtype]
         tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
             blob = (b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in array.ravel())

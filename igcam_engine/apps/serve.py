@@ -258,7 +258,7 @@ def serve_application(shipped: list, *, model: str = "igcam", replicas: int = 1,
             self.metrics = ServiceMetrics()
             self.checked_at, self.engine_ready = -READY_CACHE_S, False
             self.documents = {"openapi": openapi(model, __version__, prefix),
-                              "v2_model": v2_model_metadata(model, manifest, manifest.input.shape)}
+                              "v2_model": v2_model_metadata(model, manifest)}
 
         async def ready(self) -> bool:
             """Whether an engine replica is running (Serve's controller says; looked at once per READY_CACHE_S):
