@@ -8,15 +8,13 @@ The bundle is kept under a key made of the model's class, its structure (repr), 
 (bytes, dtype, shape), the layer, its layout, the input shape and the preprocessing: a second call on the same
 model loads it (and, in the same process, reuses its sessions); a model whose weights changed is exported again.
 The weights are hashed once per model state: torch counts every in-place change of a tensor (its version), and a
-model whose tensors and versions are unchanged keeps its key. The cache folder keeps at most CACHE_BUNDLES bundles
-and CACHE_BYTES bytes ($IGCAM_CACHE_BUNDLES, $IGCAM_CACHE_BYTES), the least recently used evicted first; the
-process keeps at most OPEN_EXPLAINERS explainers.
+model whose tensors and versions are unchanged keeps its key. The bundle lives in the bundle cache
+(igcam_engine.bundle_cache: bounded, the least recently used evicted first); the process keeps at most
+OPEN_EXPLAINERS explainers.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from igcam_engine import bundle_cache
 from igcam_engine.bundle import FORMAT_VERSION
 from igcam_engine.errors import InputError, OptionError
 from igcam_engine.explainer import Explainer
@@ -34,19 +33,10 @@ from igcam_engine.targets import TargetChoice
 
 __all__ = ["explain_torch", "bundle_for", "show_cam_on_image"]
 
-CACHE_BUNDLES = 16
-CACHE_BYTES = 4 << 30
 OPEN_EXPLAINERS = 8
 _explainers: OrderedDict = OrderedDict()  # (key, providers) -> Explainer, least recently used first
 _keys: dict = {}  # id(model) -> (weak reference, state signature, inputs of the key, key)
 _lock = threading.Lock()
-
-
-def default_cache() -> Path:
-    """$IGCAM_CACHE, else $XDG_CACHE_HOME/igcam-engine/bundles, else ~/.cache/igcam-engine/bundles."""
-    if os.environ.get("IGCAM_CACHE"):
-        return Path(os.environ["IGCAM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "igcam-engine" / "bundles"
 
 
 def model_key(model, layer: str, input_shape, preprocess, layout=None) -> str:
@@ -95,41 +85,11 @@ def _cached_bundle(model, layer, input_shape, preprocess, cache_dir, key: str, s
     bounded after each export."""
     from igcam_engine.export import from_torch
 
-    path = Path(cache_dir or default_cache()) / key[:24]
-    if (path / "manifest.json").is_file():
-        os.utime(path)  # recently used: evicted last
-    else:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writable = os.access(path.parent, os.W_OK | os.X_OK)
-        except OSError as e:
-            raise OptionError(f"cannot use the bundle cache '{path.parent}': {e.strerror or e} (set IGCAM_CACHE or "
-                              "cache_dir to a writable folder)") from None
-        if not writable:
-            raise OptionError(f"the bundle cache '{path.parent}' is not writable (set IGCAM_CACHE or cache_dir to a "
-                              "writable folder)")
+    path = bundle_cache.entry(key, cache_dir)
+    if not bundle_cache.present(path):
         from_torch(model, layer, tuple(input_shape), path, preprocess=preprocess, **stated)
-        _evict(path.parent, keep=path)
+        bundle_cache.evict(path.parent, keep=path)
     return path
-
-
-def _evict(cache: Path, keep: Path) -> None:
-    """Removes the least recently used bundles while the cache holds more than its bounds allow."""
-    bundles, limit = int(os.environ.get("IGCAM_CACHE_BUNDLES", CACHE_BUNDLES)), int(
-        os.environ.get("IGCAM_CACHE_BYTES", CACHE_BYTES))
-    entries = []
-    for entry in cache.iterdir():
-        if entry.is_dir() and not entry.is_symlink() and (entry / "manifest.json").is_file():
-            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file() and not f.is_symlink())
-            entries.append((entry.stat().st_mtime, entry, size))
-    entries.sort(key=lambda e: e[0])
-    total = sum(size for _, _, size in entries)
-    while entries and (len(entries) > bundles or total > limit):
-        _, entry, size = entries.pop(0)
-        if entry == keep:
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        total -= size
 
 
 def explain_torch(model, layer: str, images, targets=None, *, method: str = "igcam", preprocess=None, cache_dir=None,

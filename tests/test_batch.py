@@ -1,5 +1,6 @@
 """`igcam batch` over a folder of 21 images, one of them corrupt: 20 maps, the bad file reported, the same maps
 as `igcam explain`, and a rerun that does no work."""
+import hashlib
 import importlib.util
 import json
 import os
@@ -36,7 +37,7 @@ def folder(tmp_path_factory):
 
 def batch(root, bundle, images, out, *extra):
     """Runs `igcam batch` to completion (bounded) and checks that it left no process behind."""
-    scope = Scope(root / "batch.log")
+    scope = Scope(root / "batch.log", cache=root / "bundle-cache")
     result = scope.run(["batch", bundle, images, "-o", out, "--steps", "4", "--batch-size", "6", "--actors", "2",
                         *extra], cwd=root, timeout=600)
     assert not scope.members(), "igcam batch left processes behind"
@@ -65,12 +66,22 @@ def test_folder_with_a_corrupt_image_then_a_rerun_that_does_nothing(folder, tmp_
     (single,) = explained.glob("photo00.class*.npy")
     assert_maps_match(np.load(out / single.name)[None], np.load(single)[None], 1e-5, 1e-5)
 
+    # the two actors' node holds one copy of the bundle, in its bundle cache under the manifest's sha256
+    (cached,) = (root / "bundle-cache").iterdir()
+    assert cached.name == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:24]
+    listed = json.loads((bundle / "manifest.json").read_text())
+    files = {"manifest.json", listed["weights"]["file"], *(g["file"] for g in listed["graphs"].values())}
+    assert {f.name: f.read_bytes() for f in cached.iterdir()} == {name: (bundle / name).read_bytes() for name in files}
+    inode = (cached / "manifest.json").stat().st_ino
+
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     second = batch(root, bundle, images, out)
     assert second.returncode == 0, second.stderr
     assert "0 explained, 20 already done, 0 failed" in second.stdout and "3 image(s) failed in an earlier run" in \
         second.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "the rerun wrote files"
+    assert (root / "bundle-cache" / cached.name / "manifest.json").stat().st_ino == inode, \
+        "the second job's actors reused the node's copy of the bundle"
 
 
 def test_bad_options_are_one_line_errors(folder, tmp_path):

@@ -54,8 +54,7 @@ class ExplainImages:
         from igcam_engine import Explainer
         from igcam_engine.apps.cluster import materialize_bundle
 
-        self.folder = materialize_bundle(shipped)
-        self.explainer = Explainer(self.folder.name, **asdict(backend), limits=limits)
+        self.explainer = Explainer(materialize_bundle(shipped), **asdict(backend), limits=limits)
         self.output, self.job = output, job
         self.node = ray.get_runtime_context().get_node_id()
 

@@ -7,12 +7,12 @@ through its clean-up, so nothing it started is left running."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -182,24 +182,27 @@ def check_token(address: str) -> None:
 
 
 def ship_bundle(ray, bundle) -> list:
-    """The bundle's files (checked against the manifest first) put in the object store: [ref] for actors and
+    """The bundle's files (checked against the manifest first) put in the object store: [ref, key] for actors and
     replicas on any node to materialize with `materialize_bundle` (a list, so that Ray passes the reference
-    itself, not its value, through deployment arguments)."""
-    from igcam_engine.bundle import load_manifest
+    itself, not its value, through deployment arguments). The key is the manifest's sha256: the manifest holds
+    every other file's sha256, so the key names the bundle's whole content."""
+    from igcam_engine.bundle import MANIFEST, load_manifest
 
     manifest = load_manifest(bundle)
-    return [ray.put({name: (manifest.root / name).read_bytes() for name in manifest.files})]
+    files = {name: (manifest.root / name).read_bytes() for name in manifest.files}
+    return [ray.put(files), hashlib.sha256(files[MANIFEST]).hexdigest()]
 
 
-def materialize_bundle(shipped: list) -> tempfile.TemporaryDirectory:
-    """A private folder on this node holding the shipped bundle (removed with the returned object)."""
+def materialize_bundle(shipped: list) -> Path:
+    """The shipped bundle on this node: in the node's bundle cache (igcam_engine.bundle_cache), fetched from the
+    object store and written there by the first replica or actor that needs it, reused by the others and by a
+    later deployment of the same bundle; a worker that Ray kills leaves no copy behind."""
     import ray
 
-    files = ray.get(shipped[0])
-    folder = tempfile.TemporaryDirectory(prefix="igcam-bundle-")
-    for name, data in files.items():
-        (Path(folder.name) / name).write_bytes(data)
-    return folder
+    from igcam_engine import bundle_cache
+
+    ref, key = shipped
+    return bundle_cache.place(key, lambda: ray.get(ref))
 
 
 def stop_ray(ray) -> None:

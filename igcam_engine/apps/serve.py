@@ -73,7 +73,7 @@ class ExplainService:
     over batches of jobs (all synchronous, CPU-bound work that the deployment runs off the event loop);
     `serve_application` wraps it in Ray Serve deployments."""
 
-    def __init__(self, bundle: str, backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS,
+    def __init__(self, bundle, backend: BackendOptions | None = None, limits: Limits = SERVICE_LIMITS,
                  model: str = "igcam"):
         from igcam_engine import Explainer
 
@@ -223,8 +223,7 @@ def serve_application(shipped: list, *, model: str = "igcam", replicas: int = 1,
             from igcam_engine.apps.cluster import materialize_bundle
 
             serve_replica_on_loopback()
-            self.folder = materialize_bundle(shipped)
-            self.service = ExplainService(self.folder.name, backend, limits, model)
+            self.service = ExplainService(materialize_bundle(shipped), backend, limits, model)
             self.node = ray.get_runtime_context().get_node_id()
             self.explain_batch.set_max_batch_size(max_batch)
             self.explain_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)

@@ -19,12 +19,14 @@ MARKER = "IGCAM_TEST_SCOPE"
 class Scope:
     """One command and every process it starts (they inherit the marker), Ray's daemons included."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, cache: Path | None = None):
+        """cache: the bundle cache its Ray workers use (default: one of its own, removed with its Ray directory)."""
         self.id = uuid.uuid4().hex
         # Ray's socket paths must stay short (AF_UNIX allows 107 bytes): a short directory in /tmp, not tmp_path.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="igcam-ray-", dir="/tmp"))
         self.log = Path(log)
-        self.env = {**os.environ, MARKER: self.id, "RAY_TMPDIR": str(self.ray_dir)}
+        self.cache = Path(cache) if cache is not None else self.ray_dir / "bundles"
+        self.env = {**os.environ, MARKER: self.id, "RAY_TMPDIR": str(self.ray_dir), "IGCAM_CACHE": str(self.cache)}
         self.process = None
 
     def run(self, args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
