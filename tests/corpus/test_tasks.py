@@ -9,7 +9,6 @@ them (SemanticSegmentationTarget, FasterRCNNBoxScoreTarget's score + IoU, its tu
 — for the official and paper presets and Grad-CAM, raw and normalized; and against pytorch-grad-cam's GradCAM (and
 EigenCAM on YOLO, as its tutorial explains YOLO) on the same model, image and target.
 """
-import os
 import time
 from pathlib import Path
 
@@ -239,7 +238,7 @@ def _page(shape, preprocess) -> np.ndarray:
     """scikit-image's page.png (a photographed page of text, from its wheel) as model input."""
     from igcam_engine.images import load_image, to_model_input
 
-    page = from_wheel("scikit_image", "skimage/data/page.png", Path(os.environ.get("TMPDIR", "/tmp")) / "igcam-pages")
+    page = from_wheel("scikit_image", "skimage/data/page.png", WHEELS / "extracted")
     return to_model_input(load_image(page), shape, preprocess)[0]
 
 
