@@ -32,8 +32,12 @@ def default_cache() -> Path:
 
 
 def entry(key: str, cache=None) -> Path:
-    """Where the bundle under `key` (a hex digest) lives in `cache` (default_cache() when None), its folder created;
-    refused in one line when the cache cannot be written."""
+    """Where the bundle under `key` (a hex digest) lives in `cache` (default_cache() when None)."""
+    return usable(cache) / key[:KEY_CHARS]
+
+
+def usable(cache=None) -> Path:
+    """The cache folder (default_cache() when None), created; refused in one line when it cannot be written."""
     folder = Path(cache or default_cache())
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,7 @@ def entry(key: str, cache=None) -> Path:
     if not writable:
         raise OptionError(f"the bundle cache '{folder}' is not writable (set IGCAM_CACHE or cache_dir to a writable "
                           "folder)")
-    return folder / key[:KEY_CHARS]
+    return folder
 
 
 def present(path: Path) -> bool:

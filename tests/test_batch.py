@@ -91,6 +91,12 @@ def test_bad_options_are_one_line_errors(folder, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     result = batch(root, bundle, tmp_path / "missing", tmp_path / "o")
     assert result.returncode == 2 and "does not exist" in result.stderr
+    # the local Ray's workers would share this machine's bundle cache: one that cannot be made is refused up front
+    (tmp_path / "file").write_text("not a folder")
+    scope = Scope(root / "cache.log", cache=tmp_path / "file" / "cache")
+    result = scope.run(["batch", bundle, images, "-o", tmp_path / "o"], cwd=root, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot use the bundle cache '{tmp_path}/file/cache': Not a directory (set IGCAM_CACHE" in result.stderr
 
 
 def first_photos(images, count: int, folder):

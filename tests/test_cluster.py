@@ -265,9 +265,9 @@ def test_a_node_killed_mid_run_and_the_job_completes(work, tmp_path):
     assert_maps_match(np.load(out / f"{photo.stem}.class{target}.npy")[None], expected, 1e-5, 1e-5)
 
 
-def test_locations_and_options_are_checked(tmp_path):
+def test_locations_and_options_are_checked(tmp_path, monkeypatch):
     from igcam_engine import UserError
-    from igcam_engine.apps.cluster import check_address, parse_runtime_env
+    from igcam_engine.apps.cluster import check_address, check_workers_cache, parse_runtime_env
     from igcam_engine.apps.storage import Location
 
     local, uri = Location.parse(tmp_path / "a"), Location.parse(f"file://{tmp_path}/a")
@@ -291,6 +291,18 @@ def test_locations_and_options_are_checked(tmp_path):
                           ("@/nonexistent.json", "cannot read the file")):
         with pytest.raises(UserError, match=message):
             parse_runtime_env(text)
+
+    # a local Ray's workers use this machine's bundle cache, as the runtime environment's variables say
+    (tmp_path / "file").write_text("not a folder")
+    broken, fine = str(tmp_path / "file" / "cache"), str(tmp_path / "cache")
+    monkeypatch.setenv("IGCAM_CACHE", broken)
+    with pytest.raises(UserError, match="cannot use the bundle cache"):
+        check_workers_cache(None)
+    check_workers_cache(None, {"env_vars": {"IGCAM_CACHE": fine}})
+    check_workers_cache("10.0.0.1:6379")  # a cluster's nodes check their own
+    monkeypatch.setenv("IGCAM_CACHE", fine)
+    with pytest.raises(UserError, match="cannot use the bundle cache"):
+        check_workers_cache(None, {"env_vars": {"IGCAM_CACHE": broken}})
 
 
 @pytest.fixture(scope="module")

@@ -176,10 +176,11 @@ def run_batch(bundle, input_dir, output_dir, options: ExplainOptions | None = No
               runtime_env=None) -> dict:
     """Explains every image of `input_dir` into `output_dir`; `batch_size` images per engine call, `actors` at most.
     Everything is checked before Ray starts."""
-    from igcam_engine.apps.cluster import check_address
+    from igcam_engine.apps.cluster import check_address, check_workers_cache
     from igcam_engine.bundle import load_manifest
 
     check_address(address, "batch")
+    check_workers_cache(address, runtime_env)
     batch_size = integer(batch_size, "batch_size", 1)
     actors = None if actors is None else integer(actors, "actors", 1)
     backend, limits = (backend or BackendOptions()).checked(), limits.checked()

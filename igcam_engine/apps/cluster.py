@@ -52,6 +52,18 @@ def check_address(address, workload: str) -> str | None:
     raise OptionError(f"--address {address!r} is not a Ray address; accepted: {forms}{extra}")
 
 
+def check_workers_cache(address, runtime_env=None) -> None:
+    """Without an address, the workers of the Ray this command starts run on this machine, in this environment
+    (and the runtime environment's variables): a bundle cache they could not use is refused here, in one line,
+    not in a traceback from each worker. A cluster's nodes have caches of their own, which their workers check."""
+    from igcam_engine import bundle_cache
+
+    if address is not None:
+        return
+    variables = (runtime_env or {}).get("env_vars")
+    bundle_cache.usable(variables.get("IGCAM_CACHE") if isinstance(variables, dict) else None)
+
+
 def _this_machines_cluster() -> str:
     """--address auto: the cluster RAY_ADDRESS names, or the one `ray start` last started on this machine (the
     address file Ray keeps in its temporary folder), as Ray would find it: read here because whether that address

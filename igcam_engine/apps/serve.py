@@ -364,10 +364,11 @@ def run_server(bundle: str, server: ServerOptions = ServerOptions(), *, backend:
     and NAME-health (at PREFIX/healthz) and serves until interrupted (Ctrl-C, SIGTERM). On the way out it removes
     its own applications only (on a cluster, other users' stay) and stops everything it started. Everything is
     checked before Ray starts."""
-    from igcam_engine.apps.cluster import check_address, ship_bundle, start_ray, stop_ray
+    from igcam_engine.apps.cluster import check_address, check_workers_cache, ship_bundle, start_ray, stop_ray
     from igcam_engine.bundle import load_manifest
 
     check_address(address, "serve")
+    check_workers_cache(address, runtime_env)
     server, backend, limits = server.checked(), (backend or BackendOptions()).checked(), limits.checked()
     manifest = load_manifest(bundle)  # a bad bundle is a one-line error here, not a crashed replica
     name, prefix = server.name, server.route_prefix
