@@ -221,7 +221,7 @@ def test_dbnet_text_detector_with_its_real_weights(tmp_path, record):
                                     preprocess=preprocess))
     output = explainer.manifest.outputs[0]
     assert explainer.task == "segmentation" and output.before == "Sigmoid" and explainer.num_classes == 1
-    images = np.stack([_page(shape, preprocess)])
+    images = np.stack([_page(shape, preprocess, tmp_path)])
     text = explainer.model_outputs(images)[0][0, 0] > 0
     assert 0.05 < text.mean() < 0.6  # the real weights find the page's text
     engine_targets = [targets.SemanticSegmentationTarget(0)]  # the predicted text mask
@@ -234,11 +234,11 @@ def test_dbnet_text_detector_with_its_real_weights(tmp_path, record):
                               f"(p2o.Concat.1, {shape[1]}x{shape[2]})"}, started, single.point)
 
 
-def _page(shape, preprocess) -> np.ndarray:
+def _page(shape, preprocess, folder) -> np.ndarray:
     """scikit-image's page.png (a photographed page of text, from its wheel) as model input."""
     from igcam_engine.images import load_image, to_model_input
 
-    page = from_wheel("scikit_image", "skimage/data/page.png", WHEELS / "extracted")
+    page = from_wheel("scikit_image", "skimage/data/page.png", folder)
     return to_model_input(load_image(page), shape, preprocess)[0]
 
 
@@ -256,7 +256,7 @@ def test_picodet_layout_detector_with_its_real_weights(tmp_path, record):
     explainer = Explainer(from_onnx(path, tmp_path / "bundle", tensor=target, detector="picodet",
                                     preprocess="imagenet"))
     assert explainer.num_classes == 10 and explainer.manifest.labels[1] == "title"  # from the file's metadata
-    images = _page(explainer.input_shape, explainer.preprocess)[None]
+    images = _page(explainer.input_shape, explainer.preprocess, tmp_path)[None]
     best = decode(HEADS["picodet"], explainer.model_outputs(images), explainer.input_shape[1:])[0]
     assert explainer.label(best.category) == "title" and best.score > 0.5  # the page's heading
     level = next(i for i, o in enumerate(explainer.manifest.outputs[:4]) if best.index < sum(
