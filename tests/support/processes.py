@@ -25,8 +25,8 @@ class Scope:
         # Ray's socket paths must stay short (AF_UNIX allows 107 bytes): a short directory in /tmp, not tmp_path.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="igcam-ray-", dir="/tmp"))
         self.log = Path(log)
-        self.cache = Path(cache) if cache is not None else self.ray_dir / "bundles"
-        self.env = {**os.environ, MARKER: self.id, "RAY_TMPDIR": str(self.ray_dir), "IGCAM_CACHE": str(self.cache)}
+        cache = cache if cache is not None else self.ray_dir / "bundles"
+        self.env = {**os.environ, MARKER: self.id, "RAY_TMPDIR": str(self.ray_dir), "IGCAM_CACHE": str(cache)}
         self.process = None
 
     def run(self, args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
